@@ -1,0 +1,3 @@
+"""Bazar: a replicated, cached, three-tier book store on Twisted."""
+
+__version__ = "0.1.0"

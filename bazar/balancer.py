@@ -1,0 +1,128 @@
+"""The replicas of one service as seen by a client (the front end, or the order
+service calling the catalog): health-checked, read round robin over the live ones,
+writes to the current primary, retried across a failover."""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any
+
+from attrs import define
+from treq.client import HTTPClient
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bazar.client import Unreachable, call, error_of
+from bazar.replication import sleep
+from bazar.store import Outcome
+from bazar.web import HTTPError
+
+log = Logger()
+
+RETRYABLE = (502, 503, 504)
+
+
+@define
+class ReplicaState:
+    url: str
+    alive: bool = False
+    ok: bool = False
+    primary: bool = False
+    epoch: int = 0
+    last_seq: int = 0
+
+
+class ReplicaSet:
+    def __init__(self, service: str, urls: list[str], http: HTTPClient, clock: IReactorTime,
+                 secret: str | None, timeout: float = 2.0, write_budget: float = 10.0):
+        self.service = service
+        self.replicas = [ReplicaState(url) for url in urls]
+        self.http = http
+        self.clock = clock
+        self.secret = secret
+        self.timeout = timeout
+        self.write_budget = write_budget
+        self._turn = count()
+        self.listeners: list[Any] = []
+
+    # -- health ---------------------------------------------------------------
+    async def poll(self) -> None:
+        await DeferredList([ensureDeferred(self._check(r)) for r in self.replicas], consumeErrors=True)
+        primary = self.primary_state()
+        for listener in self.listeners:
+            listener(primary)
+
+    async def _check(self, replica: ReplicaState) -> None:
+        try:
+            status, health, _ = await call(self.http, self.clock, "GET", replica.url + "/health", timeout=1.0)
+        except Unreachable:
+            replica.alive = replica.ok = replica.primary = False
+            return
+        if status != 200 or not isinstance(health, dict):
+            replica.alive = replica.ok = replica.primary = False
+            return
+        replica.alive = True
+        replica.ok = health.get("status") == "ok"
+        replica.primary = health.get("role") == "primary"
+        replica.epoch = int(health.get("epoch", 0))
+        replica.last_seq = int(health.get("last_seq", 0))
+
+    def primary_state(self) -> ReplicaState | None:
+        primaries = [r for r in self.replicas if r.primary and r.alive]
+        return max(primaries, key=lambda r: r.epoch) if primaries else None
+
+    # -- reads ----------------------------------------------------------------
+    def read_order(self) -> list[ReplicaState]:
+        """Live replicas in round-robin order; replicas not known live come last."""
+        n = len(self.replicas)
+        start = next(self._turn) % n
+        ordered = self.replicas[start:] + self.replicas[:start]
+        return [r for r in ordered if r.ok] + [r for r in ordered if not r.ok]
+
+    async def read(self, path: str, min_seq: int = 0, headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
+        """GET `path` from a live replica whose state is at least `min_seq`:
+        (status, raw body, the replica's seq). A replica that refuses the connection
+        is skipped and the read retried on the next one."""
+        for replica in self.read_order():
+            try:
+                status, body, hdrs = await call(self.http, self.clock, "GET", replica.url + path,
+                                                headers=headers, timeout=self.timeout, parse=False)
+            except Unreachable:
+                replica.alive = replica.ok = False
+                continue
+            seq_header = hdrs.getRawHeaders(b"X-Bazar-Seq")
+            seq = int(seq_header[0]) if seq_header and seq_header[0].isdigit() else 0
+            if status in RETRYABLE or seq < min_seq:
+                continue
+            return status, body, seq
+        raise HTTPError(503, f"no {self.service} replica is available; retry shortly")
+
+    # -- writes ---------------------------------------------------------------
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST to the primary (or, not knowing it, any live replica, which forwards),
+        retrying through a failover until the write budget is spent. Only for
+        requests that are idempotent by their request id."""
+        deadline = self.clock.seconds() + self.write_budget
+        attempt = 0
+        while True:
+            target = self.primary_state() or next((r for r in self.read_order() if r.alive), None)
+            if target is not None:
+                try:
+                    status, parsed, _ = await call(self.http, self.clock, "POST", target.url + path, body=body,
+                                                   secret=self.secret, timeout=self.write_budget)
+                    if status not in RETRYABLE:
+                        return status, parsed
+                except Unreachable:
+                    target.alive = target.ok = target.primary = False
+            attempt += 1
+            if self.clock.seconds() >= deadline:
+                raise HTTPError(503, f"the {self.service} service has no reachable primary; retry shortly")
+            await sleep(self.clock, min(0.05 * attempt, 0.3))
+            await self.poll()
+
+    async def write(self, op: dict[str, Any]) -> Outcome:
+        status, parsed = await self.post("/internal/write", {"op": op})
+        if status != 200:
+            raise error_of(status, parsed)
+        return Outcome(parsed["result"], int(parsed["seq"]), tuple(parsed["keys"]), bool(parsed["new"]))

@@ -1,0 +1,81 @@
+"""The front end's in-memory LRU cache, with versioned entries.
+
+Every value is stored with the catalog sequence number it reflects. An invalidation
+carries the sequence number of the write that made it; the cache remembers the
+newest one per key, and a fill older than that is refused. That closes the
+stale-set race: a read starts, a write and its invalidation happen, then the old
+read result arrives — it is not stored. A fill also carries the cache generation at
+the time its read started; a flush (channel lost, gap in the invalidation stream)
+starts a new generation, so no read that overlapped an outage is stored.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from attrs import define, field
+
+MAX_REMEMBERED = 100_000
+
+
+@define
+class LRUCache:
+    capacity: int
+    entries: "OrderedDict[str, tuple[Any, int]]" = field(factory=OrderedDict)
+    latest: dict[str, int] = field(factory=dict)  # newest invalidation seen per key
+    floor: int = 0  # no fill below this version is stored (raised by flushes)
+    generation: int = 0
+    bypass: bool = False  # True while the invalidation channel is down
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    refused: int = 0  # fills refused as stale
+
+    def get(self, key: str) -> Any | None:
+        found = self.entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return found[0]
+
+    def required(self, key: str) -> int:
+        """The oldest version a read of `key` may return to a client."""
+        return max(self.floor, self.latest.get(key, 0))
+
+    def put(self, key: str, value: Any, version: int, generation: int | None = None) -> bool:
+        if self.capacity <= 0 or self.bypass:
+            return False
+        if (generation is not None and generation != self.generation) or version < self.required(key):
+            self.refused += 1
+            return False
+        self.entries[key] = (value, version)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+        return True
+
+    def invalidate(self, key: str, version: int) -> None:
+        self.entries.pop(key, None)
+        if version > self.latest.get(key, 0):
+            if len(self.latest) >= MAX_REMEMBERED:
+                # forget per-key versions but keep their guarantee with a global floor
+                self.floor = max(self.floor, max(self.latest.values()))
+                self.latest.clear()
+            self.latest[key] = version
+
+    def drop(self, key: str) -> bool:
+        return self.entries.pop(key, None) is not None
+
+    def flush(self, floor: int = 0) -> None:
+        """Forget every entry and refuse fills from reads that started before now."""
+        self.entries.clear()
+        self.floor = max(self.floor, floor)
+        self.generation += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"capacity": self.capacity, "size": len(self.entries), "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions}

@@ -1,0 +1,172 @@
+"""The catalog service: books in SQLite, replicated; reads from any replica, writes
+through the primary; a conditional, idempotent stock decrement keyed by order id."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from bazar.books import SEED_BOOKS
+from bazar.replication import Replica, install_routes
+from bazar.service import BazarOptions
+from bazar.store import OpError, Store
+from bazar.web import HTTPError, JsonApp, dumps, parse_id
+
+BOOK_COLUMNS = "id, title, topic, price, quantity"
+
+
+def book_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {"id": row[0], "title": row[1], "topic": row[2], "price": row[3], "quantity": row[4]}
+
+
+class CatalogMachine:
+    """The catalog's deterministic state: every replica applies the same ops in the
+    same order and ends with the same books."""
+
+    tables = ("books",)
+
+    def create(self, db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE IF NOT EXISTS books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, "
+                   "topic TEXT NOT NULL, price REAL NOT NULL, quantity INTEGER NOT NULL CHECK (quantity >= 0), "
+                   "version INTEGER NOT NULL DEFAULT 0)")
+        db.execute("CREATE INDEX IF NOT EXISTS books_topic ON books (topic)")
+        seeded = db.execute("SELECT value FROM meta WHERE key = 'seeded'").fetchone()
+        if not seeded:
+            db.executemany("INSERT OR IGNORE INTO books (id, title, topic, price, quantity) VALUES (?, ?, ?, ?, ?)",
+                           [(i, *book) for i, book in enumerate(SEED_BOOKS)])
+            db.execute("INSERT INTO meta (key, value) VALUES ('seeded', 1)")
+
+    def _book(self, db: sqlite3.Connection, book_id: int) -> tuple[Any, ...]:
+        row = db.execute(f"SELECT {BOOK_COLUMNS} FROM books WHERE id = ?", (book_id,)).fetchone()
+        if row is None:
+            raise OpError(404, f"no book with id {book_id}")
+        return tuple(row)
+
+    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+        kind = op["op"]
+        if kind == "add_book":
+            (book_id,) = db.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM books").fetchone()
+            db.execute("INSERT INTO books (id, title, topic, price, quantity, version) VALUES (?, ?, ?, ?, ?, ?)",
+                       (book_id, str(op["title"]), str(op["topic"]), float(op["price"]), int(op["quantity"]), seq))
+            return book_json(self._book(db, book_id)), (f"info:{book_id}", f"search:{op['topic']}")
+        book_id = int(op["id"])
+        book = self._book(db, book_id)
+        if kind == "update_price":
+            db.execute("UPDATE books SET price = ?, version = ? WHERE id = ?", (float(op["price"]), seq, book_id))
+        elif kind == "restock":
+            db.execute("UPDATE books SET quantity = quantity + ?, version = ? WHERE id = ?",
+                       (int(op["quantity"]), seq, book_id))
+        elif kind == "decrement":
+            quantity = int(op["quantity"])
+            if quantity < 1:
+                raise OpError(400, "quantity must be positive")
+            if book[4] < quantity:
+                raise OpError(409, f"book {book_id} is out of stock ({book[4]} left, {quantity} asked)")
+            db.execute("UPDATE books SET quantity = quantity - ?, version = ? WHERE id = ?", (quantity, seq, book_id))
+        else:
+            raise OpError(400, f"unknown catalog operation {kind!r}")
+        return book_json(self._book(db, book_id)), (f"info:{book_id}",)
+
+
+class CatalogReads:
+    """Queries answered by any replica (no log entry)."""
+
+    def __init__(self, store: Store):
+        self.db = store.db
+
+    def all(self) -> list[dict[str, Any]]:
+        return [book_json(r) for r in self.db.execute(f"SELECT {BOOK_COLUMNS} FROM books ORDER BY id")]
+
+    def one(self, book_id: int) -> dict[str, Any] | None:
+        row = self.db.execute(f"SELECT {BOOK_COLUMNS} FROM books WHERE id = ?", (book_id,)).fetchone()
+        return book_json(row) if row else None
+
+    def topic(self, topic: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT id, title FROM books WHERE topic = ? ORDER BY id", (topic,))
+        return [{"id": r[0], "title": r[1]} for r in rows]
+
+
+def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
+    api = JsonApp("catalog")
+    reads = CatalogReads(replica.store)
+
+    def seq_header(request: Any) -> None:
+        request.setHeader(b"X-Bazar-Seq", str(replica.store.last_seq).encode())
+        request.setHeader(b"X-Bazar-Status", replica.status.encode())
+
+    @api.route("/health", "GET", "health")
+    def health(request: Any) -> dict[str, Any]:
+        return replica.health()
+
+    @api.route("/books", "GET", "books")
+    def books(request: Any) -> bytes:
+        seq_header(request)
+        topic = request.args.get(b"topic")
+        if topic is not None:
+            try:
+                text = topic[0].decode("utf-8")
+            except UnicodeDecodeError:
+                return dumps([])
+            return dumps(reads.topic(text))
+        return dumps(reads.all())
+
+    @api.route("/books/<string:book_id>", "GET", "book")
+    def book(request: Any, book_id: str) -> bytes:
+        seq_header(request)
+        found = reads.one(parse_id(book_id))
+        if found is None:
+            raise HTTPError(404, f"no book with id {book_id}")
+        return dumps(found)
+
+    install_routes(api, replica, secret)
+    return api
+
+
+class Options(BazarOptions):
+    optParameters = [
+        ["port", None, 5101, "Port to listen on.", int],
+        ["id", None, 1, "This replica's id (one of the ids in --peers).", int],
+        ["peers", None, "", "Every replica of the catalog, itself included: 1=http://h:p,2=...,3=..."],
+        ["data", None, None, "Data directory (default ./bazar-data/catalog-<id>)."],
+        ["frontends", None, "", "Front ends to notify of changes over HTTP: http://h:p,..."],
+        ["redis", None, None, "Redis URL to publish invalidations on, e.g. redis://127.0.0.1:6379."],
+    ]
+
+
+def makeService(options: usage.Options) -> MultiService:
+    from twisted.internet import reactor
+
+    from bazar.client import make_http
+    from bazar.invalidation import Publisher
+    from bazar.service import Hooks, listen, parse_peers, parse_urls, secret_of, watch_parent
+
+    replica_id = options["id"]
+    secret = secret_of(options, "cluster-secret")
+    data = options["data"] or os.path.join("bazar-data", f"catalog-{replica_id}")
+    parent = MultiService()
+    http, pool = make_http(reactor)
+    store = Store(os.path.join(data, "catalog.sqlite3"), CatalogMachine())
+    publisher = Publisher(http=http, clock=reactor, secret=secret,
+                          frontends=parse_urls(options["frontends"]), redis_url=options["redis"])
+    peers = parse_peers(options["peers"])
+    if peers and replica_id not in peers:
+        raise usage.UsageError(f"--id {replica_id} is not one of the --peers")
+    replica = Replica(service="catalog", replica_id=replica_id, peers=peers, store=store, http=http,
+                      clock=reactor, secret=secret, on_commit=publisher.committed)
+    api = catalog_app(replica, secret)
+    listen(parent, reactor, api.resource(), options["host"], options["port"])
+    TimerService(0.1, replica.tick).setServiceParent(parent)
+
+    def stop() -> Any:
+        replica.stop()
+        publisher.stop()
+        return pool.closeCachedConnections()
+
+    Hooks(on_start=lambda: (replica.start(), publisher.start()), on_stop=stop).setServiceParent(parent)
+    watch_parent(parent, reactor)
+    return parent

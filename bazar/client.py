@@ -1,0 +1,76 @@
+"""Outgoing HTTP: one treq client over one persistent pool per process, and a call
+helper whose timeout covers the whole exchange (treq's own `timeout=` stops at the
+response headers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from bazar.web import SECRET_HEADER, HTTPError, dumps
+
+
+def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = per_host
+    pool.cachedConnectionTimeout = 120
+    pool.retryAutomatically = False  # a write must never be re-sent behind our back
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=2)), pool
+
+
+class Unreachable(Exception):
+    """The peer did not answer (refused, reset, timed out)."""
+
+
+async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
+               body: Any = None, raw: bytes | None = None, headers: dict[bytes, bytes] | None = None,
+               secret: str | None = None, timeout: float = 2.0, parse: bool = True) -> tuple[int, Any, Any]:
+    """One HTTP exchange: (status, parsed JSON or None — or the raw bytes when not
+    `parse` — and the response headers).
+
+    Raises Unreachable when no complete answer arrived within `timeout`."""
+    hdrs: dict[bytes, list[bytes]] = {}
+    for key, value in (headers or {}).items():
+        hdrs[key] = [value]
+    data = raw
+    if body is not None:
+        data = dumps(body)
+    if data is not None:
+        hdrs[b"Content-Type"] = [b"application/json"]
+    if secret is not None:
+        hdrs[SECRET_HEADER] = [secret.encode()]
+
+    async def exchange() -> tuple[int, bytes, Any]:
+        response = await http.request(method, url, data=data, headers=hdrs)
+        content = await treq.content(response)
+        return response.code, content, response.headers
+
+    d = ensureDeferred(exchange())
+    d.addTimeout(timeout, clock)
+    try:
+        code, content, response_headers = await d
+    except HTTPError:
+        raise
+    except Exception as exc:
+        raise Unreachable(f"{method} {url}: {exc.__class__.__name__}") from None
+    if not parse:
+        return code, content, response_headers
+    parsed = None
+    if content:
+        try:
+            parsed = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            parsed = None
+    return code, parsed, response_headers
+
+
+def error_of(status: int, parsed: Any) -> HTTPError:
+    """Turn a peer's JSON error into the same error for our own client."""
+    message = parsed.get("error") if isinstance(parsed, dict) else None
+    return HTTPError(status, message or f"upstream answered {status}")

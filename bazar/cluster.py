@@ -1,0 +1,150 @@
+"""`twistd -n bazar-cluster`: the whole store on one machine.
+
+Each replica and front end is its own twistd process under a
+`twisted.runner.procmon.ProcessMonitor`, which restarts any that dies. Children learn
+the supervisor's pid and stop by themselves if it disappears, so stopping the
+cluster (SIGTERM, Ctrl-C, even kill -9 of the supervisor) leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.runner.procmon import ProcessMonitor
+
+from bazar.service import BazarOptions, env_name
+
+log = Logger()
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def ports(text: str) -> list[int]:
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise usage.UsageError(f"bad port list {text!r}") from None
+    if not values or any(not 0 < p < 65536 for p in values):
+        raise usage.UsageError(f"bad port list {text!r}")
+    return values
+
+
+def default_topology(frontends: int = 1, frontend_port: int = 5000,
+                     catalog_ports: tuple[int, ...] = (5101, 5102, 5103),
+                     order_ports: tuple[int, ...] = (5201, 5202, 5203)) -> list[dict[str, Any]]:
+    """The processes bazar-cluster runs: name, service, replica id and port."""
+    topology = [{"name": f"catalog-{i}", "service": "catalog", "id": i, "port": p}
+                for i, p in enumerate(catalog_ports, 1)]
+    topology += [{"name": f"order-{i}", "service": "order", "id": i, "port": p}
+                 for i, p in enumerate(order_ports, 1)]
+    topology += [{"name": f"frontend-{i}" if i else "frontend", "service": "frontend", "id": i,
+                  "port": frontend_port + i} for i in range(frontends)]
+    return topology
+
+
+def commands(topology: list[dict[str, Any]], host: str, data: str, redis: str | None,
+             cache_size: int) -> dict[str, list[str]]:
+    """The twistd argument list of every process of the topology."""
+    def urls(service: str) -> list[tuple[int, str]]:
+        return [(p["id"], f"http://{host}:{p['port']}") for p in topology if p["service"] == service]
+
+    catalog, order = urls("catalog"), urls("order")
+    frontends = ",".join(u for _, u in urls("frontend"))
+    logs = os.path.join(data, "logs")
+    result = {}
+    for proc in topology:
+        args = ["-n", "--pidfile=", f"--logfile={os.path.join(logs, proc['name'] + '.log')}",
+                f"bazar-{proc['service']}", "--host", host, "--port", str(proc["port"])]
+        if proc["service"] == "catalog":
+            args += ["--id", str(proc["id"]), "--data", os.path.join(data, proc["name"]),
+                     "--peers", ",".join(f"{i}={u}" for i, u in catalog), "--frontends", frontends]
+            if redis:
+                args += ["--redis", redis]
+        elif proc["service"] == "order":
+            args += ["--id", str(proc["id"]), "--data", os.path.join(data, proc["name"]),
+                     "--peers", ",".join(f"{i}={u}" for i, u in order),
+                     "--catalog", ",".join(u for _, u in catalog)]
+        else:
+            args += ["--catalog", ",".join(u for _, u in catalog), "--order", ",".join(u for _, u in order),
+                     "--cache-size", str(cache_size)]
+            if redis:
+                args += ["--redis", redis]
+        result[proc["name"]] = args
+    return result
+
+
+def load_secrets(data: str, options: usage.Options) -> dict[str, str]:
+    """Secrets from the options/environment, else the ones generated before for this
+    data directory, else new ones (written to <data>/secrets.json, mode 600)."""
+    path = os.path.join(data, "secrets.json")
+    stored: dict[str, str] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+    values = {}
+    generated = False
+    for name, key in (("admin-token", "admin_token"), ("cluster-secret", "cluster_secret")):
+        value = options.get(name) or os.environ.get(env_name(name))
+        if not value:
+            value = stored.get(key)
+        if not value:
+            value = secrets.token_urlsafe(24)
+            generated = True
+        values[key] = value
+    if generated:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(values, f)
+        log.info("generated secrets written to {path}", path=os.path.abspath(path))
+        print(f"bazar-cluster: admin token and cluster secret written to {os.path.abspath(path)}",
+              file=sys.stderr)
+    return values
+
+
+class Options(BazarOptions):
+    optParameters = [
+        ["data", None, "bazar-data", "Data directory (SQLite files, logs, generated secrets)."],
+        ["redis", None, None, "Redis URL for invalidations, e.g. redis://127.0.0.1:6379 (default: none)."],
+        ["frontends", None, 1, "Number of front ends (ports 5000, 5001, ...).", int],
+        ["cache-size", None, 1024, "Entries in each front end's cache (0: no cache).", int],
+        ["frontend-port", None, 5000, "Port of the first front end.", int],
+        ["catalog-ports", None, "5101,5102,5103", "Ports of the catalog replicas."],
+        ["order-ports", None, "5201,5202,5203", "Ports of the order replicas."],
+    ]
+
+    def postOptions(self) -> None:
+        if not 1 <= self["frontends"] <= 16:
+            raise usage.UsageError("--frontends must be between 1 and 16")
+        self["catalog-ports"] = tuple(ports(self["catalog-ports"]))
+        self["order-ports"] = tuple(ports(self["order-ports"]))
+
+
+def makeService(options: usage.Options) -> MultiService:
+    from twisted.internet import reactor
+
+    data = os.path.abspath(options["data"])
+    os.makedirs(os.path.join(data, "logs"), exist_ok=True)
+    values = load_secrets(data, options)
+    topology = default_topology(options["frontends"], options["frontend-port"],
+                                options["catalog-ports"], options["order-ports"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAZAR_")}
+    env.update(BAZAR_ADMIN_TOKEN=values["admin_token"], BAZAR_CLUSTER_SECRET=values["cluster_secret"],
+               BAZAR_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    monitor = ProcessMonitor(reactor=reactor)
+    monitor.minRestartDelay = 0.5
+    monitor.maxRestartDelay = 2
+    monitor.killTime = 5
+    for name, args in commands(topology, options["host"], data, options["redis"], options["cache-size"]).items():
+        monitor.addProcess(name, [sys.executable, "-c", TWISTD, *args], env=env, cwd=data)
+    log.info("bazar-cluster: {n} processes, data in {data}, logs in {logs}",
+             n=len(topology), data=data, logs=os.path.join(data, "logs"))
+    parent = MultiService()
+    monitor.setServiceParent(parent)
+    return parent

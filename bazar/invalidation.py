@@ -1,0 +1,230 @@
+"""Cache invalidation between the catalog primary and the front ends.
+
+The catalog primary announces every committed write as {"seq", "keys"}: pushed over
+HTTP to the configured front ends and, with a Redis URL, published on a Redis
+pub/sub channel. Because every write is announced, the announcements form a gap-free
+sequence; the front end's `InvalidationStream` notices a gap (a lost message, a
+primary that died before announcing, a broken channel) and flushes the cache rather
+than risk serving stale data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import txredisapi
+from treq.client import HTTPClient
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bazar.cache import LRUCache
+from bazar.client import call
+from bazar.replication import sleep
+from bazar.store import Outcome
+from bazar.web import dumps, loads
+
+log = Logger()
+
+CHANNEL = "bazar:invalidations"
+MAX_QUEUE = 10_000
+
+
+def redis_address(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or not parsed.hostname:
+        raise ValueError(f"bad Redis URL {url!r}: expected redis://host:port")
+    return parsed.hostname, parsed.port or 6379
+
+
+class Publisher:
+    """Catalog side: announce committed writes to every front end."""
+
+    def __init__(self, *, http: HTTPClient, clock: IReactorTime, secret: str | None,
+                 frontends: list[str], redis_url: str | None):
+        self.http = http
+        self.clock = clock
+        self.secret = secret
+        self.queues: dict[str, list[dict[str, Any]]] = {url: [] for url in frontends}
+        self.sending: set[str] = set()
+        self.redis_url = redis_url
+        self.redis: Any = None
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+        if self.redis_url:
+            host, port = redis_address(self.redis_url)
+            self.redis = txredisapi.lazyConnection(host, port, reconnect=True)
+
+    def stop(self) -> Any:
+        self.running = False
+        if self.redis is not None:
+            return self.redis.disconnect()
+        return None
+
+    def committed(self, outcome: Outcome) -> None:
+        message = {"seq": outcome.seq, "keys": list(outcome.keys)}
+        for url, queue in self.queues.items():
+            queue.append(message)
+            if len(queue) > MAX_QUEUE:
+                del queue[: len(queue) - MAX_QUEUE]  # the front end will see the gap and flush
+            if url not in self.sending:
+                self.sending.add(url)
+                ensureDeferred(self._drain(url)).addErrback(lambda f: log.failure("push failed", f))
+        if self.redis is not None:
+            d = self.redis.publish(CHANNEL, dumps(message).decode())
+            d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
+
+    async def _drain(self, url: str) -> None:
+        queue = self.queues[url]
+        failures = 0
+        try:
+            while queue and self.running:
+                batch = queue[:1000]
+                try:
+                    status, _, _ = await call(self.http, self.clock, "POST", url + "/internal/invalidate",
+                                              body={"messages": batch}, secret=self.secret, timeout=1.0)
+                except Exception:
+                    status = 0
+                if status == 200:
+                    failures = 0
+                    del queue[: len(batch)]
+                    continue
+                failures += 1
+                if failures >= 3:
+                    del queue[: len(batch)]  # the front end is away; it will notice the gap
+                    failures = 0
+                await sleep(self.clock, 0.25)
+        finally:
+            self.sending.discard(url)
+
+
+class InvalidationStream:
+    """Front-end side: apply announcements to the cache and watch the sequence for gaps.
+
+    `upto` is the highest seq up to which every announcement has been seen. A missing
+    seq that has not arrived within `grace` seconds, or a catalog primary whose
+    last_seq (seen by health checks) stays ahead of `upto` for `grace` seconds, means
+    an announcement was lost: the cache is flushed.
+    """
+
+    def __init__(self, cache: LRUCache, clock: IReactorTime, grace: float = 1.0):
+        self.cache = cache
+        self.clock = clock
+        self.grace = grace
+        self.upto: int | None = None
+        self.pending: set[int] = set()
+        self.gap_since: float | None = None
+        self.watch: list[tuple[int, float]] = []
+        self.flushes = 0
+        self.channel_down = False  # a required Redis subscription is not (yet) in place
+        cache.bypass = True  # until the first look at the catalog gives a baseline
+
+    def receive(self, seq: int, keys: list[str]) -> None:
+        for key in keys:
+            self.cache.invalidate(key, seq)
+        if self.upto is None or seq <= self.upto:
+            return
+        self.pending.add(seq)
+        while self.upto + 1 in self.pending:
+            self.upto += 1
+            self.pending.discard(self.upto)
+        if self.pending:
+            if self.gap_since is None:
+                self.gap_since = self.clock.seconds()
+        else:
+            self.gap_since = None
+
+    def written(self, seq: int, keys: list[str]) -> None:
+        """A write made through this front end: drop its keys before answering."""
+        for key in keys:
+            self.cache.invalidate(key, seq)
+
+    def observe_primary(self, last_seq: int) -> None:
+        """Called with the catalog primary's last_seq on every health check."""
+        now = self.clock.seconds()
+        if self.upto is None:
+            self.upto = last_seq
+            self.cache.flush(last_seq)
+            self.cache.bypass = self.channel_down
+            return
+        if self.pending and self.gap_since is not None and now - self.gap_since > self.grace:
+            self.flush("a gap in the invalidation sequence", max(self.pending))
+        while self.watch and self.watch[0][0] <= self.upto:
+            self.watch.pop(0)
+        if self.watch and now - self.watch[0][1] > self.grace:
+            self.flush("writes that were never announced", max(seq for seq, _ in self.watch))
+        if last_seq > self.upto and (not self.watch or self.watch[-1][0] < last_seq):
+            self.watch.append((last_seq, now))
+            del self.watch[:-8]
+
+    def flush(self, why: str, upto: int) -> None:
+        log.info("flushing the cache: {why}", why=why)
+        self.flushes += 1
+        self.upto = max(self.upto or 0, upto)
+        self.pending = {s for s in self.pending if s > self.upto}
+        self.gap_since = self.clock.seconds() if self.pending else None
+        self.watch = [(s, t) for s, t in self.watch if s > self.upto]
+        self.cache.flush(self.upto)
+
+    def channel_lost(self) -> None:
+        """The Redis subscription is gone: messages sent meanwhile are lost, so nothing
+        cached may survive the gap; bypass the cache until resubscribed."""
+        log.info("invalidation channel lost: flushing and bypassing the cache")
+        self.channel_down = True
+        self.cache.flush()
+        self.cache.bypass = True
+
+    def channel_back(self) -> None:
+        log.info("invalidation channel subscribed: caching again")
+        self.channel_down = False
+        self.cache.flush()
+        self.cache.bypass = self.upto is None
+
+
+class InvalidationSubscriber(txredisapi.SubscriberProtocol):
+    """Subscribes on every (re)connection; tells the stream when the link is lost."""
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        d.addCallback(lambda _: self.subscribe(CHANNEL))
+        d.addCallback(lambda _: self.factory.on_subscribed())
+        d.addErrback(lambda f: log.warn("redis subscribe failed: {why}", why=f.getErrorMessage()))
+        return d
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        try:
+            data = loads(message if isinstance(message, bytes) else str(message).encode())
+            self.factory.on_message(int(data["seq"]), [str(k) for k in data["keys"]])
+        except Exception:
+            log.warn("ignoring a malformed invalidation message")
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        self.factory.on_lost()
+
+
+class SubscriberFactory(txredisapi.SubscriberFactory):
+    protocol = InvalidationSubscriber
+
+    def __init__(self, on_message: Callable[[int, list[str]], None], on_subscribed: Callable[[], None],
+                 on_lost: Callable[[], None]):
+        super().__init__()
+        self.on_message = on_message
+        self.on_subscribed = on_subscribed
+        self.on_lost = on_lost
+        self.maxDelay = 2.0
+        self.initialDelay = 0.2
+
+
+def subscribe(reactor: Any, url: str, stream: InvalidationStream) -> SubscriberFactory:
+    host, port = redis_address(url)
+    stream.channel_down = True  # until the first subscription is confirmed
+    stream.cache.bypass = True
+    factory = SubscriberFactory(on_message=stream.receive, on_subscribed=stream.channel_back,
+                                on_lost=stream.channel_lost)
+    factory.startConnecting(HostnameEndpoint(reactor, host, port))
+    return factory

@@ -1,0 +1,257 @@
+"""The order service: the purchase flow, replicated orders, idempotency.
+
+A purchase is three steps, each durable before the next starts:
+
+1. `create`: the order is recorded as *pending* (replicated), keyed by its
+   Idempotency-Key (the front end makes one up when the client gave none);
+2. `decrement`: the catalog takes the stock, idempotently keyed by the order id, and
+   only if the copies are there;
+3. `confirm` (or `fail` when the catalog said out of stock / unknown book).
+
+If any process dies between two steps, the order stays pending and is finished by
+the order primary (a retry with the same key, or the periodic sweep of pending
+orders, re-runs step 2 — harmless thanks to the order-id key — and step 3). So a
+copy taken from the stock always ends up in a confirmed order, and a confirmed order
+always took its copy.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from bazar.balancer import ReplicaSet
+from bazar.replication import Replica, hop_count, install_routes
+from bazar.service import BazarOptions
+from bazar.store import OpError, Store
+from bazar.web import HTTPError, JsonApp, dumps, read_object, require_admin, require_secret
+
+log = Logger()
+
+ORDER_COLUMNS = "id, book_id, title, quantity, price, total, created, status, idem, reason"
+SETTLE_AFTER = 2.0  # seconds a pending order may be left to its own request
+
+
+def order_json(row: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(row, dict):
+        return {k: row[k] for k in ("id", "book_id", "title", "quantity", "price", "total", "created")}
+    return {"id": row[0], "book_id": row[1], "title": row[2], "quantity": row[3], "price": row[4],
+            "total": row[5], "created": row[6]}
+
+
+def order_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    names = ORDER_COLUMNS.split(", ")
+    return dict(zip(names, row))
+
+
+class OrderMachine:
+    tables = ("orders",)
+
+    def create(self, db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, "
+                   "title TEXT NOT NULL DEFAULT '', quantity INTEGER NOT NULL, price REAL NOT NULL DEFAULT 0, "
+                   "total REAL NOT NULL DEFAULT 0, created TEXT NOT NULL, created_ts REAL NOT NULL, "
+                   "status TEXT NOT NULL, idem TEXT UNIQUE, reason TEXT NOT NULL DEFAULT '')")
+        db.execute("CREATE INDEX IF NOT EXISTS orders_status ON orders (status)")
+
+    def _order(self, db: sqlite3.Connection, order_id: int) -> dict[str, Any]:
+        row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise OpError(404, f"no order with id {order_id}")
+        return order_record(tuple(row))
+
+    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+        kind = op["op"]
+        if kind == "create":
+            idem = str(op["idem"])
+            row = db.execute("SELECT id FROM orders WHERE idem = ?", (idem,)).fetchone()
+            if row is not None:
+                return self._order(db, row[0]), ()
+            (order_id,) = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM orders").fetchone()
+            db.execute("INSERT INTO orders (id, book_id, quantity, created, created_ts, status, idem) "
+                       "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                       (order_id, int(op["book_id"]), int(op["quantity"]), str(op["created"]),
+                        float(op["created_ts"]), idem))
+            return self._order(db, order_id), ()
+        order_id = int(op["id"])
+        order = self._order(db, order_id)
+        if order["status"] == "pending":
+            if kind == "confirm":
+                price = float(op["price"])
+                total = round(price * order["quantity"], 2)
+                db.execute("UPDATE orders SET status = 'confirmed', title = ?, price = ?, total = ? WHERE id = ?",
+                           (str(op["title"]), price, total, order_id))
+            elif kind == "fail":
+                db.execute("UPDATE orders SET status = 'failed', reason = ? WHERE id = ?",
+                           (str(op["reason"])[:300], order_id))
+            else:
+                raise OpError(400, f"unknown order operation {kind!r}")
+        return self._order(db, order_id), ()
+
+
+class Purchases:
+    """The purchase flow; runs on the order primary."""
+
+    def __init__(self, replica: Replica, catalog: ReplicaSet, clock: IReactorTime):
+        self.replica = replica
+        self.catalog = catalog
+        self.clock = clock
+        self.settling: dict[int, list[Deferred[Any]]] = {}
+
+    def read(self, order_id: int) -> dict[str, Any]:
+        row = self.replica.store.db.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise HTTPError(404, f"no order with id {order_id}")
+        return order_record(tuple(row))
+
+    async def purchase(self, book_id: int, quantity: int, key: str) -> dict[str, Any]:
+        now = time.time()
+        created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
+        outcome = await self.replica.submit({"op": "create", "rid": f"create:{key}", "idem": key,
+                                             "book_id": book_id, "quantity": quantity,
+                                             "created": created, "created_ts": now})
+        order = outcome.result
+        if order["book_id"] != book_id or order["quantity"] != quantity:
+            raise HTTPError(409, "this Idempotency-Key was already used for a different purchase")
+        return await self.settle(int(order["id"]))
+
+    async def settle(self, order_id: int) -> dict[str, Any]:
+        """Finish a pending order (one run at a time per order); answer its final state."""
+        waiter: Deferred[Any] = Deferred()
+        waiters = self.settling.get(order_id)
+        if waiters is not None:
+            waiters.append(waiter)
+        else:
+            self.settling[order_id] = [waiter]
+            ensureDeferred(self._settle(order_id)).addBoth(self._settled, order_id)
+        return await waiter  # type: ignore[no-any-return]
+
+    def _settled(self, result: Any, order_id: int) -> None:
+        for waiter in self.settling.pop(order_id, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _settle(self, order_id: int) -> dict[str, Any]:
+        order = self.read(order_id)
+        catalog: dict[str, Any] = {"seq": 0, "keys": [f"info:{order['book_id']}"]}
+        if order["status"] == "pending":
+            try:
+                taken = await self.catalog.write({"op": "decrement", "rid": f"order:{order_id}",
+                                                  "id": order["book_id"], "quantity": order["quantity"]})
+            except HTTPError as exc:
+                if exc.status not in (400, 404, 409):
+                    raise  # catalog unavailable: the order stays pending and is settled later
+                await self.replica.submit({"op": "fail", "rid": f"fail:{order_id}", "id": order_id,
+                                           "reason": exc.message})
+                raise
+            catalog = {"seq": taken.seq, "keys": list(taken.keys)}
+            book = taken.result
+            done = await self.replica.submit({"op": "confirm", "rid": f"confirm:{order_id}", "id": order_id,
+                                              "title": book["title"], "price": book["price"]})
+            order = done.result
+        if order["status"] == "failed":
+            status = 404 if order["reason"].startswith("no book") else 409
+            raise HTTPError(status, order["reason"] or "the purchase failed")
+        return {"order": order_json(order), "catalog": catalog}
+
+    def sweep(self) -> None:
+        """Finish pending orders left behind by a crash (primary only)."""
+        if not self.replica.is_primary:
+            return
+        cutoff = time.time() - SETTLE_AFTER
+        rows = self.replica.store.db.execute(
+            "SELECT id FROM orders WHERE status = 'pending' AND created_ts < ? ORDER BY id LIMIT 100", (cutoff,))
+        for (order_id,) in rows.fetchall():
+            if order_id not in self.settling:
+                log.info("settling pending order {id}", id=order_id)
+                ensureDeferred(self.settle(order_id)).addErrback(lambda f: None)
+
+
+def order_app(replica: Replica, purchases: Purchases, secret: str | None, admin_token: str | None) -> JsonApp:
+    api = JsonApp("order")
+
+    @api.route("/health", "GET", "health")
+    def health(request: Any) -> dict[str, Any]:
+        return replica.health()
+
+    @api.route("/orders", "GET", "orders")
+    def orders(request: Any) -> bytes:
+        require_admin(request, admin_token)
+        request.setHeader(b"X-Bazar-Seq", str(replica.store.last_seq).encode())
+        rows = replica.store.db.execute(
+            f"SELECT {ORDER_COLUMNS} FROM orders WHERE status = 'confirmed' ORDER BY id")
+        return dumps([order_json(tuple(r)) for r in rows])
+
+    @api.route("/internal/purchase", "POST", "purchase")
+    async def purchase(request: Any) -> Any:
+        require_secret(request, secret)
+        body = read_object(request) or {}
+        try:
+            book_id, quantity, key = int(body["book_id"]), int(body["quantity"]), str(body["key"])
+        except (KeyError, TypeError, ValueError):
+            raise HTTPError(400, "a purchase needs book_id, quantity and key") from None
+        if not replica.is_primary:
+            status, answer = await replica.forward("/internal/purchase", body, hop_count(request))
+            return status, answer
+        return await purchases.purchase(book_id, quantity, key)
+
+    install_routes(api, replica, secret)
+    return api
+
+
+class Options(BazarOptions):
+    optParameters = [
+        ["port", None, 5201, "Port to listen on.", int],
+        ["id", None, 1, "This replica's id (one of the ids in --peers).", int],
+        ["peers", None, "", "Every replica of the order service, itself included: 1=http://h:p,2=...,3=..."],
+        ["data", None, None, "Data directory (default ./bazar-data/order-<id>)."],
+        ["catalog", None, "http://127.0.0.1:5101", "Catalog replicas: http://h:p,..."],
+    ]
+
+
+def makeService(options: usage.Options) -> MultiService:
+    from twisted.internet import reactor
+
+    from bazar.client import make_http
+    from bazar.service import Hooks, listen, parse_peers, parse_urls, secret_of, watch_parent
+
+    replica_id = options["id"]
+    secret = secret_of(options, "cluster-secret")
+    data = options["data"] or os.path.join("bazar-data", f"order-{replica_id}")
+    parent = MultiService()
+    http, pool = make_http(reactor)
+    store = Store(os.path.join(data, "orders.sqlite3"), OrderMachine())
+    peers = parse_peers(options["peers"])
+    if peers and replica_id not in peers:
+        raise usage.UsageError(f"--id {replica_id} is not one of the --peers")
+    catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), http, reactor, secret, write_budget=8.0)
+    replica = Replica(service="order", replica_id=replica_id, peers=peers, store=store, http=http,
+                      clock=reactor, secret=secret)
+    purchases = Purchases(replica, catalog, reactor)
+    replica.on_primary = lambda: reactor.callLater(SETTLE_AFTER, purchases.sweep)
+    api = order_app(replica, purchases, secret, secret_of(options, "admin-token"))
+    listen(parent, reactor, api.resource(), options["host"], options["port"])
+    TimerService(0.1, replica.tick).setServiceParent(parent)
+    TimerService(0.5, lambda: ensureDeferred(catalog.poll())).setServiceParent(parent)
+    TimerService(1.0, purchases.sweep).setServiceParent(parent)
+
+    def stop() -> Any:
+        replica.stop()
+        return pool.closeCachedConnections()
+
+    Hooks(on_start=replica.start, on_stop=stop).setServiceParent(parent)
+    watch_parent(parent, reactor)
+    return parent

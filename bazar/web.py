@@ -1,0 +1,250 @@
+"""The small web helper shared by the three Klein apps.
+
+JSON in and out, JSON errors for every status (Werkzeug's HTML pages and tracebacks
+never reach a client), admin-token and cluster-secret checks, the body size limit, and
+per-route Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import orjson
+from klein import Klein
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+log = Logger()
+
+MAX_BODY = 64 * 1024
+JSON = b"application/json"
+SECRET_HEADER = b"X-Bazar-Secret"
+
+T = TypeVar("T")
+
+
+class HTTPError(Exception):
+    """An error with an HTTP status and a sentence for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON; NaN, Infinity and invalid UTF-8 are rejected (orjson is strict)."""
+    return orjson.loads(data)
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def respond(request: IRequest, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type)
+    return body
+
+
+def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
+    length = request.getHeader(b"Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPError(413, f"request body is larger than {limit} bytes")
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    data: bytes = content.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPError(413, f"request body is larger than {limit} bytes")
+    return data
+
+
+def read_json(request: IRequest, *, optional: bool = False) -> Any:
+    """The request body as JSON; an empty body is None when `optional`."""
+    data = read_body(request)
+    if not data.strip():
+        if optional:
+            return None
+        raise HTTPError(400, "a JSON body is required")
+    try:
+        return loads(data)
+    except orjson.JSONDecodeError:
+        raise HTTPError(400, "the body is not valid JSON (UTF-8, no NaN or Infinity)") from None
+
+
+def read_object(request: IRequest, *, optional: bool = False) -> dict[str, Any] | None:
+    body = read_json(request, optional=optional)
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    return body
+
+
+def bearer(request: IRequest) -> bytes | None:
+    value = request.getHeader(b"Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require_admin(request: IRequest, token: str | None) -> None:
+    """401 unless the request carries the admin token (compared in constant time)."""
+    if not token:
+        raise HTTPError(401, "admin calls are disabled: no admin token is configured",
+                        {b"WWW-Authenticate": b'Bearer realm="bazar"'})
+    given = bearer(request)
+    if given is None or not hmac.compare_digest(given, token.encode()):
+        raise HTTPError(401, "a valid admin token is required (Authorization: Bearer <token>)",
+                        {b"WWW-Authenticate": b'Bearer realm="bazar"'})
+
+
+def require_secret(request: IRequest, secret: str | None) -> None:
+    """403 unless the request carries the cluster secret: internal endpoints only."""
+    given = request.getHeader(SECRET_HEADER)
+    if not secret or given is None or not hmac.compare_digest(given, secret.encode()):
+        raise HTTPError(403, "this endpoint is internal: the cluster secret is required")
+
+
+def parse_id(text: str) -> int:
+    """Book and order ids in paths: a non-negative integer, else 404 (as for unknown ids)."""
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise HTTPError(404, f"no book with id {text[:40]!r}")
+    return int(text)
+
+
+class JsonApp:
+    """A Klein app whose handlers return JSON-able values (or raw bytes) and raise HTTPError.
+
+    Every route gets a request counter and a latency histogram in this app's own
+    Prometheus registry, so several apps can live in one process (as in the tests).
+    """
+
+    def __init__(self, service: str):
+        self.service = service
+        self.app = Klein()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("bazar_requests", "HTTP requests by route and status",
+                                ["service", "route", "status"], registry=self.registry)
+        self.latency = Histogram("bazar_request_seconds", "HTTP request latency by route",
+                                 ["service", "route"], registry=self.registry,
+                                 buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
+                                          .1, .25, .5, 1, 2.5, 5, 10))
+        self._install_error_pages()
+        self.route("/metrics", "GET", "metrics")(self._metrics)
+
+    def _install_error_pages(self) -> None:
+        @self.app.handle_errors(HTTPException)
+        def werkzeug_error(request: IRequest, failure: Failure) -> bytes:
+            exc = failure.value
+            code = getattr(exc, "code", None) or 400
+            messages = {404: "no such resource", 405: "method not allowed on this resource"}
+            message = messages.get(code, getattr(exc, "description", None) or "bad request")
+            self.requests.labels(self.service, "unmatched", str(code)).inc()
+            return respond(request, error_body(message), code)
+
+        @self.app.handle_errors(Exception)
+        def any_error(request: IRequest, failure: Failure) -> bytes:
+            log.failure("unhandled error in {service}", failure, service=self.service)
+            return respond(request, error_body("internal error"), 500)
+
+    def route(self, path: str, methods: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register `handler(request, **kw)`; it may be async and returns JSON-able data,
+        a (status, data) pair, or bytes (already-encoded JSON)."""
+
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            counters: dict[int, Any] = {}
+            histogram = self.latency.labels(self.service, name)
+
+            def count(status: int) -> None:
+                counter = counters.get(status)
+                if counter is None:
+                    counter = counters[status] = self.requests.labels(self.service, name, str(status))
+                counter.inc()
+
+            def finish(request: IRequest, result: Any, started: float) -> bytes:
+                status = 200
+                if isinstance(result, tuple):
+                    status, result = result
+                if isinstance(result, bytes):
+                    body = result
+                elif isinstance(result, Raw):
+                    count(status)
+                    histogram.observe(time.perf_counter() - started)
+                    return respond(request, result.body, status, result.content_type)
+                else:
+                    body = dumps(result)
+                count(status)
+                histogram.observe(time.perf_counter() - started)
+                return respond(request, body, status)
+
+            def fail(request: IRequest, failure: Failure, started: float) -> bytes:
+                exc = failure.value
+                if isinstance(exc, HTTPError):
+                    for key, value in exc.headers.items():
+                        request.setHeader(key, value)
+                    status, body = exc.status, error_body(exc.message)
+                else:
+                    log.failure("unhandled error in {service} {route}", failure,
+                                service=self.service, route=name)
+                    status, body = 500, error_body("internal error")
+                count(status)
+                histogram.observe(time.perf_counter() - started)
+                return respond(request, body, status)
+
+            def endpoint(request: IRequest, **kw: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    result = handler(request, **kw)
+                except Exception:
+                    return fail(request, Failure(), started)
+                if isinstance(result, Awaitable) or isinstance(result, Deferred):
+                    d = ensureDeferred(result) if not isinstance(result, Deferred) else result
+                    d.addCallbacks(lambda r: finish(request, r, started),
+                                   lambda f: fail(request, f, started))
+                    return d
+                return finish(request, result, started)
+
+            endpoint.__name__ = f"{self.service}_{name}"
+            self.app.route(path, methods=[methods], branch=False, endpoint=f"{name}_{methods}")(endpoint)
+            return handler
+
+        return register
+
+    def _metrics(self, request: IRequest) -> "Raw":
+        return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+
+class Raw:
+    """A non-JSON response body (e.g. Prometheus text)."""
+
+    __slots__ = ("body", "content_type")
+
+    def __init__(self, body: bytes, content_type: bytes):
+        self.body = body
+        self.content_type = content_type
+
+
+def require(condition: bool, message: str, status: int = 400) -> None:
+    if not condition:
+        raise HTTPError(status, message)

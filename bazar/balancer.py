@@ -10,10 +10,9 @@ from typing import Any
 from attrs import define
 from treq.client import HTTPClient
 from twisted.internet.defer import DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bazar.client import Unreachable, call, error_of
+from bazar.client import Clock, Unreachable, call, error_of
 from bazar.replication import sleep
 from bazar.store import Outcome
 from bazar.web import HTTPError
@@ -34,7 +33,7 @@ class ReplicaState:
 
 
 class ReplicaSet:
-    def __init__(self, service: str, urls: list[str], http: HTTPClient, clock: IReactorTime,
+    def __init__(self, service: str, urls: list[str], http: HTTPClient, clock: Clock,
                  secret: str | None, timeout: float = 2.0, write_budget: float = 10.0):
         self.service = service
         self.replicas = [ReplicaState(url) for url in urls]
@@ -80,7 +79,8 @@ class ReplicaSet:
         ordered = self.replicas[start:] + self.replicas[:start]
         return [r for r in ordered if r.ok] + [r for r in ordered if not r.ok]
 
-    async def read(self, path: str, min_seq: int = 0, headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
+    async def read(self, path: str, min_seq: int = 0,
+                   headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
         """GET `path` from a live replica whose state is at least `min_seq`:
         (status, raw body, the replica's seq). A replica that refuses the connection
         is skipped and the read retried on the next one."""

@@ -28,7 +28,7 @@ class CatalogMachine:
     """The catalog's deterministic state: every replica applies the same ops in the
     same order and ends with the same books."""
 
-    tables = ("books",)
+    tables: tuple[str, ...] = ("books",)
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, "
@@ -167,6 +167,10 @@ def makeService(options: usage.Options) -> MultiService:
         publisher.stop()
         return pool.closeCachedConnections()
 
-    Hooks(on_start=lambda: (replica.start(), publisher.start()), on_stop=stop).setServiceParent(parent)
+    def start() -> None:
+        replica.start()
+        publisher.start()
+
+    Hooks(on_start=start, on_stop=stop).setServiceParent(parent)
     watch_parent(parent, reactor)
     return parent

@@ -4,16 +4,23 @@ response headers)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import orjson
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from bazar.web import SECRET_HEADER, HTTPError, dumps
+
+
+class Clock(Protocol):
+    """What Bazar needs of a reactor's clock (the reactor, or task.Clock in tests)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
 
 def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
@@ -21,21 +28,22 @@ def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnect
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
-    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=2)), pool
+    agent: Any = Agent(reactor, pool=pool, connectTimeout=2)
+    return HTTPClient(agent), pool
 
 
 class Unreachable(Exception):
     """The peer did not answer (refused, reset, timed out)."""
 
 
-async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
+async def call(http: HTTPClient, clock: Clock, method: str, url: str, *,
                body: Any = None, raw: bytes | None = None, headers: dict[bytes, bytes] | None = None,
                secret: str | None = None, timeout: float = 2.0, parse: bool = True) -> tuple[int, Any, Any]:
     """One HTTP exchange: (status, parsed JSON or None — or the raw bytes when not
     `parse` — and the response headers).
 
     Raises Unreachable when no complete answer arrived within `timeout`."""
-    hdrs: dict[bytes, list[bytes]] = {}
+    hdrs: dict[Any, Any] = {}
     for key, value in (headers or {}).items():
         hdrs[key] = [value]
     data = raw
@@ -52,7 +60,7 @@ async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
         return response.code, content, response.headers
 
     d = ensureDeferred(exchange())
-    d.addTimeout(timeout, clock)
+    d.addTimeout(timeout, clock)  # type: ignore[arg-type]
     try:
         code, content, response_headers = await d
     except HTTPError:

@@ -138,7 +138,7 @@ def makeService(options: usage.Options) -> MultiService:
     env.update(BAZAR_ADMIN_TOKEN=values["admin_token"], BAZAR_CLUSTER_SECRET=values["cluster_secret"],
                BAZAR_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
     monitor = ProcessMonitor(reactor=reactor)
-    monitor.minRestartDelay = 0.5
+    monitor.minRestartDelay = 0.5  # type: ignore[assignment]
     monitor.maxRestartDelay = 2
     monitor.killTime = 5
     for name, args in commands(topology, options["host"], data, options["redis"], options["cache-size"]).items():

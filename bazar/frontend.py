@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from twisted.application.internet import TimerService
@@ -192,9 +192,11 @@ def frontend_app(fe: Frontend) -> JsonApp:
 
     from prometheus_client import Gauge
 
+    def figure(name: str) -> Callable[[], float]:
+        return lambda: float(fe.cache.stats()[name])
+
     for name in ("hits", "misses", "evictions", "size"):
-        gauge = Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry)
-        gauge.set_function(lambda name=name: fe.cache.stats()[name])
+        Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry).set_function(figure(name))
     return api
 
 

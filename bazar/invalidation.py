@@ -17,11 +17,10 @@ import txredisapi
 from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bazar.cache import LRUCache
-from bazar.client import call
+from bazar.client import Clock, call
 from bazar.replication import sleep
 from bazar.store import Outcome
 from bazar.web import dumps, loads
@@ -42,7 +41,7 @@ def redis_address(url: str) -> tuple[str, int]:
 class Publisher:
     """Catalog side: announce committed writes to every front end."""
 
-    def __init__(self, *, http: HTTPClient, clock: IReactorTime, secret: str | None,
+    def __init__(self, *, http: HTTPClient, clock: Clock, secret: str | None,
                  frontends: list[str], redis_url: str | None):
         self.http = http
         self.clock = clock
@@ -111,7 +110,7 @@ class InvalidationStream:
     an announcement was lost: the cache is flushed.
     """
 
-    def __init__(self, cache: LRUCache, clock: IReactorTime, grace: float = 1.0):
+    def __init__(self, cache: LRUCache, clock: Clock, grace: float = 1.0):
         self.cache = cache
         self.clock = clock
         self.grace = grace

@@ -26,12 +26,12 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from bazar.balancer import ReplicaSet
+from bazar.client import Clock
 from bazar.replication import Replica, hop_count, install_routes
 from bazar.service import BazarOptions
 from bazar.store import OpError, Store
@@ -56,7 +56,7 @@ def order_record(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class OrderMachine:
-    tables = ("orders",)
+    tables: tuple[str, ...] = ("orders",)
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, "
@@ -103,7 +103,7 @@ class OrderMachine:
 class Purchases:
     """The purchase flow; runs on the order primary."""
 
-    def __init__(self, replica: Replica, catalog: ReplicaSet, clock: IReactorTime):
+    def __init__(self, replica: Replica, catalog: ReplicaSet, clock: Clock):
         self.replica = replica
         self.catalog = catalog
         self.clock = clock
@@ -241,7 +241,7 @@ def makeService(options: usage.Options) -> MultiService:
     replica = Replica(service="order", replica_id=replica_id, peers=peers, store=store, http=http,
                       clock=reactor, secret=secret)
     purchases = Purchases(replica, catalog, reactor)
-    replica.on_primary = lambda: reactor.callLater(SETTLE_AFTER, purchases.sweep)
+    replica.on_primary = lambda: reactor.callLater(SETTLE_AFTER, purchases.sweep)  # type: ignore[arg-type]
     api = order_app(replica, purchases, secret, secret_of(options, "admin-token"))
     listen(parent, reactor, api.resource(), options["host"], options["port"])
     TimerService(0.1, replica.tick).setServiceParent(parent)

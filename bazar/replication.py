@@ -24,12 +24,11 @@ from typing import Any, Awaitable, Callable
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bazar.client import Unreachable, call, error_of
+from bazar.client import Clock, Unreachable, call, error_of
 from bazar.store import Entry, Outcome, Store
-from bazar.web import HTTPError, JsonApp, read_json, require_secret
+from bazar.web import HTTPError, JsonApp, require_secret
 
 log = Logger()
 
@@ -51,9 +50,9 @@ class Stopped(Exception):
     """The link stopped (the primary stepped down or shut down)."""
 
 
-def sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
+def sleep(clock: Clock, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
-    clock.callLater(seconds, lambda: d.called or d.callback(None))
+    clock.callLater(seconds, lambda: None if d.called else d.callback(None))
     return d
 
 
@@ -175,7 +174,7 @@ class Replica:
     """One replica of a replicated service: its role, its links and its election clock."""
 
     def __init__(self, *, service: str, replica_id: int, peers: dict[int, str], store: Store,
-                 http: HTTPClient, clock: IReactorTime, secret: str | None,
+                 http: HTTPClient, clock: Clock, secret: str | None,
                  on_commit: Callable[[Outcome], None] | None = None,
                  on_primary: Callable[[], Any] | None = None,
                  heartbeat: float = 0.2, election_timeout: float = 1.0,
@@ -439,8 +438,7 @@ class Replica:
 def install_routes(api: JsonApp, replica: Replica, secret: str | None,
                    write: Callable[[dict[str, Any], int], Awaitable[Any]] | None = None) -> None:
     """The internal endpoints of a replica: replication, catch-up, votes, forwarded writes."""
-    from bazar.web import read_body
-    from bazar.web import loads
+    from bazar.web import loads, read_body
 
     def internal_json(request: Any) -> dict[str, Any]:
         require_secret(request, secret)

@@ -75,15 +75,18 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, op TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS log "
+                            "(seq INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, op TEXT NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS requests (rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS requests "
+                            "(rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
             machine.create(self.db)
         self.base_seq = self._meta("base_seq")
         self.base_epoch = self._meta("base_epoch")
         self.promised = self._meta("promised")
         row = self.db.execute("SELECT seq, epoch FROM log ORDER BY seq DESC LIMIT 1").fetchone()
-        self.last_seq, self.last_epoch = row if row else (self.base_seq, self.base_epoch)
+        self.last_seq: int = int(row[0]) if row else self.base_seq
+        self.last_epoch: int = int(row[1]) if row else self.base_epoch
 
     # -- metadata -------------------------------------------------------------
     def _meta(self, key: str) -> int:
@@ -132,7 +135,7 @@ class Store:
 
     def append(self, entries: list[Entry]) -> list[Outcome]:
         """Backup side: apply entries that directly follow the log, in one transaction."""
-        outcomes = []
+        outcomes: list[Outcome] = []
         if not entries:
             return outcomes
         self.db.execute("BEGIN IMMEDIATE")

@@ -18,7 +18,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 log = Logger()
@@ -28,6 +27,7 @@ JSON = b"application/json"
 SECRET_HEADER = b"X-Bazar-Secret"
 
 T = TypeVar("T")
+Request = Any  # twisted.web.server.Request; zope interfaces do not type-check well
 
 
 class HTTPError(Exception):
@@ -53,13 +53,13 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def respond(request: IRequest, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
+def respond(request: Request, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", content_type)
     return body
 
 
-def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
+def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     length = request.getHeader(b"Content-Length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"request body is larger than {limit} bytes")
@@ -73,7 +73,7 @@ def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
     return data
 
 
-def read_json(request: IRequest, *, optional: bool = False) -> Any:
+def read_json(request: Request, *, optional: bool = False) -> Any:
     """The request body as JSON; an empty body is None when `optional`."""
     data = read_body(request)
     if not data.strip():
@@ -86,7 +86,7 @@ def read_json(request: IRequest, *, optional: bool = False) -> Any:
         raise HTTPError(400, "the body is not valid JSON (UTF-8, no NaN or Infinity)") from None
 
 
-def read_object(request: IRequest, *, optional: bool = False) -> dict[str, Any] | None:
+def read_object(request: Request, *, optional: bool = False) -> dict[str, Any] | None:
     body = read_json(request, optional=optional)
     if body is None:
         return None
@@ -95,7 +95,7 @@ def read_object(request: IRequest, *, optional: bool = False) -> dict[str, Any] 
     return body
 
 
-def bearer(request: IRequest) -> bytes | None:
+def bearer(request: Request) -> bytes | None:
     value = request.getHeader(b"Authorization")
     if value is None:
         return None
@@ -105,7 +105,7 @@ def bearer(request: IRequest) -> bytes | None:
     return token.strip()
 
 
-def require_admin(request: IRequest, token: str | None) -> None:
+def require_admin(request: Request, token: str | None) -> None:
     """401 unless the request carries the admin token (compared in constant time)."""
     if not token:
         raise HTTPError(401, "admin calls are disabled: no admin token is configured",
@@ -116,7 +116,7 @@ def require_admin(request: IRequest, token: str | None) -> None:
                         {b"WWW-Authenticate": b'Bearer realm="bazar"'})
 
 
-def require_secret(request: IRequest, secret: str | None) -> None:
+def require_secret(request: Request, secret: str | None) -> None:
     """403 unless the request carries the cluster secret: internal endpoints only."""
     given = request.getHeader(SECRET_HEADER)
     if not secret or given is None or not hmac.compare_digest(given, secret.encode()):
@@ -152,7 +152,7 @@ class JsonApp:
 
     def _install_error_pages(self) -> None:
         @self.app.handle_errors(HTTPException)
-        def werkzeug_error(request: IRequest, failure: Failure) -> bytes:
+        def werkzeug_error(request: Request, failure: Failure) -> bytes:
             exc = failure.value
             code = getattr(exc, "code", None) or 400
             messages = {404: "no such resource", 405: "method not allowed on this resource"}
@@ -161,7 +161,7 @@ class JsonApp:
             return respond(request, error_body(message), code)
 
         @self.app.handle_errors(Exception)
-        def any_error(request: IRequest, failure: Failure) -> bytes:
+        def any_error(request: Request, failure: Failure) -> bytes:
             log.failure("unhandled error in {service}", failure, service=self.service)
             return respond(request, error_body("internal error"), 500)
 
@@ -179,7 +179,7 @@ class JsonApp:
                     counter = counters[status] = self.requests.labels(self.service, name, str(status))
                 counter.inc()
 
-            def finish(request: IRequest, result: Any, started: float) -> bytes:
+            def finish(request: Request, result: Any, started: float) -> bytes:
                 status = 200
                 if isinstance(result, tuple):
                     status, result = result
@@ -195,7 +195,7 @@ class JsonApp:
                 histogram.observe(time.perf_counter() - started)
                 return respond(request, body, status)
 
-            def fail(request: IRequest, failure: Failure, started: float) -> bytes:
+            def fail(request: Request, failure: Failure, started: float) -> bytes:
                 exc = failure.value
                 if isinstance(exc, HTTPError):
                     for key, value in exc.headers.items():
@@ -209,14 +209,14 @@ class JsonApp:
                 histogram.observe(time.perf_counter() - started)
                 return respond(request, body, status)
 
-            def endpoint(request: IRequest, **kw: Any) -> Any:
+            def endpoint(request: Request, **kw: Any) -> Any:
                 started = time.perf_counter()
                 try:
                     result = handler(request, **kw)
                 except Exception:
                     return fail(request, Failure(), started)
                 if isinstance(result, Awaitable) or isinstance(result, Deferred):
-                    d = ensureDeferred(result) if not isinstance(result, Deferred) else result
+                    d = result if isinstance(result, Deferred) else ensureDeferred(result)  # type: ignore[arg-type]
                     d.addCallbacks(lambda r: finish(request, r, started),
                                    lambda f: fail(request, f, started))
                     return d
@@ -228,7 +228,7 @@ class JsonApp:
 
         return register
 
-    def _metrics(self, request: IRequest) -> "Raw":
+    def _metrics(self, request: Request) -> "Raw":
         return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
 
     def resource(self) -> Any:

@@ -67,6 +67,9 @@ class ReplicaSet:
         replica.epoch = int(health.get("epoch", 0))
         replica.last_seq = int(health.get("last_seq", 0))
 
+    def high_water(self) -> int:
+        return max((r.last_seq for r in self.replicas if r.ok), default=0)
+
     def primary_state(self) -> ReplicaState | None:
         primaries = [r for r in self.replicas if r.primary and r.alive]
         return max(primaries, key=lambda r: r.epoch) if primaries else None
@@ -85,6 +88,9 @@ class ReplicaSet:
         (status, raw body, the replica's seq). A replica that refuses the connection
         is skipped and the read retried on the next one."""
         for replica in self.read_order():
+            # A replica not known to be caught up must at least be as new as the
+            # newest state seen on the healthy ones.
+            floor = min_seq if replica.ok else max(min_seq, self.high_water())
             try:
                 status, body, hdrs = await call(self.http, self.clock, "GET", replica.url + path,
                                                 headers=headers, timeout=self.timeout, parse=False)
@@ -93,7 +99,7 @@ class ReplicaSet:
                 continue
             seq_header = hdrs.getRawHeaders(b"X-Bazar-Seq")
             seq = int(seq_header[0]) if seq_header and seq_header[0].isdigit() else 0
-            if status in RETRYABLE or seq < min_seq:
+            if status in RETRYABLE or seq < floor:
                 continue
             return status, body, seq
         raise HTTPError(503, f"no {self.service} replica is available; retry shortly")

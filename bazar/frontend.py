@@ -108,7 +108,10 @@ def frontend_app(fe: Frontend) -> JsonApp:
         def view(rs: ReplicaSet) -> list[dict[str, Any]]:
             return [{"url": r.url, "alive": r.alive, "ok": r.ok, "primary": r.primary, "last_seq": r.last_seq}
                     for r in rs.replicas]
+        primary = fe.catalog.primary_state()
         return {"service": "frontend", "replica": 0, "pid": os.getpid(), "role": "frontend", "status": "ok",
+                # CLI.md: every /health has epoch and last_seq (here: the catalog's, as this front end sees it)
+                "epoch": primary.epoch if primary is not None else 0, "last_seq": fe.stream.upto or 0,
                 "catalog": view(fe.catalog), "order": view(fe.order), "cache": fe.cache.stats(),
                 "cache_bypass": fe.cache.bypass}
 

@@ -192,6 +192,7 @@ class Replica:
         self.on_commit = on_commit
         self.on_primary = on_primary
         self.heartbeat = heartbeat
+        self.base_timeout = election_timeout
         self.election_timeout = election_timeout + 0.5 * sorted(self.peers).index(replica_id)
         self.rpc_timeout = rpc_timeout
         self.retry_interval = retry_interval
@@ -339,6 +340,8 @@ class Replica:
                 "last_seq": store.last_seq}
 
     def on_vote(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Grant (and persist) a promise of a new epoch; with "pre", only say whether
+        we would, persisting nothing (so a candidate that cannot win disturbs no one)."""
         epoch, candidate = int(msg["epoch"]), int(msg["candidate"])
         now = self.clock.seconds()
         deny = {"granted": False, "epoch": max(self.store.promised, self.seen_epoch)}
@@ -346,8 +349,10 @@ class Replica:
             return deny
         if self.role == PRIMARY:
             return deny
-        if self.leader is not None and self.leader != candidate and now - self.last_heard < self.election_timeout:
+        if self.leader is not None and self.leader != candidate and now - self.last_heard < self.base_timeout:
             return deny  # we hear a live primary: do not let a late-comer disrupt it
+        if msg.get("pre"):
+            return {"granted": True, "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
         self.store.promise(epoch)
         self.last_heard = now
         self.leader = None
@@ -362,13 +367,8 @@ class Replica:
         finally:
             self.electing = False
 
-    async def _elect(self) -> None:
-        epoch = max(self.store.promised, self.seen_epoch) + 1
-        self.store.promise(epoch)
-        self.leader = None
-        log.info("no primary heard: asking for epoch {epoch}", epoch=epoch)
-        message = {"epoch": epoch, "candidate": self.replica_id,
-                   "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
+    async def _ask(self, message: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """Send a vote request to every other replica; (last_epoch, last_seq, id) of each grant."""
         ids = list(self.others)
         answers = await DeferredList([ensureDeferred(self.rpc(self.others[i], "/internal/vote", message))
                                       for i in ids], consumeErrors=True)
@@ -380,9 +380,26 @@ class Replica:
                 grants.append((int(answer["last_epoch"]), int(answer["last_seq"]), pid))
             else:
                 self.seen_epoch = max(self.seen_epoch, int(answer.get("epoch", 0)))
+        return grants
+
+    def _back_off(self) -> None:
+        # wait a random part of a timeout more, so two candidates do not keep colliding
+        self.last_heard = self.clock.seconds() + random.uniform(0, 0.5)
+
+    async def _elect(self) -> None:
+        epoch = max(self.store.promised, self.seen_epoch) + 1
+        message = {"epoch": epoch, "candidate": self.replica_id, "pre": True,
+                   "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
+        if 1 + len(await self._ask(message)) < self.majority or self.role == PRIMARY:
+            self._back_off()  # a pre-vote lost: nothing was promised, the primary is undisturbed
+            return
+        epoch = max(epoch, self.store.promised + 1)
+        self.store.promise(epoch)  # our own vote: one per epoch, like everyone's
+        self.leader = None
+        log.info("no primary heard: asking for epoch {epoch}", epoch=epoch)
+        grants = await self._ask({**message, "epoch": epoch, "pre": False})
         if 1 + len(grants) < self.majority or self.store.promised != epoch or self.role == PRIMARY:
-            # back off a random part of a timeout so two candidates do not keep colliding
-            self.last_heard = self.clock.seconds() + random.uniform(0, 0.5)
+            self._back_off()
             return
         best = max(grants)
         if (best[0], best[1]) > (self.store.last_epoch, self.store.last_seq):

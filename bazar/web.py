@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import orjson
 from klein import Klein
+from klein.resource import KleinResource
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -232,7 +233,20 @@ class JsonApp:
         return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return JsonKleinResource(self.app)
+
+
+class JsonKleinResource(KleinResource):
+    """Klein's resource, but a URL that is not UTF-8 gets a JSON 400 (Klein answers
+    it with a text/plain body before any route or error handler runs)."""
+
+    def render(self, request: Request) -> Any:
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return respond(request, error_body("the URL is not valid UTF-8"), 400)
+        return super().render(request)
 
 
 class Raw:

@@ -149,3 +149,11 @@ def watch_parent(parent: MultiService, reactor: Any) -> None:
             reactor.stop()
 
     TimerService(1.0, check).setServiceParent(parent)
+
+
+def json_logger() -> Any:
+    """For `twistd --logger=bazar.service.json_logger`: one JSON event per line on
+    stdout (what container log collectors want)."""
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout)

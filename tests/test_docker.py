@@ -374,7 +374,21 @@ def test_dockerfile_has_a_healthcheck_on_health() -> None:
 def test_dockerfile_shows_how_to_run_a_service() -> None:
     assert "--pidfile=" in DOCKERFILE.read_text()
     assert [name for name, _ in final_stage()].count("CMD") == 1
-    assert "BAZAR_LOG_JSON=1" in DOCKERFILE.read_text()
+    assert "--logger=bazar.service.json_logger" in DOCKERFILE.read_text()
+
+
+def test_json_logger_writes_one_json_event_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from twisted.logger import Logger
+
+    from bazar.service import json_logger
+
+    observer = json_logger()
+    Logger(observer=observer, namespace="bazar.test").info("applied {seq}", seq=7)
+    lines = [line for line in capsys.readouterr().out.replace("\x1e", "").splitlines() if line.strip()]
+    event = json.loads(lines[-1])
+    assert event["seq"] == 7 and event["log_namespace"] == "bazar.test"
 
 
 # --- running the compose commands as local processes ----------------------------

@@ -1,0 +1,450 @@
+"""Unit tests of bazar-bench's pure parts: no cluster, a few seconds in all."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import types
+
+import pytest
+
+from bazar import bench
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_percentile_interpolates_like_numpy_linear():
+    xs = list(range(1, 11))  # 1..10
+    assert bench.percentile(xs, 0) == 1
+    assert bench.percentile(xs, 100) == 10
+    assert bench.percentile(xs, 50) == pytest.approx(5.5)
+    assert bench.percentile(xs, 95) == pytest.approx(9.55)
+    assert bench.percentile(xs, 99) == pytest.approx(9.91)
+    assert bench.percentile([0.0, 1.0], 25) == pytest.approx(0.25)
+
+
+def test_percentile_edge_cases():
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([7], 99) == 7.0
+    with pytest.raises(ValueError):
+        bench.percentile([1, 2], 101)
+
+
+def test_summarize_converts_to_ms_and_rate():
+    st = bench.summarize([0.003, 0.001, 0.002], errors=2, elapsed=0.5, statuses={"503": 2})
+    assert st["n"] == 3
+    assert st["errors"] == 2
+    assert st["rps"] == pytest.approx(6.0)
+    assert st["avg_ms"] == pytest.approx(2.0)
+    assert st["p50_ms"] == pytest.approx(2.0)
+    assert st["max_ms"] == pytest.approx(3.0)
+    assert st["statuses"] == {"503": 2}
+
+
+def test_summarize_empty():
+    st = bench.summarize([])
+    assert st["n"] == 0 and st["p50_ms"] is None and st["rps"] is None
+
+
+# ---------------------------------------------------------------- zipf + LRU
+
+
+def test_zipf_trace_reproducible_and_in_range():
+    a = bench.zipf_trace(100, 5000, s=1.0, seed=7)
+    b = bench.zipf_trace(100, 5000, s=1.0, seed=7)
+    c = bench.zipf_trace(100, 5000, s=1.0, seed=8)
+    assert a == b
+    assert a != c
+    assert len(a) == 5000
+    assert all(0 <= k < 100 for k in a)
+
+
+def test_zipf_trace_is_skewed():
+    counts = collections.Counter(bench.zipf_trace(50, 20000, s=1.0, seed=1))
+    assert counts.most_common(1)[0][0] == 0
+    # P(key 0) = 1 / H(50) ≈ 0.222; P(key 1) is half of it
+    assert counts[0] / 20000 == pytest.approx(1 / sum(1 / k for k in range(1, 51)), abs=0.02)
+    assert counts[0] > 1.6 * counts[1]
+    assert counts[1] > counts[10] > counts[49]
+
+
+def test_zipf_trace_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        bench.zipf_trace(0, 10)
+    with pytest.raises(ValueError):
+        bench.zipf_trace(10, -1)
+    assert bench.zipf_trace(3, 0) == []
+
+
+def test_zipf_topk_mass():
+    assert bench.zipf_topk_mass(10, 10) == pytest.approx(1.0)
+    assert bench.zipf_topk_mass(10, 0) == 0.0
+    assert bench.zipf_topk_mass(2, 1, s=1.0) == pytest.approx(2 / 3)
+
+
+def test_replay_reference_lru_evicts_least_recently_used():
+    # cap 2: 1 2 1(hit) 3(evicts 2) 2(miss, evicts 1) 3(hit)
+    cache = bench.RefLRU(2)
+    r = bench.replay_lru([1, 2, 1, 3, 2, 3], cache)
+    assert (r["hits"], r["misses"], r["evictions"]) == (2, 4, 2)
+    assert r["hit_rate"] == pytest.approx(2 / 6)
+
+
+def test_replay_zero_capacity_never_hits():
+    r = bench.replay_lru([1, 1, 1], bench.RefLRU(0))
+    assert r["hits"] == 0 and r["misses"] == 3
+
+
+def test_replay_detects_misses_by_counter_when_get_returns_a_sentinel():
+    class SentinelCache(bench.RefLRU):
+        def get(self, key):
+            v = super().get(key)
+            return "MISSING" if v is None else v
+
+    r = bench.replay_lru([5, 5, 6, 5], SentinelCache(4))
+    assert (r["hits"], r["misses"]) == (2, 2)
+
+
+def test_replay_hit_rate_grows_with_capacity():
+    trace = bench.zipf_trace(200, 5000, seed=3)
+    rates = [bench.replay_lru(trace, bench.RefLRU(c))["hit_rate"] for c in (1, 10, 50, 200)]
+    assert rates == sorted(rates)
+    assert rates[-1] == pytest.approx(1 - len(set(trace)) / len(trace))
+
+
+def test_replay_through_bazar_cache_matches_reference():
+    cache_mod = pytest.importorskip("bazar.cache")
+    trace = bench.zipf_trace(100, 3000, seed=5)
+    for cap in (1, 10, 50):
+        ours = bench.replay_lru(trace, bench.make_cache(cache_mod.LRUCache, cap))
+        ref = bench.replay_lru(trace, bench.RefLRU(cap))
+        assert ours["hit_rate"] == pytest.approx(ref["hit_rate"])
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def test_parse_proc_stat_with_awkward_command_name():
+    text = "1234 (we(ir) d) S 77 1234 1234 0 -1 4194560 " + " ".join(["0"] * 12) + " 98765 0 0\n"
+    st = bench.parse_proc_stat(text)
+    assert st["pid"] == 1234
+    assert st["comm"] == "we(ir) d"
+    assert st["state"] == "S"
+    assert st["ppid"] == 77
+    assert st["pgid"] == 1234
+    assert st["starttime"] == 98765
+    assert (st["utime"], st["stime"]) == (0, 0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_parse_real_proc_stat():
+    st = bench.parse_proc_stat(bench.read_proc_stat(os.getpid()))
+    assert (st["pid"], st["ppid"], st["pgid"]) == (os.getpid(), os.getppid(), os.getpgid(0))
+    assert st["starttime"] > 0
+    assert bench.proc_cpu_seconds(os.getpid()) > 0
+    assert bench.proc_cpu_seconds(None) is None
+
+
+def _fake_stats(parents):
+    def read(pid):
+        if pid not in parents:
+            raise FileNotFoundError(pid)
+        return f"{pid} (p) S {parents[pid]} 1 1 " + " ".join(["0"] * 16) + " 5 0\n"
+
+    return read
+
+
+def test_is_descendant_walks_the_parent_chain():
+    # 1 <- 100 (bench) <- 200 (twistd) <- 300 (procmon child) <- 400 (grandchild)
+    read = _fake_stats({100: 1, 200: 100, 300: 200, 400: 300, 500: 1})
+    assert bench.is_descendant(300, 200, read_stat=read)
+    assert bench.is_descendant(400, 200, read_stat=read)
+    assert bench.is_descendant(400, 100, read_stat=read)
+    assert not bench.is_descendant(500, 200, read_stat=read)  # unrelated
+    assert not bench.is_descendant(200, 300, read_stat=read)  # parent is not a child
+    assert not bench.is_descendant(200, 200, read_stat=read)  # itself does not count
+    assert not bench.is_descendant(999, 200, read_stat=read)  # gone
+    assert not bench.is_descendant(1, 200, read_stat=read)
+    assert not bench.is_descendant(300, 1, read_stat=read)  # never init
+
+
+def test_is_descendant_terminates_on_a_cycle():
+    read = _fake_stats({10: 11, 11: 10})
+    assert not bench.is_descendant(10, 12, read_stat=read)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_is_descendant_on_real_processes_and_kill_guard():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert bench.is_descendant(child.pid, os.getpid())
+        assert not bench.is_descendant(os.getpid(), child.pid)
+        assert not bench.is_descendant(child.pid, other.pid)
+        # a cluster whose supervisor is `other` refuses to kill `child`
+        c = bench.Cluster.__new__(bench.Cluster)
+        c.proc = types.SimpleNamespace(pid=other.pid)
+        assert not c.kill(child.pid)
+        assert not c.kill(other.pid)  # never the supervisor itself
+        assert child.poll() is None
+        # ... and kills it when it is its descendant
+        c.proc = types.SimpleNamespace(pid=os.getpid())
+        assert c.kill(child.pid)
+        assert child.wait(5) == -9
+    finally:
+        for p in (child, other):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------- HTTP client
+
+
+def _reader(data: bytes, step: int):
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    it = iter(chunks)
+    return lambda: next(it, b"")
+
+
+def test_read_response_content_length_and_pipelined_leftover():
+    data = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\n[1,2]"
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
+    recv = _reader(data, 7)
+    status, body, rest, close = bench.read_response(recv)
+    assert (status, body, close) == (200, b"[1,2]", False)
+    status, body, rest, close = bench.read_response(recv, rest)
+    assert (status, body, rest) == (404, b"{}", b"")
+    # both in one read: the second is left over whole
+    status, body, rest, close = bench.read_response(_reader(data, len(data)))
+    assert rest == data[data.index(b"HTTP/1.1 404"):]
+
+
+def test_read_response_chunked_in_tiny_pieces():
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\n\r\nNEXT"
+    recv = _reader(data, 3)
+    status, body, rest, close = bench.read_response(recv)
+    assert (status, body, close) == (200, b"abcdefg", False)
+    tail = rest
+    while chunk := recv():
+        tail += chunk
+    assert tail == b"NEXT"
+
+
+def test_read_response_no_body_statuses_and_close():
+    status, body, rest, close = bench.read_response(_reader(b"HTTP/1.1 204 No Content\r\n\r\n", 100))
+    assert (status, body, close) == (204, b"", False)
+    data = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
+    status, body, rest, close = bench.read_response(_reader(data, 5))
+    assert (status, body, close) == (200, b"until the end", True)
+
+
+def test_read_response_errors():
+    with pytest.raises(bench.ProtocolError):
+        bench.read_response(_reader(b"HTTP/1.1 200 OK\r\nContent-Le", 4))
+    with pytest.raises(bench.ProtocolError):
+        bench.read_response(_reader(b"garbage\r\n\r\n", 100))
+
+
+def test_build_request():
+    raw = bench.build_request("PUT", "/bazar/update_price/3", 5000, body={"price": 9.5}, token="tok")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"PUT /bazar/update_price/3 HTTP/1.1\r\n")
+    assert b"Host: 127.0.0.1:5000" in head
+    assert b"Authorization: Bearer tok" in head
+    assert b"Content-Length: %d" % len(body) in head
+    assert body == b'{"price": 9.5}'
+    get = bench.build_request("GET", "/health", 1)
+    assert get.endswith(b"\r\n\r\n") and b"Content-Length" not in get
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    wbufsize = 65536  # one write per response (no Nagle/delayed-ACK stalls)
+    disable_nagle_algorithm = True
+
+    def do_GET(self):  # noqa: N802
+        body = b'{"ok": true}'
+        self.send_response(200 if self.path != "/fail" else 503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_load_run_against_a_local_server_is_bounded(local_server):
+    port = local_server
+    ok = bench.build_request("GET", "/x", port)
+    st = bench.run_load(port, lambda w, k: ok, 2, 5.0, max_per_worker=50)
+    assert st["n"] == 100 and st["errors"] == 0
+    assert st["elapsed_s"] < 5.0
+    assert st["client_cpu"] >= 0
+    fail = bench.build_request("GET", "/fail", port)
+    st = bench.run_load(port, lambda w, k: fail, 1, 5.0, max_per_worker=10)
+    assert st["n"] == 0 and st["errors"] == 10 and st["statuses"] == {"503": 10}
+    # make() returning None ends a worker; time bound holds
+    st = bench.run_load(port, lambda w, k: ok if k < 3 else None, 4, 5.0)
+    assert st["n"] == 12
+
+
+def test_load_run_records_connection_errors():
+    port = bench.free_ports(1)[0]  # nothing listens there
+    run = bench.LoadRun(port, lambda w, k: b"GET / HTTP/1.1\r\n\r\n", 1, 0.3, max_per_worker=5, timeline=True)
+    st = run.start().wait()
+    assert st["n"] == 0 and st["errors"] == 5
+    assert all(not ok for _t, _lat, ok, _s in run.timeline[0])
+
+
+def test_loopback_only():
+    assert bench.loopback_port("http://127.0.0.1:5000") == 5000
+    assert bench.loopback_port("http://localhost:5001/") == 5001
+    for bad in ("http://10.0.0.1:5000", "https://127.0.0.1:5000", "http://example.com"):
+        with pytest.raises(ValueError):
+            bench.loopback_port(bad)
+
+
+def test_parse_args_defaults():
+    a = bench.parse_args([])
+    assert (a.port, a.duration, a.start, a.out) == (5000, 2.0, False, "bench-out")
+    q = bench.parse_args(["--quick", "--start", "--out", "x"])
+    assert q.duration == 0.5 and q.start
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--url", "http://192.168.1.2:5000"])
+
+
+# ---------------------------------------------------------------- report
+
+
+def _st(rps, p50, n=1000, errors=0):
+    return {"n": n, "errors": errors, "elapsed_s": 1.0, "rps": rps, "avg_ms": p50 * 1.1, "p50_ms": p50,
+            "p95_ms": p50 * 2, "p99_ms": p50 * 3, "max_ms": p50 * 5, "statuses": {}}
+
+
+def fixed_results():
+    return {
+        "meta": {"started": "2024-01-01 00:00:00", "mode": "--start", "url": "http://127.0.0.1:5000",
+                 "url_nocache": "http://127.0.0.1:6000", "quick": False, "duration": 2.0, "cpus": 2,
+                 "platform": "Linux", "python": "3.11", "total_s": 95.0, "notes": ["a note"]},
+        "ops": {
+            "on": {"info": {"1": _st(5000, 0.15), "16": _st(9500, 1.6)},
+                   "search": {"1": _st(4800, 0.16), "16": _st(9100, 1.7)},
+                   "purchase": {"1": _st(250, 3.9),
+                                "16": _st(280, 55.0, errors=3) | {"client_cpu": 0.35, "frontend_cpu": 0.981}}},
+            "off": {"info": {"1": _st(1500, 0.9), "16": _st(2600, 6.0)},
+                    "search": {"1": _st(1400, 0.95), "16": _st(2500, 6.2)},
+                    "purchase": {"1": _st(250, 4.0), "16": _st(290, 54.0)}},
+        },
+        "ops_skipped": {},
+        "throughput": {"1": _st(5000, 0.15), "4": _st(8000, 0.5), "16": _st(9500, 1.6), "64": _st(9000, 7.0)},
+        "invalidation": {"iterations": 50, "errors": 0, "stale_reads": 0, "write": _st(None, 4.2, n=50),
+                         "miss_read": _st(None, 0.7, n=50), "hit_read": _st(None, 0.15, n=150),
+                         "cache_counter_delta": {"hits": 150, "misses": 50, "evictions": 0}, "hit_repeats": 3},
+        "crash": {"kills": [
+            {"service": "catalog", "port": 5101, "pid": 42, "replica": 1, "t": 2.0, "failover_s": 1.234,
+             "errors_5s": 7, "max_latency_ms_5s": 1500.0, "after": {"pid": 99, "role": "backup", "status": "ok"}},
+            {"service": "order", "error": "no primary found via /health"}],
+            "samples": [[0.1, 2.0, "purchase", True, 200], [2.1, 1500.0, "purchase", False, 503],
+                        [2.2, 0.3, "info", True, 200], [4.0, 3.0, "purchase", True, 200]],
+            "total": _st(300, 2.0, n=3, errors=1) | {"statuses": {"503": 1}},
+            "ops": {"purchase": 2, "info": 2}, "rate_per_worker": 150.0, "duration_s": 12.0},
+        "lru": {"source": "bazar.cache.LRUCache", "keys": 1000, "s": 1.0, "trace_len": 50000, "seed": 42,
+                "points": [{"capacity": 10, "hit_rate": 0.2, "ref_hit_rate": 0.2, "top_k_mass": 0.39,
+                            "evictions": 100},
+                           {"capacity": 100, "hit_rate": 0.57, "ref_hit_rate": 0.57, "top_k_mass": 0.69,
+                            "evictions": None}]},
+        "rss": {"pid": 4242, "capacity": 10000, "entries_before": 12, "entries": 10000, "fill_requests": 10000,
+                "fill_errors": 0, "fill_rps": 2000.0, "rss_before_mb": 40.0, "rss_mb": 61.5},
+        "plots": {"latency": "latency.png", "crash": "crash.png"},
+    }
+
+
+def test_evaluate_targets_verdicts():
+    rows = {r["name"]: r for r in bench.evaluate_targets(fixed_results())}
+    assert len(rows) == 7
+    assert rows["cached info throughput, 16 conns"]["verdict"] == "PASS"
+    assert rows["cached info p50, 1 conn"]["verdict"] == "PASS"
+    assert rows["uncached info throughput, 16 conns"]["verdict"] == "PASS"
+    assert rows["uncached info p50, 1 conn"]["verdict"] == "FAIL"
+    assert rows["purchase p50, 1 conn"]["verdict"] == "PASS"
+    assert rows["purchase throughput, 16 conns"]["verdict"] == "FAIL"
+    assert rows["front-end RSS with 10,000 cached entries"]["verdict"] == "PASS"
+
+
+def test_evaluate_targets_not_measured_and_too_few_entries():
+    res = fixed_results()
+    del res["ops"]["off"]
+    res["rss"]["entries"] = 4000
+    rows = {r["name"]: r for r in bench.evaluate_targets(res)}
+    assert rows["uncached info throughput, 16 conns"]["verdict"] == "n/a"
+    assert rows["front-end RSS with 10,000 cached entries"]["verdict"] == "n/a"
+    assert "4000" in rows["front-end RSS with 10,000 cached entries"]["why"]
+    text = bench.targets_text(bench.evaluate_targets(res))
+    assert "n/a (not measured)" in text and "FAIL" in text
+
+
+def test_render_report_markdown():
+    md = bench.render_report(fixed_results())
+    assert md.startswith("# Bazar benchmark report")
+    for heading in ("## Targets", "## 1. Latency", "## 2. Invalidation", "## 3. Crash", "## 4. LRU",
+                    "## 5. Throughput", "## 6. Front-end memory"):
+        assert heading in md
+    assert "| cached info throughput, 16 conns | ≥ 9000 req/s | 9,500 req/s | **PASS** |" in md
+    assert "| uncached info p50, 1 conn | ≤ 0.8 ms | 0.900 ms | **FAIL** |" in md
+    assert "| purchase | on | 16 | 1000 | 280 | 60.500 | 55.000 | 110 | 165 | 275 | 3 | 35% | 98% |" in md
+    assert "| info | on | 1 | 1000 | 5,000 | 0.165 | 0.150 | 0.300 | 0.450 | 0.750 | 0 | — | — |" in md
+    assert "| catalog primary | 1 | 42 | 2.00 | 1.234 | 7 | 1500 | port 5101: pid 99, backup, ok |" in md
+    assert "no primary found via /health" in md
+    assert "| 100 | 0.570 | 0.570 | 0.690 | — |" in md
+    assert "**61.5 MB with 10000 entries**" in md
+    assert "![latency](latency.png)" in md and "![crash](crash.png)" in md
+    assert "![lru]" not in md  # no plot listed, none linked
+    assert "- note: a note" in md
+    # every table row has as many cells as its header
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            cols = lines[i - 1].count("|")
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("|"):
+                assert lines[j].count("|") == cols, lines[j]
+                j += 1
+
+
+def test_render_report_with_skipped_sections():
+    res = {"meta": {"notes": []}, "ops": {}, "ops_skipped": {"off": "no cache-less cluster"},
+           "crash": {"skipped": "only with --start"}, "invalidation": {"skipped": "needs the admin token"},
+           "rss": {"skipped": "no pid"}, "lru": {}, "plots": {}}
+    md = bench.render_report(res)
+    assert "Cache off: skipped — no cache-less cluster." in md
+    assert "Skipped — only with --start." in md
+    assert "Skipped — needs the admin token." in md
+    assert "Not measured." in md
+    assert "Not run." in md  # lru
+    assert md.count("**n/a") == 7
+
+
+def test_write_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    made = bench.write_plots(fixed_results(), str(tmp_path))
+    assert set(made) == {"latency", "invalidation", "crash", "lru", "throughput"}
+    for name in made.values():
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG")

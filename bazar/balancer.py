@@ -4,12 +4,13 @@ writes to the current primary, retried across a failover."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import count
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import DeferredList, DeferredSemaphore, TimeoutError, ensureDeferred
 from twisted.logger import Logger
 
 from bazar.client import Clock, Unreachable, call, error_of
@@ -20,6 +21,14 @@ from bazar.web import HTTPError
 log = Logger()
 
 RETRYABLE = (502, 503, 504)
+# Requests in flight to one replica at a time: a replica that stops answering
+# promptly gets at most this many waiting on it (connections, memory, sockets),
+# while the others keep serving.
+MAX_IN_FLIGHT = 32
+
+
+class Busy(Exception):
+    """Every slot of a replica is taken (and waiting was not wanted, or took too long)."""
 
 
 @define
@@ -30,6 +39,7 @@ class ReplicaState:
     primary: bool = False
     epoch: int = 0
     last_seq: int = 0
+    slots: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(MAX_IN_FLIGHT), repr=False, eq=False)
 
 
 class ReplicaSet:
@@ -74,6 +84,28 @@ class ReplicaSet:
         primaries = [r for r in self.replicas if r.primary and r.alive]
         return max(primaries, key=lambda r: r.epoch) if primaries else None
 
+    async def _call(self, replica: ReplicaState, method: str, path: str, *, timeout: float, wait: bool = True,
+                    **kw: Any) -> tuple[int, Any, Any]:
+        """`call` within the replica's MAX_IN_FLIGHT slots. Uncontended this is one
+        acquire and one release; a full replica raises Busy at once (not `wait`) or
+        after waiting, the wait counting against `timeout`."""
+        slots = replica.slots
+        if not slots.tokens and not wait:
+            raise Busy(replica.url)
+        started = self.clock.seconds()
+        acquired = slots.acquire()
+        if not acquired.called:
+            acquired.addTimeout(timeout, self.clock)  # type: ignore[arg-type]
+            try:
+                await acquired
+            except TimeoutError:
+                raise Busy(replica.url) from None
+            timeout = max(timeout - (self.clock.seconds() - started), 0.001)
+        try:
+            return await call(self.http, self.clock, method, replica.url + path, timeout=timeout, **kw)
+        finally:
+            slots.release()
+
     # -- reads ----------------------------------------------------------------
     def read_order(self) -> list[ReplicaState]:
         """Live replicas in round-robin order; replicas not known live come last."""
@@ -86,14 +118,26 @@ class ReplicaSet:
                    headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
         """GET `path` from a live replica whose state is at least `min_seq`:
         (status, raw body, the replica's seq). A replica that refuses the connection
-        is skipped and the read retried on the next one."""
-        for replica in self.read_order():
+        is skipped and the read retried on the next one; a replica with every slot
+        taken is passed over, and waited for only when no other one could answer."""
+        busy: list[ReplicaState] = []
+
+        def attempts() -> Iterator[tuple[ReplicaState, bool]]:
+            for replica in self.read_order():
+                yield replica, False
+            if busy:  # no other replica could answer: wait for a slot on a saturated one
+                yield busy[0], True
+
+        for replica, wait in attempts():
             # A replica not known to be caught up must at least be as new as the
             # newest state seen on the healthy ones.
             floor = min_seq if replica.ok else max(min_seq, self.high_water())
             try:
-                status, body, hdrs = await call(self.http, self.clock, "GET", replica.url + path,
-                                                headers=headers, timeout=self.timeout, parse=False)
+                status, body, hdrs = await self._call(replica, "GET", path, headers=headers, timeout=self.timeout,
+                                                      parse=False, wait=wait)
+            except Busy:
+                busy.append(replica)
+                continue
             except Unreachable:
                 replica.alive = replica.ok = False
                 continue
@@ -115,10 +159,12 @@ class ReplicaSet:
             target = self.primary_state() or next((r for r in self.read_order() if r.alive), None)
             if target is not None:
                 try:
-                    status, parsed, _ = await call(self.http, self.clock, "POST", target.url + path, body=body,
-                                                   secret=self.secret, timeout=self.write_budget)
+                    status, parsed, _ = await self._call(target, "POST", path, body=body, secret=self.secret,
+                                                         timeout=self.write_budget)
                     if status not in RETRYABLE:
                         return status, parsed
+                except Busy:
+                    pass  # the primary is saturated: retry until the budget is spent
                 except Unreachable:
                     target.alive = target.ok = target.primary = False
             attempt += 1

@@ -3,11 +3,9 @@ through the primary; a conditional, idempotent stock decrement keyed by order id
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 
@@ -139,38 +137,13 @@ class Options(BazarOptions):
 
 
 def makeService(options: usage.Options) -> MultiService:
-    from twisted.internet import reactor
-
-    from bazar.client import make_http
     from bazar.invalidation import Publisher
-    from bazar.service import Hooks, listen, parse_peers, parse_urls, secret_of, watch_parent
+    from bazar.service import ReplicaProcess, parse_urls
 
-    replica_id = options["id"]
-    secret = secret_of(options, "cluster-secret")
-    data = options["data"] or os.path.join("bazar-data", f"catalog-{replica_id}")
-    parent = MultiService()
-    http, pool = make_http(reactor)
-    store = Store(os.path.join(data, "catalog.sqlite3"), CatalogMachine())
-    publisher = Publisher(http=http, clock=reactor, secret=secret,
+    process = ReplicaProcess(options, "catalog", CatalogMachine(), "catalog.sqlite3")
+    publisher = Publisher(http=process.http, clock=process.reactor, secret=process.secret,
                           frontends=parse_urls(options["frontends"]), redis_url=options["redis"])
-    peers = parse_peers(options["peers"])
-    if peers and replica_id not in peers:
-        raise usage.UsageError(f"--id {replica_id} is not one of the --peers")
-    replica = Replica(service="catalog", replica_id=replica_id, peers=peers, store=store, http=http,
-                      clock=reactor, secret=secret, on_commit=publisher.committed)
-    api = catalog_app(replica, secret)
-    listen(parent, reactor, api.resource(), options["host"], options["port"])
-    TimerService(0.1, replica.tick).setServiceParent(parent)
-
-    def stop() -> Any:
-        replica.stop()
-        publisher.stop()
-        return pool.closeCachedConnections()
-
-    def start() -> None:
-        replica.start()
-        publisher.start()
-
-    Hooks(on_start=start, on_stop=stop).setServiceParent(parent)
-    watch_parent(parent, reactor)
-    return parent
+    process.replica.on_commit = publisher.committed
+    process.on_start.append(publisher.start)
+    process.on_stop.append(publisher.stop)
+    return process.serve(catalog_app(process.replica, process.secret).resource())

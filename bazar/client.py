@@ -10,9 +10,9 @@ import orjson
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from bazar.web import SECRET_HEADER, HTTPError, dumps
 

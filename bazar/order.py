@@ -17,7 +17,6 @@ always took its copy.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ from bazar.balancer import ReplicaSet
 from bazar.client import Clock
 from bazar.replication import Replica, hop_count, install_routes
 from bazar.service import BazarOptions
-from bazar.store import OpError, Store
+from bazar.store import OpError
 from bazar.web import HTTPError, JsonApp, dumps, read_object, require_admin, require_secret
 
 log = Logger()
@@ -223,35 +222,14 @@ class Options(BazarOptions):
 
 
 def makeService(options: usage.Options) -> MultiService:
-    from twisted.internet import reactor
+    from bazar.service import ReplicaProcess, parse_urls
 
-    from bazar.client import make_http
-    from bazar.service import Hooks, listen, parse_peers, parse_urls, secret_of, watch_parent
-
-    replica_id = options["id"]
-    secret = secret_of(options, "cluster-secret")
-    data = options["data"] or os.path.join("bazar-data", f"order-{replica_id}")
-    parent = MultiService()
-    http, pool = make_http(reactor)
-    store = Store(os.path.join(data, "orders.sqlite3"), OrderMachine())
-    peers = parse_peers(options["peers"])
-    if peers and replica_id not in peers:
-        raise usage.UsageError(f"--id {replica_id} is not one of the --peers")
-    catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), http, reactor, secret, write_budget=8.0)
-    replica = Replica(service="order", replica_id=replica_id, peers=peers, store=store, http=http,
-                      clock=reactor, secret=secret)
-    purchases = Purchases(replica, catalog, reactor)
-    replica.on_primary = lambda: reactor.callLater(SETTLE_AFTER, purchases.sweep)  # type: ignore[arg-type]
-    api = order_app(replica, purchases, secret, secret_of(options, "admin-token"))
-    listen(parent, reactor, api.resource(), options["host"], options["port"])
-    TimerService(0.1, replica.tick).setServiceParent(parent)
-    TimerService(0.5, lambda: ensureDeferred(catalog.poll())).setServiceParent(parent)
-    TimerService(1.0, purchases.sweep).setServiceParent(parent)
-
-    def stop() -> Any:
-        replica.stop()
-        return pool.closeCachedConnections()
-
-    Hooks(on_start=replica.start, on_stop=stop).setServiceParent(parent)
-    watch_parent(parent, reactor)
-    return parent
+    process = ReplicaProcess(options, "order", OrderMachine(), "orders.sqlite3")
+    reactor = process.reactor
+    catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), process.http, reactor, process.secret,
+                         write_budget=8.0)
+    purchases = Purchases(process.replica, catalog, reactor)
+    process.replica.on_primary = lambda: reactor.callLater(SETTLE_AFTER, purchases.sweep)
+    TimerService(0.5, lambda: ensureDeferred(catalog.poll())).setServiceParent(process.parent)
+    TimerService(1.0, purchases.sweep).setServiceParent(process.parent)
+    return process.serve(order_app(process.replica, purchases, process.secret, process.admin_token).resource())

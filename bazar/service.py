@@ -13,7 +13,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import reflect, usage
-from twisted.web.server import Site
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
 
 log = Logger()
 
@@ -100,11 +101,156 @@ def secret_of(options: usage.Options, name: str) -> str | None:
     return options.get(name) or os.environ.get(env_name(name)) or None
 
 
+HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers
+LINGER = 2.0  # seconds, after a refusal, to drain what the client still sends
+LINGER_BYTES = 1 << 20
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large"}
+
+
+def body_limit(path: bytes) -> int:
+    """The largest request body worth receiving for `path` (the apps check the exact
+    limit again; this only stops an oversized body before it is buffered)."""
+    from bazar.replication import INTERNAL_BODY_LIMIT
+    from bazar.web import MAX_BODY
+
+    return INTERNAL_BODY_LIMIT if path.startswith(b"/internal/") else MAX_BODY
+
+
+class GuardedChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel with what hostile clients call for:
+
+    - a deadline for the request line and headers (HEADER_DEADLINE from the first
+      byte of a request, or from the connection): the idle timeout alone is reset
+      by every byte, so a client dribbling a header byte every few seconds (slowloris)
+      would hold its connection for ever;
+    - a body over the route's limit is refused (413) from its Content-Length, or as
+      soon as a chunked body passes the limit, instead of being buffered first;
+    - these refusals and Twisted's own for malformed requests (bare `400 Bad
+      Request`, no body) are JSON like every other error. After a refusal the rest
+      of the request is drained for a moment, so the client reads the answer instead
+      of a connection reset, then the connection is closed.
+    """
+
+    header_deadline = HEADER_DEADLINE
+    _deadline: Any = None
+    _linger: Any = None
+    _linger_left = 0
+    _refused = False
+    _awaiting_headers = True
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None and self.header_deadline:
+            self._deadline = self.callLater(self.header_deadline, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        self.refuse(408, f"the request headers did not arrive within {self.header_deadline:g} seconds")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._drain(data)
+            return
+        if self._awaiting_headers:
+            self._arm()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._drain(data)
+            return
+        super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_headers = False
+        self._disarm()
+        limit = body_limit(self._path)  # type: ignore[arg-type]  # (bytes; Twisted's annotation is off)
+        self.requests[-1].body_limit = limit
+        if self.length is not None and self.length > limit:
+            self.refuse(413, f"request body is larger than {limit} bytes", expected=self.length)
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self._refused:
+            super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_headers = True  # the next request's deadline starts with its first byte
+        super().requestDone(request)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a malformed request line, header, length or chunk.
+        self.refuse(400, "malformed HTTP request")
+
+    def refuse(self, status: int, message: str, expected: int | None = None) -> None:
+        """Answer `status` with a JSON error, drain the rest for a moment, close."""
+        if self._refused:
+            return
+        self._refused = True
+        self._disarm()
+        from bazar.web import error_body
+
+        body = error_body(message)
+        transport: Any = self.transport
+        transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (status, REASONS[status], len(body), body))
+        self._linger_left = min(expected, LINGER_BYTES) if expected is not None else LINGER_BYTES
+        self._linger = self.callLater(LINGER, self.loseConnection)
+
+    def _drain(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left <= 0:
+            self.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._disarm()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
+class GuardedRequest(Request):
+    """Stops a chunked body at the route's limit (a Content-Length is checked by the
+    channel before any byte of the body)."""
+
+    body_limit: int | None = None
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self.body_limit is not None and self._received > self.body_limit:
+            channel: Any = self.channel
+            channel.refuse(413, f"request body is larger than {self.body_limit} bytes")
+            return
+        super().handleContentChunk(data)
+
+
 class QuietSite(Site):
     """No access log (it costs a write per request and would record tokens in URLs),
-    no tracebacks, and an idle timeout so a silent client cannot hold a connection."""
+    no tracebacks, an idle timeout so a silent client cannot hold a connection, and
+    GuardedChannel's deadlines and limits. Request bodies are never parsed as HTML
+    forms (Twisted would answer a bad multipart body with a bare 400 of its own)."""
 
     displayTracebacks = False
+    protocol = GuardedChannel  # type: ignore[assignment]  # (plain HTTP/1.1: no TLS, so no HTTP/2 to negotiate)
+    requestFactory = GuardedRequest
+
+    def __init__(self, resource: Any, **kw: Any):
+        super().__init__(resource, parsePOSTFormSubmission=False, **kw)
 
     def log(self, request: Any) -> None:
         pass
@@ -157,3 +303,50 @@ def json_logger() -> Any:
     from twisted.logger import jsonFileLogObserver
 
     return jsonFileLogObserver(sys.stdout)
+
+
+class ReplicaProcess:
+    """What a catalog or order replica process is made of, before its app is added:
+    the store, the Replica, one HTTP pool, the election tick, start/stop hooks and
+    the supervisor watchdog. The caller adds its app with `serve` and its own
+    start/stop work to `on_start`/`on_stop`."""
+
+    def __init__(self, options: usage.Options, service: str, machine: Any, filename: str):
+        from twisted.internet import reactor
+
+        from bazar.client import make_http
+        from bazar.replication import Replica
+        from bazar.store import Store
+
+        self.reactor: Any = reactor
+        self.options = options
+        replica_id = options["id"]
+        peers = parse_peers(options["peers"])
+        if peers and replica_id not in peers:
+            raise usage.UsageError(f"--id {replica_id} is not one of the --peers")
+        self.secret = secret_of(options, "cluster-secret")
+        self.admin_token = secret_of(options, "admin-token")
+        data = options["data"] or os.path.join("bazar-data", f"{service}-{replica_id}")
+        self.parent = MultiService()
+        self.http, self.pool = make_http(reactor)
+        self.replica = Replica(service=service, replica_id=replica_id, peers=peers,
+                               store=Store(os.path.join(data, filename), machine),
+                               http=self.http, clock=reactor, secret=self.secret)
+        self.on_start: list[Callable[[], Any]] = [self.replica.start]
+        self.on_stop: list[Callable[[], Any]] = [self.replica.stop]
+        TimerService(0.1, self.replica.tick).setServiceParent(self.parent)
+        Hooks(on_start=self._start, on_stop=self._stop).setServiceParent(self.parent)
+        watch_parent(self.parent, reactor)
+
+    def _start(self) -> None:
+        for hook in self.on_start:
+            hook()
+
+    def _stop(self) -> Any:
+        for hook in self.on_stop:
+            hook()
+        return self.pool.closeCachedConnections()
+
+    def serve(self, resource: Any) -> MultiService:
+        listen(self.parent, self.reactor, resource, self.options["host"], self.options["port"])
+        return self.parent

@@ -123,7 +123,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
     async def info(request: Any, book_id: str) -> tuple[int, bytes]:
         return passthrough(*await fe.info(parse_id(book_id)))
 
-    @api.route("/bazar/search/<path:topic>", "GET", "search")
+    @api.route("/bazar/search/<text:topic>", "GET", "search")
     async def search(request: Any, topic: str) -> tuple[int, bytes]:
         return passthrough(*await fe.search(topic))
 

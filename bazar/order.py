@@ -18,7 +18,6 @@ always took its copy.
 from __future__ import annotations
 
 import sqlite3
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -115,7 +114,7 @@ class Purchases:
         return order_record(tuple(row))
 
     async def purchase(self, book_id: int, quantity: int, key: str) -> dict[str, Any]:
-        now = time.time()
+        now = self.clock.seconds()
         created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
         outcome = await self.replica.submit({"op": "create", "rid": f"create:{key}", "idem": key,
                                              "book_id": book_id, "quantity": quantity,
@@ -170,7 +169,7 @@ class Purchases:
         """Finish pending orders left behind by a crash (primary only)."""
         if not self.replica.is_primary:
             return
-        cutoff = time.time() - SETTLE_AFTER
+        cutoff = self.clock.seconds() - SETTLE_AFTER
         rows = self.replica.store.db.execute(
             "SELECT id FROM orders WHERE status = 'pending' AND created_ts < ? ORDER BY id LIMIT 100", (cutoff,))
         for (order_id,) in rows.fetchall():

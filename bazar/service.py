@@ -102,9 +102,9 @@ def secret_of(options: usage.Options, name: str) -> str | None:
 
 
 HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers
-LINGER = 2.0  # seconds, after a refusal, to drain what the client still sends
-LINGER_BYTES = 1 << 20
-REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large"}
+LINGER = 2.0  # seconds, after a refusal, to drain (and drop) what the client still sends
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
+           431: b"Request Header Fields Too Large"}
 
 
 def body_limit(path: bytes) -> int:
@@ -154,7 +154,7 @@ class GuardedChannel(HTTPChannel):
 
     def _headers_late(self) -> None:
         self._deadline = None
-        self.refuse(408, f"the request headers did not arrive within {self.header_deadline:g} seconds")
+        self.refuse(408, f"the request headers did not arrive within {self.header_deadline:g} seconds", expected=0)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -196,6 +196,10 @@ class GuardedChannel(HTTPChannel):
         # Twisted's answer to a malformed request line, header, length or chunk.
         self.refuse(400, "malformed HTTP request")
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would drop the connection without a word.
+        self.refuse(431, f"request line or header longer than {self.MAX_LENGTH} bytes")
+
     def refuse(self, status: int, message: str, expected: int | None = None) -> None:
         """Answer `status` with a JSON error, drain the rest for a moment, close."""
         if self._refused:
@@ -208,13 +212,23 @@ class GuardedChannel(HTTPChannel):
         transport: Any = self.transport
         transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n%s" % (status, REASONS[status], len(body), body))
-        self._linger_left = min(expected, LINGER_BYTES) if expected is not None else LINGER_BYTES
+        # Drain the announced body (or, its length unknown, whatever comes) for at most
+        # LINGER seconds: a client still sending would otherwise get a connection reset
+        # instead of this answer. Dropped bytes cost no memory.
+        self._linger_left = expected if expected is not None else -1
+        if self._linger_left == 0:
+            self.loseConnection()
+            return
         self._linger = self.callLater(LINGER, self.loseConnection)
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()  # the client sees the end of the answer now, and may close first
 
     def _drain(self, data: bytes) -> None:
-        self._linger_left -= len(data)
-        if self._linger_left <= 0:
-            self.loseConnection()
+        if self._linger_left > 0:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0:
+                self.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._disarm()

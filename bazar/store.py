@@ -117,7 +117,8 @@ class Store:
         try:
             result, keys = self.machine.apply(self.db, op, seq)
             self._record(Entry(seq, epoch, op), result, keys)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, sqlite3.IntegrityError) as exc:
+            # malformed values (a constraint of the tables, an integer SQLite cannot hold)
             self.db.execute("ROLLBACK")
             raise OpError(400, f"malformed operation: {exc.__class__.__name__}") from None
         except BaseException:

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 log = Logger()
 
@@ -75,11 +76,11 @@ def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 
 
 def read_json(request: Request, *, optional: bool = False) -> Any:
-    """The request body as JSON; an empty body is None when `optional`."""
+    """The request body as JSON; an empty body is `NO_BODY` when `optional`."""
     data = read_body(request)
     if not data.strip():
         if optional:
-            return None
+            return NO_BODY
         raise HTTPError(400, "a JSON body is required")
     try:
         return loads(data)
@@ -87,9 +88,14 @@ def read_json(request: Request, *, optional: bool = False) -> Any:
         raise HTTPError(400, "the body is not valid JSON (UTF-8, no NaN or Infinity)") from None
 
 
+NO_BODY = object()
+
+
 def read_object(request: Request, *, optional: bool = False) -> dict[str, Any] | None:
+    """The body as a JSON object; None only for an empty, optional body (a JSON
+    `null` is not an object and gets a 400 like any other non-object)."""
     body = read_json(request, optional=optional)
-    if body is None:
+    if body is NO_BODY:
         return None
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
@@ -131,6 +137,13 @@ def parse_id(text: str) -> int:
     return int(text)
 
 
+class TextConverter(PathConverter):
+    """`<text:name>`: any text, slashes included, like `<path:name>`, but also across
+    line breaks (werkzeug's `.` stops at a newline: /bazar/search/a%0Ab matched no route)."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
 class JsonApp:
     """A Klein app whose handlers return JSON-able values (or raw bytes) and raise HTTPError.
 
@@ -141,6 +154,7 @@ class JsonApp:
     def __init__(self, service: str):
         self.service = service
         self.app = Klein()
+        self.app.url_map.converters["text"] = TextConverter
         self.registry = CollectorRegistry()
         self.requests = Counter("bazar_requests", "HTTP requests by route and status",
                                 ["service", "route", "status"], registry=self.registry)

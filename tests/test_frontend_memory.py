@@ -1,0 +1,492 @@
+"""The public API of DESIGN.md, end to end in memory: front end -> order -> catalog
+(one replica each, StubTreq's agent behind a port router, a task.Clock)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from memory import CATALOG_PORT, FRONTEND_PORT, SECRET, TOKEN, Response, Shop, restock, update_price, url_of
+
+from bazar.books import SEED_BOOKS
+
+BOOK_FIELDS = {"id", "title", "topic", "price", "quantity"}
+ORDER_FIELDS = {"id", "book_id", "title", "quantity", "price", "total", "created"}
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Iterator[Shop]:
+    s = Shop(str(tmp_path))
+    yield s
+    s.close()
+
+
+def ok(r: Response, status: int = 200) -> Any:
+    assert r.code == status, r
+    assert r.header("Content-Type") == "application/json"
+    return r.json()
+
+
+def error(r: Response, status: int) -> str:
+    body = ok(r, status)
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    return str(body["error"])
+
+
+def stock(shop: Shop, book: int) -> int:
+    return int(ok(shop.api("GET", f"/bazar/info/{book}"))["quantity"])
+
+
+def confirmed(shop: Shop) -> list[dict[str, Any]]:
+    return list(ok(shop.api("GET", "/bazar/orders", admin=True)))
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+def test_info_all_lists_every_book(shop: Shop) -> None:
+    books = ok(shop.api("GET", "/bazar/info/all"))
+    assert [set(b) for b in books] == [BOOK_FIELDS] * 7
+    assert [(b["id"], b["title"], b["topic"], b["price"], b["quantity"]) for b in books] == [
+        (i, *seed) for i, seed in enumerate(SEED_BOOKS)]
+
+
+def test_info_of_one_book(shop: Shop) -> None:
+    assert ok(shop.api("GET", "/bazar/info/3")) == {"id": 3, "title": "Cooking for the Impatient Undergrad.",
+                                                   "topic": "undergraduate school", "price": 89.33, "quantity": 65}
+
+
+@pytest.mark.parametrize("ident", ["7", "99", "abc", "-1", "1.5", "%20", "1e2", "0x1", "9" * 30])
+def test_info_of_an_unknown_or_malformed_id_is_404(shop: Shop, ident: str) -> None:
+    error(shop.api("GET", f"/bazar/info/{ident}"), 404)
+
+
+@pytest.mark.parametrize("topic, ids", [
+    ("distributed systems", [0, 1]), ("undergraduate school", [2, 3]), ("new", [4, 5, 6]),
+    ("unknown", []), ("New", []), ("new ", []), ("a/b", []), ("%", []), ("é", []),
+])
+def test_search_by_topic(shop: Shop, topic: str, ids: list[int]) -> None:
+    found = ok(shop.api("GET", "/bazar/search/" + quote(topic, safe="")))
+    assert [b["id"] for b in found] == ids
+    assert all(set(b) == {"id", "title"} for b in found)
+    assert [b["title"] for b in found] == [SEED_BOOKS[i][0] for i in ids]
+
+
+def test_search_finds_a_new_book_under_an_unusual_topic(shop: Shop) -> None:
+    topic = "Café / théorie & 100%"
+    book = ok(shop.api("POST", "/bazar/books", admin=True,
+                       json={"title": "Théorie", "topic": topic, "price": 5, "quantity": 2}), 201)
+    found = ok(shop.api("GET", "/bazar/search/" + quote(topic, safe="")))
+    assert found == [{"id": book["id"], "title": "Théorie"}]
+
+
+# -- purchases -----------------------------------------------------------------------------
+
+def test_purchase_takes_one_copy_by_default(shop: Shop) -> None:
+    order = ok(shop.api("POST", "/bazar/purchase/1"))["order"]
+    assert set(order) == ORDER_FIELDS
+    assert (order["book_id"], order["quantity"], order["price"], order["total"]) == (1, 1, 22.35, 22.35)
+    assert order["title"] == "RPCs for Noobs."
+    assert stock(shop, 1) == 59
+    assert confirmed(shop) == [order]
+
+
+def test_purchase_with_a_quantity(shop: Shop) -> None:
+    order = ok(shop.api("POST", "/bazar/purchase/3", json={"quantity": 5}))["order"]
+    assert (order["quantity"], order["total"]) == (5, round(89.33 * 5, 2))
+    assert stock(shop, 3) == 60
+
+
+def test_out_of_stock_is_409_and_takes_nothing(shop: Shop) -> None:
+    error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 9}), 409)
+    assert stock(shop, 2) == 8
+    ok(shop.api("POST", "/bazar/purchase/2", json={"quantity": 8}))
+    error(shop.api("POST", "/bazar/purchase/2"), 409)
+    assert stock(shop, 2) == 0
+    assert [o["quantity"] for o in confirmed(shop)] == [8]
+
+
+@pytest.mark.parametrize("ident", ["7", "123", "abc", "-1"])
+def test_purchase_of_an_unknown_book_is_404(shop: Shop, ident: str) -> None:
+    error(shop.api("POST", f"/bazar/purchase/{ident}"), 404)
+    assert confirmed(shop) == []
+
+
+def test_an_idempotency_key_buys_once(shop: Shop) -> None:
+    headers = {"Idempotency-Key": "buy-42"}
+    first = ok(shop.api("POST", "/bazar/purchase/4", json={"quantity": 2}, headers=headers))
+    again = ok(shop.api("POST", "/bazar/purchase/4", json={"quantity": 2}, headers=headers))
+    assert again == first
+    assert stock(shop, 4) == 38
+    assert len(confirmed(shop)) == 1
+    # another key is another purchase
+    ok(shop.api("POST", "/bazar/purchase/4", json={"quantity": 2}, headers={"Idempotency-Key": "buy-43"}))
+    assert stock(shop, 4) == 36
+
+
+@pytest.mark.parametrize("path, body", [("/bazar/purchase/4", {"quantity": 3}), ("/bazar/purchase/5", None)])
+def test_reusing_a_key_for_another_purchase_is_409(shop: Shop, path: str, body: Any) -> None:
+    headers = {"Idempotency-Key": "k"}
+    ok(shop.api("POST", "/bazar/purchase/4", headers=headers))
+    error(shop.api("POST", path, json=body, headers=headers), 409)
+    assert (stock(shop, 4), stock(shop, 5)) == (39, 80)
+    assert len(confirmed(shop)) == 1
+
+
+def test_a_purchase_interrupted_by_a_catalog_outage_is_finished_by_its_retry(shop: Shop) -> None:
+    headers = {"Idempotency-Key": "during-outage"}
+    shop.network.kill(CATALOG_PORT)
+    error(shop.api("POST", "/bazar/purchase/6", headers=headers), 503)
+    pending = list(shop.order_store.db.execute("SELECT id, status FROM orders"))
+    assert [row[1] for row in pending] == ["pending"]  # recorded, not settled, nothing taken
+    assert shop.books()[6][4] == 90
+    shop.network.revive(CATALOG_PORT)
+    shop.run(1.0)
+    order = ok(shop.api("POST", "/bazar/purchase/6", headers=headers))["order"]
+    assert order["id"] == pending[0][0]
+    assert stock(shop, 6) == 89
+    assert confirmed(shop) == [order]
+
+
+def start(shop: Shop, method: str, path: str, **kw: Any) -> Any:
+    """A request left in flight: (Deferred of the response)."""
+    return shop.network.client().request(method, url_of(FRONTEND_PORT) + path, **kw)
+
+
+def finish(shop: Shop, pending: Any) -> tuple[int, Any]:
+    import treq
+    response = shop.wait(pending)
+    return response.code, orjson.loads(shop.wait(treq.content(response)))
+
+
+@pytest.fixture
+def slow_shop(tmp_path: Path) -> Iterator[Shop]:
+    """Every hop takes 10 ms: requests started together are really in flight together."""
+    s = Shop(str(tmp_path), latency=0.01)
+    yield s
+    s.close()
+
+
+def test_concurrent_purchases_never_oversell(slow_shop: Shop) -> None:
+    shop = slow_shop
+    pending = [start(shop, "POST", "/bazar/purchase/2", json={"quantity": 1}) for _ in range(11)]
+    assert not any(d.called for d in pending)
+    results = [finish(shop, d) for d in pending]
+    assert sorted(code for code, _ in results) == [200] * 8 + [409] * 3
+    assert stock(shop, 2) == 0
+    orders = confirmed(shop)
+    assert sorted(o["id"] for o in orders) == sorted(body["order"]["id"] for code, body in results if code == 200)
+
+
+def test_concurrent_purchases_with_one_key_buy_once(slow_shop: Shop) -> None:
+    shop = slow_shop
+    headers = {"Idempotency-Key": "same"}
+    pending = [start(shop, "POST", "/bazar/purchase/5", json={"quantity": 3}, headers=headers) for _ in range(4)]
+    results = [finish(shop, d) for d in pending]
+    assert {code for code, _ in results} == {200}
+    assert len({body["order"]["id"] for _, body in results}) == 1
+    assert stock(shop, 5) == 77 and len(confirmed(shop)) == 1
+
+
+def test_a_bad_idempotency_key_is_400(shop: Shop) -> None:
+    error(shop.api("POST", "/bazar/purchase/4", headers={"Idempotency-Key": "x" * 201}), 400)
+    assert stock(shop, 4) == 40
+
+
+# -- admin writes --------------------------------------------------------------------------
+
+ADMIN_CALLS = [
+    ("PUT", "/bazar/update_price/1", {"price": 30.0}),
+    ("POST", "/bazar/restock/1", {"quantity": 5}),
+    ("POST", "/bazar/books", {"title": "T", "topic": "new", "price": 1.0, "quantity": 1}),
+    ("GET", "/bazar/orders", None),
+    ("DELETE", "/bazar/cache/1", None),
+]
+
+
+@pytest.mark.parametrize("method, path, body", ADMIN_CALLS)
+@pytest.mark.parametrize("auth", [None, "Bearer nope", "Bearer " + SECRET, "Basic " + TOKEN])
+def test_admin_calls_need_the_token_and_change_nothing_without(shop: Shop, method: str, path: str, body: Any,
+                                                               auth: str | None) -> None:
+    ok(shop.api("GET", "/bazar/info/1"))  # cached
+    before = shop.state()
+    headers = {"Authorization": auth} if auth else {}
+    r = shop.api(method, path, json=body, headers=headers)
+    error(r, 401)
+    assert r.header("WWW-Authenticate") == 'Bearer realm="bazar"'
+    assert shop.state() == before and shop.cache.stats()["size"] == 1
+
+
+def test_update_price(shop: Shop) -> None:
+    book = ok(shop.api("PUT", "/bazar/update_price/1", admin=True, json={"price": 30.5}))
+    assert book == {"id": 1, "title": "RPCs for Noobs.", "topic": "distributed systems", "price": 30.5,
+                    "quantity": 60}
+    assert ok(shop.api("GET", "/bazar/info/1"))["price"] == 30.5
+    error(shop.api("PUT", "/bazar/update_price/77", admin=True, json={"price": 1}), 404)
+    error(shop.api("PUT", "/bazar/update_price/x", admin=True, json={"price": 1}), 404)
+
+
+def test_restock(shop: Shop) -> None:
+    assert ok(shop.api("POST", "/bazar/restock/2", admin=True, json={"quantity": 12}))["quantity"] == 20
+    assert stock(shop, 2) == 20
+    error(shop.api("POST", "/bazar/restock/77", admin=True, json={"quantity": 1}), 404)
+
+
+def test_add_book(shop: Shop) -> None:
+    body = {"title": "Twisted in Depth", "topic": "new", "price": 42.0, "quantity": 3}
+    book = ok(shop.api("POST", "/bazar/books", admin=True, json=body), 201)
+    assert book == {"id": 7, **body}
+    assert ok(shop.api("GET", "/bazar/info/7")) == book
+    assert [b["id"] for b in ok(shop.api("GET", "/bazar/search/new"))] == [4, 5, 6, 7]
+    second = ok(shop.api("POST", "/bazar/books", admin=True, json={**body, "title": "Another"}), 201)
+    assert second["id"] == 8
+    assert len(ok(shop.api("GET", "/bazar/info/all"))) == 9
+
+
+def test_orders_lists_confirmed_orders_only(shop: Shop) -> None:
+    assert confirmed(shop) == []
+    a = ok(shop.api("POST", "/bazar/purchase/0"))["order"]
+    error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 50}), 409)  # a failed order
+    b = ok(shop.api("POST", "/bazar/purchase/6", json={"quantity": 2}))["order"]
+    assert confirmed(shop) == [a, b]
+    assert a["id"] < b["id"]
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+def test_cache_figures_count_hits_and_misses(shop: Shop) -> None:
+    assert ok(shop.api("GET", "/bazar/cache")) == {"capacity": 64, "size": 0, "hits": 0, "misses": 0,
+                                                  "evictions": 0}
+    first = ok(shop.api("GET", "/bazar/info/1"))
+    served = shop.catalog.store.db.total_changes  # unchanged by reads; just a witness below
+    assert ok(shop.api("GET", "/bazar/info/1")) == first
+    assert ok(shop.api("GET", "/bazar/search/new")) == ok(shop.api("GET", "/bazar/search/new"))
+    assert ok(shop.api("GET", "/bazar/cache")) == {"capacity": 64, "size": 2, "hits": 2, "misses": 2,
+                                                  "evictions": 0}
+    assert shop.catalog.store.db.total_changes == served
+
+
+def test_a_cache_hit_does_not_ask_the_catalog(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/5"))
+    shop.network.kill(CATALOG_PORT)
+    assert ok(shop.api("GET", "/bazar/info/5"))["id"] == 5
+    error(shop.api("GET", "/bazar/info/6"), 503)
+
+
+def test_cache_delete_drops_one_book(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/1"))
+    ok(shop.api("GET", "/bazar/info/2"))
+    assert ok(shop.api("DELETE", "/bazar/cache/1", admin=True)) == {"dropped": True, "id": 1}
+    assert ok(shop.api("DELETE", "/bazar/cache/1", admin=True)) == {"dropped": False, "id": 1}
+    assert list(shop.cache.entries) == ["info:2"]
+    error(shop.api("DELETE", "/bazar/cache/abc", admin=True), 404)
+
+
+def test_eviction_with_a_small_cache(tmp_path: Path) -> None:
+    shop = Shop(str(tmp_path), cache_size=2)
+    try:
+        for book in (0, 1, 2, 0):
+            ok(shop.api("GET", f"/bazar/info/{book}"))
+        stats = ok(shop.api("GET", "/bazar/cache"))
+        assert (stats["size"], stats["evictions"], stats["misses"], stats["capacity"]) == (2, 2, 4, 2)
+    finally:
+        shop.close()
+
+
+def test_a_cache_of_size_zero_serves_everything_from_the_catalog(tmp_path: Path) -> None:
+    shop = Shop(str(tmp_path), cache_size=0)
+    try:
+        for _ in range(3):
+            assert ok(shop.api("GET", "/bazar/info/1"))["id"] == 1
+        assert ok(shop.api("GET", "/bazar/cache"))["size"] == 0
+    finally:
+        shop.close()
+
+
+# -- read your writes --------------------------------------------------------------------
+
+def test_read_your_writes_after_a_purchase(shop: Shop) -> None:
+    assert stock(shop, 1) == 60
+    assert stock(shop, 1) == 60 and shop.cache.hits == 1  # served from the cache
+    ok(shop.api("POST", "/bazar/purchase/1", json={"quantity": 4}))
+    assert stock(shop, 1) == 56
+
+
+def test_read_your_writes_does_not_wait_for_the_announcement(shop: Shop) -> None:
+    assert stock(shop, 1) == 60
+    shop.network.block(CATALOG_PORT, FRONTEND_PORT)  # announcements are late
+    ok(shop.api("POST", "/bazar/purchase/1", json={"quantity": 4}))
+    assert stock(shop, 1) == 56
+    ok(shop.api("PUT", "/bazar/update_price/1", admin=True, json={"price": 2.5}))
+    assert ok(shop.api("GET", "/bazar/info/1"))["price"] == 2.5
+
+
+@pytest.mark.parametrize("method, path, body, field, value", [
+    ("PUT", "/bazar/update_price/1", {"price": 1.25}, "price", 1.25),
+    ("POST", "/bazar/restock/1", {"quantity": 10}, "quantity", 70),
+])
+def test_read_your_writes_after_admin_writes(shop: Shop, method: str, path: str, body: Any, field: str,
+                                             value: Any) -> None:
+    ok(shop.api("GET", "/bazar/info/1"))
+    ok(shop.api(method, path, admin=True, json=body))
+    assert ok(shop.api("GET", "/bazar/info/1"))[field] == value
+    assert ok(shop.api("GET", "/bazar/info/all"))[1][field] == value
+
+
+def test_a_write_made_elsewhere_reaches_the_cache_as_an_invalidation(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/4"))
+    # another front end's write, straight to the catalog primary
+    shop.do(shop.catalog.submit(update_price(4, 9.99)))
+    shop.run(0.1)
+    assert ok(shop.api("GET", "/bazar/info/4"))["price"] == 9.99
+    assert shop.stream.flushes == 0 and shop.stream.upto == shop.catalog_store.last_seq
+
+
+def test_a_read_that_overlaps_a_write_does_not_fill_the_cache_with_old_data(shop: Shop) -> None:
+    shop.network.hold(CATALOG_PORT)  # the catalog's answers are slow to come back
+    reply = shop.network.client().get(url_of(FRONTEND_PORT) + "/bazar/info/1")
+    shop.network.flush()
+    assert len(shop.network.parked) == 1  # the catalog read the book at the old price
+    shop.do(shop.catalog.submit(update_price(1, 5.0)))  # a write elsewhere, announced at once
+    shop.network.flush()
+    assert shop.stream.upto == 1
+    shop.network.release(CATALOG_PORT)
+    first = shop.wait(reply)
+    assert first.code == 200  # this client may see the old price: its read began first
+    assert ok(shop.api("GET", "/bazar/info/1"))["price"] == 5.0  # but it was not cached
+    assert shop.cache.refused >= 1
+
+
+def test_a_read_that_overlaps_a_flush_does_not_fill_the_cache(shop: Shop) -> None:
+    shop.network.hold(CATALOG_PORT)
+    reply = shop.network.client().get(url_of(FRONTEND_PORT) + "/bazar/info/1")
+    shop.network.flush()
+    shop.stream.channel_lost()
+    shop.stream.channel_back()
+    shop.network.release(CATALOG_PORT)
+    assert shop.wait(reply).code == 200
+    assert shop.cache.stats()["size"] == 0 and shop.cache.refused == 1
+
+
+def test_a_lost_announcement_empties_the_cache_rather_than_serve_stale(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/4"))
+    ok(shop.api("GET", "/bazar/info/5"))
+    shop.network.block(CATALOG_PORT, FRONTEND_PORT)  # the push is lost
+    shop.do(shop.catalog.submit(restock(4, 1)))
+    shop.run(2.0)  # the front end's health checks see the catalog ahead of the announcements
+    assert shop.stream.flushes >= 1 and shop.cache.stats()["size"] == 0
+    assert stock(shop, 4) == 41
+
+
+def test_the_invalidation_push_needs_the_cluster_secret(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/1"))
+    body = {"messages": [{"seq": 1, "keys": ["info:1"]}]}
+    error(shop.api("POST", "/internal/invalidate", json=body), 403)
+    error(shop.api("POST", "/internal/invalidate", json=body, headers={"X-Bazar-Secret": "x"}), 403)
+    assert shop.cache.stats()["size"] == 1
+    for bad in ({}, {"messages": 3}, {"messages": [{"seq": "x", "keys": []}]}, {"messages": [{"keys": []}]}):
+        error(shop.api("POST", "/internal/invalidate", json=bad, headers={"X-Bazar-Secret": SECRET}), 400)
+    r = shop.api("POST", "/internal/invalidate", json=body, headers={"X-Bazar-Secret": SECRET})
+    assert ok(r)["ok"] is True and shop.cache.stats()["size"] == 0
+
+
+# -- service endpoints -----------------------------------------------------------------------
+
+def test_health(shop: Shop) -> None:
+    health = ok(shop.api("GET", "/health"))
+    assert {"service": "frontend", "status": "ok"}.items() <= health.items()
+    assert {"service", "replica", "pid", "role", "status"} <= set(health)
+    assert health["catalog"][0]["alive"] is True and health["catalog"][0]["primary"] is True
+    for port, service in ((CATALOG_PORT, "catalog"), (5201, "order")):
+        replica = ok(shop.http("GET", url_of(port) + "/health"))
+        assert {"service": service, "replica": 1, "role": "primary", "status": "ok"}.items() <= replica.items()
+
+
+def test_metrics(shop: Shop) -> None:
+    ok(shop.api("GET", "/bazar/info/1"))
+    ok(shop.api("GET", "/bazar/info/1"))
+    r = shop.api("GET", "/metrics")
+    assert r.code == 200 and r.header("Content-Type").startswith("text/plain")
+    text = r.body.decode()
+    assert "bazar_cache_hits 1.0" in text and "bazar_cache_misses 1.0" in text
+    assert 'bazar_requests_total{route="info",service="frontend",status="200"} 2.0' in text
+    for port in (CATALOG_PORT, 5201):
+        assert shop.http("GET", url_of(port) + "/metrics").code == 200
+
+
+def test_openapi(shop: Shop) -> None:
+    spec = ok(shop.api("GET", "/openapi.json"))
+    assert spec["openapi"].startswith("3.")
+    assert {"/bazar/info/all", "/bazar/info/{id}", "/bazar/search/{topic}", "/bazar/purchase/{id}",
+            "/bazar/update_price/{id}", "/bazar/restock/{id}", "/bazar/books", "/bazar/orders",
+            "/bazar/cache/{id}", "/bazar/cache", "/health", "/metrics", "/openapi.json"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/", 404), ("GET", "/bazar", 404), ("GET", "/bazar/info", 404), ("GET", "/bazar/nothing", 404),
+    ("POST", "/bazar/info/1", 405), ("GET", "/bazar/purchase/1", 405), ("POST", "/bazar/update_price/1", 405),
+    ("DELETE", "/bazar/books", 405), ("PUT", "/bazar/cache", 405), ("GET", "/bazar/info/%ff", 400),
+])
+def test_unknown_routes_and_methods_are_json(shop: Shop, method: str, path: str, status: int) -> None:
+    error(shop.api(method, path, admin=True), status)
+
+
+def test_no_replica_is_503(shop: Shop) -> None:
+    shop.network.kill(CATALOG_PORT)
+    shop.network.kill(5201)
+    shop.run(0.5)
+    error(shop.api("GET", "/bazar/info/all"), 503)
+    error(shop.api("POST", "/bazar/purchase/1"), 503)
+
+
+# -- malformed requests change nothing ---------------------------------------------------------
+
+REQUESTS = [("PUT", "/bazar/update_price/{}"), ("POST", "/bazar/restock/{}"), ("POST", "/bazar/books"),
+            ("POST", "/bazar/purchase/{}")]
+junk_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+        st.sampled_from(["price", "quantity", "title", "topic", "x"]), inner, max_size=4)),
+    max_leaves=8)
+
+
+def malformed(body: Any) -> bool:
+    """Bodies no endpoint accepts: no field set is valid for any of them."""
+    if not isinstance(body, dict):
+        return body is not None  # no body at all is a purchase of one copy
+    if not body:
+        return False  # {} too
+    q, p = body.get("quantity"), body.get("price")
+    bad_q = isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 10**6
+    bad_p = isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1e9 or p != p
+    return bool((bad_q or "quantity" not in body) and (bad_p or "price" not in body)) or "x" in body
+
+
+def unacceptable(data: bytes) -> bool:
+    if not data.strip():
+        return False
+    try:
+        return malformed(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.sampled_from(REQUESTS), ident=st.sampled_from(["1", "2", "abc", "-1", "99"]),
+       body=st.one_of(junk_json.map(lambda b: json.dumps(b).encode()), st.binary(max_size=40))
+       .filter(unacceptable),
+       auth=st.booleans())
+def test_malformed_requests_change_nothing(shop: Shop, request: tuple[str, str], ident: str, body: bytes,
+                                           auth: bool) -> None:
+    method, path = request
+    before = shop.state()
+    r = shop.api(method, path.format(ident), data=body, admin=auth)
+    assert 400 <= r.code < 500, (request, body, r)
+    error(r, r.code)
+    assert shop.state() == before

@@ -1,0 +1,249 @@
+"""bazar.invalidation: the front end's view of the catalog's announcements (gaps,
+silence, a lost Redis channel) and the catalog's HTTP push, on a task.Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from memory import SECRET, Driver, url_of
+from twisted.internet.task import Clock
+
+from bazar.cache import LRUCache
+from bazar.invalidation import InvalidationStream, InvalidationSubscriber, Publisher, redis_address
+from bazar.store import Outcome
+from bazar.web import JsonApp, read_object, require_secret
+
+
+def stream_at(upto: int = 0, grace: float = 1.0) -> tuple[InvalidationStream, LRUCache, Clock]:
+    clock = Clock()
+    cache = LRUCache(16)
+    stream = InvalidationStream(cache, clock, grace=grace)
+    stream.observe_primary(upto)
+    return stream, cache, clock
+
+
+def fill(cache: LRUCache, *keys: str, version: int = 0) -> None:
+    for key in keys:
+        assert cache.put(key, key.upper(), version, cache.generation), key
+
+
+def test_no_caching_until_the_first_look_at_the_catalog() -> None:
+    clock = Clock()
+    cache = LRUCache(16)
+    stream = InvalidationStream(cache, clock)
+    assert cache.bypass and stream.upto is None
+    assert cache.put("info:1", b"x", 0) is False
+    stream.receive(3, ["info:1"])  # no baseline yet: the keys still fall, upto stays unknown
+    assert stream.upto is None and cache.required("info:1") == 3
+    stream.observe_primary(5)
+    assert stream.upto == 5 and not cache.bypass
+    assert cache.put("info:2", b"x", 4, cache.generation) is False  # older than the baseline
+    assert cache.put("info:2", b"x", 5, cache.generation) is True
+
+
+def test_contiguous_announcements_advance_upto_and_drop_keys() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:1", "info:2", "search:new", version=5)
+    stream.receive(6, ["info:1"])
+    stream.receive(7, ["info:2", "search:new"])
+    assert stream.upto == 7 and not stream.pending
+    assert list(cache.entries) == []
+    stream.receive(6, ["info:1"])  # a duplicate changes nothing
+    assert stream.upto == 7
+    clock.advance(5)
+    stream.observe_primary(7)
+    assert stream.flushes == 0
+
+
+def test_a_gap_filled_within_grace_is_harmless() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:3", version=5)
+    stream.receive(7, ["info:1"])
+    assert stream.upto == 5 and stream.pending == {7}
+    clock.advance(0.6)
+    stream.observe_primary(7)
+    stream.receive(6, ["info:2"])
+    assert stream.upto == 7 and not stream.pending and stream.gap_since is None
+    clock.advance(2)
+    stream.observe_primary(7)
+    assert stream.flushes == 0 and cache.get("info:3") == "INFO:3"
+
+
+def test_a_gap_not_filled_within_grace_flushes_the_cache() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:3", "info:4", version=5)
+    generation = cache.generation
+    stream.receive(8, ["info:1"])  # 6 and 7 were lost
+    clock.advance(0.9)
+    stream.observe_primary(8)
+    assert stream.flushes == 0 and len(cache.entries) == 2
+    clock.advance(0.2)
+    stream.observe_primary(8)
+    assert stream.flushes == 1 and cache.generation == generation + 1
+    assert not cache.entries and stream.upto == 8 and not stream.pending
+    assert cache.put("info:3", b"x", 7, cache.generation) is False  # nothing from before the hole
+    stream.receive(9, ["info:9"])
+    assert stream.upto == 9
+
+
+def test_a_primary_ahead_of_the_announcements_for_longer_than_grace_flushes() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:1", version=5)
+    stream.observe_primary(8)  # 6..8 written but not announced (yet)
+    clock.advance(0.7)
+    stream.observe_primary(8)
+    assert stream.flushes == 0 and cache.get("info:1") == "INFO:1"
+    clock.advance(0.4)
+    stream.observe_primary(8)
+    assert stream.flushes == 1 and not cache.entries and stream.upto == 8
+    clock.advance(5)
+    stream.observe_primary(8)
+    assert stream.flushes == 1
+
+
+def test_announcements_that_catch_up_in_time_prevent_the_flush() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:2", version=5)
+    stream.observe_primary(7)
+    clock.advance(0.5)
+    stream.receive(6, ["info:1"])
+    stream.receive(7, ["info:1"])
+    clock.advance(0.8)
+    stream.observe_primary(7)
+    assert stream.flushes == 0 and cache.get("info:2") == "INFO:2"
+
+
+def test_a_lost_channel_flushes_and_bypasses_until_it_is_back() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:1", version=5)
+    stream.channel_lost()
+    assert not cache.entries and cache.bypass
+    assert cache.put("info:1", b"x", 9, cache.generation) is False
+    generation = cache.generation
+    stream.channel_back()
+    assert not cache.bypass and cache.generation == generation + 1
+    assert cache.put("info:1", b"x", 9, cache.generation) is True
+    # a later health check with nothing missing keeps it on
+    stream.observe_primary(5)
+    assert not cache.bypass
+
+
+def test_a_channel_back_before_any_baseline_still_bypasses() -> None:
+    clock = Clock()
+    cache = LRUCache(8)
+    stream = InvalidationStream(cache, clock)
+    stream.channel_down = True
+    stream.channel_back()
+    assert cache.bypass  # no baseline yet
+    stream.channel_down = True
+    stream.observe_primary(3)
+    assert cache.bypass  # the channel is still down: the baseline alone is not enough
+    stream.channel_back()
+    assert not cache.bypass
+
+
+def test_written_drops_the_keys_of_our_own_writes() -> None:
+    stream, cache, clock = stream_at(5)
+    fill(cache, "info:1", "info:2", version=5)
+    stream.written(9, ["info:1"])
+    assert list(cache.entries) == ["info:2"]
+    assert cache.required("info:1") == 9
+    assert cache.put("info:1", b"old", 8, cache.generation) is False
+    assert stream.upto == 5  # the announcement itself is still expected
+
+
+def test_redis_addresses() -> None:
+    assert redis_address("redis://127.0.0.1:6379") == ("127.0.0.1", 6379)
+    assert redis_address("redis://cache") == ("cache", 6379)
+    for bad in ("http://h:1", "redis://", "127.0.0.1:6379"):
+        with pytest.raises(ValueError):
+            redis_address(bad)
+
+
+class FakeFactory:
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, list[str]]] = []
+
+    def on_message(self, seq: int, keys: list[str]) -> None:
+        self.messages.append((seq, keys))
+
+
+@pytest.mark.parametrize("message, expected", [
+    (b'{"seq": 3, "keys": ["info:1"]}', [(3, ["info:1"])]),
+    ('{"seq": 4, "keys": []}', [(4, [])]),
+    (b"not json", []), (b'{"seq": "x", "keys": []}', []), (b'{"keys": []}', []), (b"[]", []),
+])
+def test_subscriber_messages(message: Any, expected: list[Any]) -> None:
+    protocol = InvalidationSubscriber()
+    protocol.factory = FakeFactory()
+    protocol.messageReceived(None, "bazar:invalidations", message)
+    assert protocol.factory.messages == expected
+
+
+# -- the catalog's HTTP push ---------------------------------------------------------------
+
+FE = 5000
+CATALOG = 5101
+
+
+class Receiver:
+    """A front end's /internal/invalidate, recording what arrives."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.api = JsonApp("receiver")
+
+        @self.api.route("/internal/invalidate", "POST", "invalidate")
+        def invalidate(request: Any) -> Any:
+            require_secret(request, SECRET)
+            self.batches.append((read_object(request) or {})["messages"])
+            return {"ok": True}
+
+    def seqs(self) -> list[int]:
+        return [m["seq"] for batch in self.batches for m in batch]
+
+
+def outcome(seq: int, *keys: str) -> Outcome:
+    return Outcome({}, seq, keys, new=True)
+
+
+@pytest.fixture
+def push() -> tuple[Driver, Receiver, Publisher]:
+    driver = Driver(latency=0.01)
+    receiver = Receiver()
+    driver.network.add(FE, receiver.api.resource())
+    publisher = Publisher(http=driver.network.client(CATALOG), clock=driver.clock, secret=SECRET,
+                          frontends=[url_of(FE)], redis_url=None)
+    publisher.start()
+    return driver, receiver, publisher
+
+
+def test_every_commit_is_pushed_in_order(push: tuple[Driver, Receiver, Publisher]) -> None:
+    driver, receiver, publisher = push
+    for seq in range(1, 8):
+        publisher.committed(outcome(seq, f"info:{seq}"))
+    driver.until(lambda: receiver.seqs() == list(range(1, 8)))
+    assert receiver.batches[0] == [{"seq": 1, "keys": ["info:1"]}]
+    assert len(receiver.batches) < 7  # the ones queued behind the first went as one batch
+    assert not publisher.sending and not publisher.queues[url_of(FE)]
+
+
+def test_an_absent_front_end_loses_messages_it_will_notice(push: tuple[Driver, Receiver, Publisher]) -> None:
+    driver, receiver, publisher = push
+    driver.network.kill(FE)
+    publisher.committed(outcome(1, "info:1"))
+    publisher.committed(outcome(2, "info:2"))
+    driver.run(2.0)
+    assert receiver.seqs() == [] and not publisher.queues[url_of(FE)]  # given up, not piled up
+    driver.network.revive(FE)
+    publisher.committed(outcome(3, "info:3"))
+    driver.until(lambda: receiver.seqs() == [3])  # the front end sees the gap 1..2 itself
+
+
+def test_a_stopped_publisher_sends_nothing(push: tuple[Driver, Receiver, Publisher]) -> None:
+    driver, receiver, publisher = push
+    publisher.stop()
+    publisher.committed(outcome(1, "info:1"))
+    driver.run(1.0)
+    assert receiver.seqs() == []

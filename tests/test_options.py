@@ -1,0 +1,236 @@
+"""Command-line options of the four plugins: flag > environment > TOML file >
+default, the peer/URL lists, and the processes bazar-cluster starts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.python import usage
+
+from bazar import catalog, cluster, frontend, order
+from bazar.service import env_name, parse_peers, parse_urls
+
+PLUGINS = {"catalog": catalog.Options, "order": order.Options, "frontend": frontend.Options,
+           "cluster": cluster.Options}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("BAZAR_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+def parse(kind: str, *args: str) -> usage.Options:
+    options = PLUGINS[kind]()
+    options.parseOptions(list(args))
+    return options
+
+
+def toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bazar.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, defaults", [
+    ("catalog", {"port": 5101, "id": 1, "peers": "", "data": None, "frontends": "", "redis": None,
+                 "host": "127.0.0.1", "admin-token": None, "cluster-secret": None}),
+    ("order", {"port": 5201, "id": 1, "peers": "", "data": None, "catalog": "http://127.0.0.1:5101"}),
+    ("frontend", {"port": 5000, "catalog": "http://127.0.0.1:5101", "order": "http://127.0.0.1:5201",
+                  "cache-size": 1024, "redis": None}),
+    ("cluster", {"data": "bazar-data", "redis": None, "frontends": 1, "cache-size": 1024, "frontend-port": 5000,
+                 "catalog-ports": (5101, 5102, 5103), "order-ports": (5201, 5202, 5203)}),
+])
+def test_defaults(kind: str, defaults: dict[str, Any]) -> None:
+    options = parse(kind)
+    for name, value in defaults.items():
+        assert options[name] == value, name
+
+
+# (option, flag value, env value, toml line, expected flag, expected env, expected toml) per plugin
+CASES = [
+    ("catalog", "port", "6001", "6002", "port = 6003", 6001, 6002, 6003),
+    ("catalog", "peers", "1=http://a:1", "1=http://b:1", 'peers = "1=http://c:1"',
+     "1=http://a:1", "1=http://b:1", "1=http://c:1"),
+    ("catalog", "cluster-secret", "s-flag", "s-env", 'cluster-secret = "s-toml"', "s-flag", "s-env", "s-toml"),
+    ("order", "id", "2", "3", "id = 4", 2, 3, 4),
+    ("order", "catalog", "http://f:1", "http://e:1", 'catalog = "http://t:1"', "http://f:1", "http://e:1",
+     "http://t:1"),
+    ("frontend", "cache-size", "0", "7", '"cache-size" = 9', 0, 7, 9),
+    ("frontend", "admin-token", "t-flag", "t-env", 'admin-token = "t-toml"', "t-flag", "t-env", "t-toml"),
+    ("frontend", "host", "0.0.0.0", "10.0.0.1", 'host = "10.0.0.2"', "0.0.0.0", "10.0.0.1", "10.0.0.2"),
+    ("cluster", "frontends", "3", "2", "frontends = 4", 3, 2, 4),
+    ("cluster", "data", "/d/flag", "/d/env", 'data = "/d/toml"', "/d/flag", "/d/env", "/d/toml"),
+]
+
+
+@pytest.mark.parametrize("kind, name, flag, env, line, by_flag, by_env, by_toml", CASES)
+def test_flag_beats_environment_beats_toml_beats_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, name: str, flag: str, env: str, line: str,
+        by_flag: Any, by_env: Any, by_toml: Any) -> None:
+    config = toml(tmp_path, line + "\n")
+    assert parse(kind, "--config", config)[name] == by_toml
+    assert parse(kind, f"--config={config}")[name] == by_toml
+    monkeypatch.setenv("BAZAR_CONFIG", config)  # the file named by the environment
+    assert parse(kind)[name] == by_toml
+    monkeypatch.setenv(env_name(name), env)
+    assert parse(kind)[name] == by_env
+    assert parse(kind, "--config", config)[name] == by_env
+    assert parse(kind, f"--{name}", flag)[name] == by_flag
+    assert parse(kind, "--config", config, f"--{name}={flag}")[name] == by_flag
+
+
+def test_environment_names() -> None:
+    assert env_name("cache-size") == "BAZAR_CACHE_SIZE"
+    assert env_name("admin-token") == "BAZAR_ADMIN_TOKEN"
+
+
+def test_an_environment_value_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BAZAR_PORT", "7000")
+    assert parse("frontend")["port"] == 7000
+    monkeypatch.setenv("BAZAR_PORT", "seven")
+    with pytest.raises(usage.UsageError):
+        parse("frontend")
+
+
+@pytest.mark.parametrize("text", ['nope = 1', 'port = "x"', "port = [1]", "this is not toml", 'port = '])
+def test_bad_config_files_are_usage_errors(tmp_path: Path, text: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse("frontend", "--config", toml(tmp_path, text))
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError):
+        parse("catalog", "--config", str(tmp_path / "absent.toml"))
+
+
+@pytest.mark.parametrize("kind, args", [
+    ("frontend", ["--cache-size", "-1"]),
+    ("frontend", ["--port", "http"]),
+    ("catalog", ["--id", "one"]),
+    ("catalog", ["--unknown", "1"]),
+    ("cluster", ["--frontends", "0"]),
+    ("cluster", ["--frontends", "17"]),
+    ("cluster", ["--catalog-ports", "5101,x"]),
+    ("cluster", ["--order-ports", ""]),
+    ("cluster", ["--order-ports", "0,5202"]),
+    ("cluster", ["--catalog-ports", "70000"]),
+])
+def test_bad_flags_are_usage_errors(kind: str, args: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        parse(kind, *args)
+
+
+def test_cluster_port_lists() -> None:
+    options = parse("cluster", "--catalog-ports", "6101, 6102", "--order-ports", "6201")
+    assert options["catalog-ports"] == (6101, 6102) and options["order-ports"] == (6201,)
+
+
+# -- peers and URLs ---------------------------------------------------------------------------
+
+def test_parse_peers() -> None:
+    assert parse_peers("") == {}
+    assert parse_peers("1=http://h:5101, 2=http://h:5102/ ,3=https://x") == {
+        1: "http://h:5101", 2: "http://h:5102", 3: "https://x"}
+
+
+@pytest.mark.parametrize("text", ["http://h:1", "a=http://h:1", "1=h:1", "1=ftp://h", "1=", "=http://h:1",
+                                  "-1=http://h:1", "1:http://h:1"])
+def test_bad_peers_are_usage_errors(text: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse_peers(text)
+
+
+def test_parse_urls() -> None:
+    assert parse_urls("") == []
+    assert parse_urls(" http://a:1/, https://b ,,") == ["http://a:1", "https://b"]
+
+
+@pytest.mark.parametrize("text", ["a:1", "http://a:1,b:2", "redis://a:1", "www.example.com"])
+def test_bad_urls_are_usage_errors(text: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse_urls(text)
+
+
+# -- bazar-cluster's processes --------------------------------------------------------------------
+
+def test_default_topology_is_the_documented_one() -> None:
+    topology = cluster.default_topology()
+    assert [(p["name"], p["service"], p["id"], p["port"]) for p in topology] == [
+        ("catalog-1", "catalog", 1, 5101), ("catalog-2", "catalog", 2, 5102), ("catalog-3", "catalog", 3, 5103),
+        ("order-1", "order", 1, 5201), ("order-2", "order", 2, 5202), ("order-3", "order", 3, 5203),
+        ("frontend", "frontend", 0, 5000)]
+
+
+def test_more_front_ends_take_the_next_ports() -> None:
+    fronts = [p for p in cluster.default_topology(frontends=3) if p["service"] == "frontend"]
+    assert [(p["name"], p["port"]) for p in fronts] == [("frontend", 5000), ("frontend-1", 5001),
+                                                       ("frontend-2", 5002)]
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """--name value pairs after the plugin name."""
+    rest = args[args.index(next(a for a in args if a.startswith("bazar-"))) + 1:]
+    assert len(rest) % 2 == 0
+    return dict(zip(rest[::2], rest[1::2]))
+
+
+def test_commands_wire_every_process(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    procs = cluster.commands(cluster.default_topology(frontends=2), "127.0.0.1", data, None, 64)
+    assert set(procs) == {"catalog-1", "catalog-2", "catalog-3", "order-1", "order-2", "order-3",
+                          "frontend", "frontend-1"}
+    catalog_peers = "1=http://127.0.0.1:5101,2=http://127.0.0.1:5102,3=http://127.0.0.1:5103"
+    order_peers = "1=http://127.0.0.1:5201,2=http://127.0.0.1:5202,3=http://127.0.0.1:5203"
+    catalogs = "http://127.0.0.1:5101,http://127.0.0.1:5102,http://127.0.0.1:5103"
+    for name, args in procs.items():
+        assert args[0] == "-n" and any(a.startswith("--logfile=") and name in a for a in args)
+        assert f"bazar-{name.split('-')[0]}" in args
+    assert flags(procs["catalog-2"]) == {
+        "--host": "127.0.0.1", "--port": "5102", "--id": "2", "--data": os.path.join(data, "catalog-2"),
+        "--peers": catalog_peers, "--frontends": "http://127.0.0.1:5000,http://127.0.0.1:5001"}
+    assert flags(procs["order-3"]) == {
+        "--host": "127.0.0.1", "--port": "5203", "--id": "3", "--data": os.path.join(data, "order-3"),
+        "--peers": order_peers, "--catalog": catalogs}
+    assert flags(procs["frontend-1"]) == {
+        "--host": "127.0.0.1", "--port": "5001", "--catalog": catalogs,
+        "--order": "http://127.0.0.1:5201,http://127.0.0.1:5202,http://127.0.0.1:5203", "--cache-size": "64"}
+
+
+def test_a_redis_url_goes_to_catalogs_and_front_ends(tmp_path: Path) -> None:
+    procs = cluster.commands(cluster.default_topology(), "127.0.0.1", str(tmp_path), "redis://127.0.0.1:6379", 8)
+    assert flags(procs["catalog-1"])["--redis"] == "redis://127.0.0.1:6379"
+    assert flags(procs["frontend"])["--redis"] == "redis://127.0.0.1:6379"
+    assert "--redis" not in flags(procs["order-1"])
+    plain = cluster.commands(cluster.default_topology(), "127.0.0.1", str(tmp_path), None, 8)
+    assert not any("--redis" in args for args in plain.values())
+
+
+def test_every_command_parses_with_its_plugin_options(tmp_path: Path) -> None:
+    procs = cluster.commands(cluster.default_topology(frontends=2), "127.0.0.1", str(tmp_path), "redis://r:1", 32)
+    for name, args in procs.items():
+        kind = name.split("-")[0]
+        plugin_args = args[args.index(f"bazar-{kind}") + 1:]
+        options = parse(kind, *plugin_args)
+        assert options["port"] == int(flags(args)["--port"])
+        if kind != "frontend":
+            peers = parse_peers(options["peers"])
+            assert sorted(peers) == [1, 2, 3] and options["id"] in peers
+        else:
+            assert options["cache-size"] == 32 and len(parse_urls(options["catalog"])) == 3
+
+
+def test_the_plugins_name_their_modules() -> None:
+    from twisted.plugins import bazar_plugins
+
+    makers = {m.tapname: m for m in (bazar_plugins.bazar_frontend, bazar_plugins.bazar_catalog,
+                                     bazar_plugins.bazar_order, bazar_plugins.bazar_cluster)}
+    assert set(makers) == {"bazar-frontend", "bazar-catalog", "bazar-order", "bazar-cluster"}
+    for tapname, maker in makers.items():
+        assert maker.options is PLUGINS[tapname.split("-")[1]]

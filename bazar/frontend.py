@@ -61,7 +61,8 @@ class Frontend:
         return await self.cached_read(f"search:{topic}", "/books?topic=" + quote(topic, safe=""))
 
     async def all_books(self) -> tuple[int, bytes]:
-        status, body, _ = await self.catalog.read("/books", self.stream.upto or 0)
+        # no replica older than any write this front end made or heard of
+        status, body, _ = await self.catalog.read("/books", max(self.stream.upto or 0, self.stream.newest))
         return status, body
 
     # -- writes ---------------------------------------------------------------

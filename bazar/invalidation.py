@@ -119,10 +119,12 @@ class InvalidationStream:
         self.gap_since: float | None = None
         self.watch: list[tuple[int, float]] = []
         self.flushes = 0
+        self.newest = 0  # newest catalog write known here (own writes and announcements)
         self.channel_down = False  # a required Redis subscription is not (yet) in place
         cache.bypass = True  # until the first look at the catalog gives a baseline
 
     def receive(self, seq: int, keys: list[str]) -> None:
+        self.newest = max(self.newest, seq)
         for key in keys:
             self.cache.invalidate(key, seq)
         if self.upto is None or seq <= self.upto:
@@ -139,6 +141,7 @@ class InvalidationStream:
 
     def written(self, seq: int, keys: list[str]) -> None:
         """A write made through this front end: drop its keys before answering."""
+        self.newest = max(self.newest, seq)
         for key in keys:
             self.cache.invalidate(key, seq)
 

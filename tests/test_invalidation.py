@@ -247,3 +247,19 @@ def test_a_stopped_publisher_sends_nothing(push: tuple[Driver, Receiver, Publish
     publisher.committed(outcome(1, "info:1"))
     driver.run(1.0)
     assert receiver.seqs() == []
+
+
+def test_newest_tracks_own_writes_and_announcements() -> None:
+    from twisted.internet.task import Clock
+
+    from bazar.cache import LRUCache
+    from bazar.invalidation import InvalidationStream
+
+    stream = InvalidationStream(LRUCache(4), Clock())
+    assert stream.newest == 0
+    stream.written(7, ["info:1"])
+    assert stream.newest == 7
+    stream.receive(5, ["info:2"])
+    assert stream.newest == 7
+    stream.receive(9, [])
+    assert stream.newest == 9

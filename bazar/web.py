@@ -58,6 +58,8 @@ def error_body(message: str) -> bytes:
 def respond(request: Request, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", content_type)
+    # a known length spares both sides chunked transfer encoding
+    request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
 
 

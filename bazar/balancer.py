@@ -92,9 +92,9 @@ class ReplicaSet:
         slots = replica.slots
         if not slots.tokens and not wait:
             raise Busy(replica.url)
-        started = self.clock.seconds()
         acquired = slots.acquire()
         if not acquired.called:
+            started = self.clock.seconds()
             acquired.addTimeout(timeout, self.clock)  # type: ignore[arg-type]
             try:
                 await acquired

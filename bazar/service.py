@@ -101,7 +101,8 @@ def secret_of(options: usage.Options, name: str) -> str | None:
     return options.get(name) or os.environ.get(env_name(name)) or None
 
 
-HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers
+HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers (and a small body)
+MIN_BODY_RATE = 64 * 1024  # bytes/s: a body of n bytes adds n / MIN_BODY_RATE seconds to the deadline
 LINGER = 2.0  # seconds, after a refusal, to drain (and drop) what the client still sends
 REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
            431: b"Request Header Fields Too Large"}
@@ -120,9 +121,10 @@ class GuardedChannel(HTTPChannel):
     """Twisted's HTTP/1.1 channel with what hostile clients call for:
 
     - a deadline for the request line and headers (HEADER_DEADLINE from the first
-      byte of a request, or from the connection): the idle timeout alone is reset
-      by every byte, so a client dribbling a header byte every few seconds (slowloris)
-      would hold its connection for ever;
+      byte of a request, or from the connection), extended for the body by its
+      announced length at MIN_BODY_RATE: the idle timeout alone is reset by every
+      byte, so a client dribbling a header (slowloris) or body byte (slow POST)
+      every few seconds would hold its connection for ever;
     - a body over the route's limit is refused (413) from its Content-Length, or as
       soon as a chunked body passes the limit, instead of being buffered first;
     - these refusals and Twisted's own for malformed requests (bare `400 Bad
@@ -136,7 +138,7 @@ class GuardedChannel(HTTPChannel):
     _linger: Any = None
     _linger_left = 0
     _refused = False
-    _awaiting_headers = True
+    _awaiting_request = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -144,7 +146,7 @@ class GuardedChannel(HTTPChannel):
 
     def _arm(self) -> None:
         if self._deadline is None and self.header_deadline:
-            self._deadline = self.callLater(self.header_deadline, self._headers_late)
+            self._deadline = self.callLater(self.header_deadline, self._request_late)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -152,15 +154,15 @@ class GuardedChannel(HTTPChannel):
                 self._deadline.cancel()
             self._deadline = None
 
-    def _headers_late(self) -> None:
+    def _request_late(self) -> None:
         self._deadline = None
-        self.refuse(408, f"the request headers did not arrive within {self.header_deadline:g} seconds", expected=0)
+        self.refuse(408, "the request did not arrive in time", expected=0)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             self._drain(data)
             return
-        if self._awaiting_headers:
+        if self._awaiting_request:
             self._arm()
         super().dataReceived(data)
 
@@ -175,21 +177,23 @@ class GuardedChannel(HTTPChannel):
         super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._awaiting_headers = False
-        self._disarm()
         limit = body_limit(self._path)  # type: ignore[arg-type]  # (bytes; Twisted's annotation is off)
         self.requests[-1].body_limit = limit
         if self.length is not None and self.length > limit:
             self.refuse(413, f"request body is larger than {limit} bytes", expected=self.length)
             return
+        if self.length and self._deadline is not None:
+            self._deadline.delay(self.length / MIN_BODY_RATE)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
         if not self._refused:
+            self._awaiting_request = False
+            self._disarm()
             super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        self._awaiting_headers = True  # the next request's deadline starts with its first byte
+        self._awaiting_request = True  # the next request's deadline starts with its first byte
         super().requestDone(request)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -304,7 +308,7 @@ def watch_parent(parent: MultiService, reactor: Any) -> None:
         return
 
     def check() -> None:
-        if os.getppid() != int(expected):
+        if os.getppid() != int(expected) and reactor.running:
             log.warn("supervisor {pid} is gone: stopping", pid=expected)
             reactor.stop()
 

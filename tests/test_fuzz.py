@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from procs import TOKEN, Cluster, call
 
-schemathesis = pytest.importorskip("schemathesis")
+import schemathesis  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,

@@ -21,7 +21,8 @@ setup(
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6.0", "schemathesis>=4.0"],
+        "test": ["pytest>=8.0", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6.0", "schemathesis>=4.0",
+                 "matplotlib>=3.8"],
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["bazar-bench = bazar.bench:main"]},

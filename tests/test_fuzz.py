@@ -21,9 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from procs import TOKEN, Cluster, call
-
 import schemathesis  # noqa: E402
+from procs import TOKEN, Cluster, call
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,

@@ -543,3 +543,15 @@ class RedisWatcher:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# The seed catalog of DESIGN.md: id -> (title, topic, price, quantity).
+SEED = {
+    0: ("How to get a good grade in DOS in 40 minutes a day.", "distributed systems", 100.0, 85),
+    1: ("RPCs for Noobs.", "distributed systems", 22.35, 60),
+    2: ("Xen and the Art of Surviving Undergraduate School.", "undergraduate school", 50.0, 8),
+    3: ("Cooking for the Impatient Undergrad.", "undergraduate school", 89.33, 65),
+    4: ("How to finish Project 3 on time", "new", 70.0, 40),
+    5: ("Why theory classes are so hard", "new", 100.0, 80),
+    6: ("Spring in the Pioneer Valley", "new", 700.0, 90),
+}

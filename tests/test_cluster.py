@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from procs import (
     SECRET,
+    SEED,
     TOKEN,
     Cluster,
     call,
@@ -30,15 +31,6 @@ from procs import (
 
 pytestmark = pytest.mark.integration
 
-SEED = {
-    0: ("How to get a good grade in DOS in 40 minutes a day.", "distributed systems", 100.0, 85),
-    1: ("RPCs for Noobs.", "distributed systems", 22.35, 60),
-    2: ("Xen and the Art of Surviving Undergraduate School.", "undergraduate school", 50.0, 8),
-    3: ("Cooking for the Impatient Undergrad.", "undergraduate school", 89.33, 65),
-    4: ("How to finish Project 3 on time", "new", 70.0, 40),
-    5: ("Why theory classes are so hard", "new", 100.0, 80),
-    6: ("Spring in the Pioneer Valley", "new", 700.0, 90),
-}
 BOOK_FIELDS = {"id", "title", "topic", "price", "quantity"}
 ORDER_FIELDS = {"id", "book_id", "title", "quantity", "price", "total", "created"}
 

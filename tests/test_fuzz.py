@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import schemathesis  # noqa: E402
-from procs import TOKEN, Cluster, call
+from procs import SEED, TOKEN, Cluster, call
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
@@ -37,15 +37,6 @@ SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 MAX_EXAMPLES = int(os.environ.get("BAZAR_TEST_FUZZ_EXAMPLES", "50"))  # per operation and generation mode
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance, status_code_conformance,
           negative_data_rejection]
-SEED = {
-    0: ("How to get a good grade in DOS in 40 minutes a day.", "distributed systems", 100.0, 85),
-    1: ("RPCs for Noobs.", "distributed systems", 22.35, 60),
-    2: ("Xen and the Art of Surviving Undergraduate School.", "undergraduate school", 50.0, 8),
-    3: ("Cooking for the Impatient Undergrad.", "undergraduate school", 89.33, 65),
-    4: ("How to finish Project 3 on time", "new", 70.0, 40),
-    5: ("Why theory classes are so hard", "new", 100.0, 80),
-    6: ("Spring in the Pioneer Valley", "new", 700.0, 90),
-}
 
 
 @pytest.fixture(scope="module")

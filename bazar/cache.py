@@ -41,6 +41,15 @@ class LRUCache:
         self.hits += 1
         return found[0]
 
+    def hit(self, key: str) -> Any | None:
+        """Like `get`, but a miss is not counted (the caller goes on to a `get`)."""
+        found = self.entries.get(key)
+        if found is None:
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return found[0]
+
     def required(self, key: str) -> int:
         """The oldest version a read of `key` may return to a client."""
         return max(self.floor, self.latest.get(key, 0))

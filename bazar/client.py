@@ -9,9 +9,12 @@ from typing import Any, Callable, Protocol
 import orjson
 import treq
 from treq.client import HTTPClient
+from treq.response import _Response
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from bazar.web import SECRET_HEADER, HTTPError, dumps
@@ -25,13 +28,51 @@ class Clock(Protocol):
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
 
+@implementer(IAgentEndpointFactory)
+class PeerEndpoints:
+    """One endpoint per peer, made once: Agent's default factory builds a new
+    HostnameEndpoint (and IDNA-encodes "127.0.0.1") for every request."""
+
+    def __init__(self, reactor: Any, connect_timeout: float):
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self.endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme != b"http":
+                raise ValueError("Bazar's peers speak plain HTTP")
+            endpoint = self.endpoints[key] = HostnameEndpoint(
+                self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.connect_timeout)
+        return endpoint
+
+
+class PeerClient(HTTPClient):
+    """treq's client, with a short way for Bazar's own calls. Peers never redirect,
+    set no cookies and send no gzip, and the URLs are plain ASCII: such a request
+    goes straight to the pooled Agent, skipping treq's per-request cookie, redirect
+    and content-decoding agents and hyperlink's URL re-encoding. The response is
+    still treq's, so `treq.content` and the rest work as usual."""
+
+    def request(self, method: str, url: Any, **kw: Any) -> Any:
+        headers, data = kw.pop("headers", None), kw.pop("data", None)
+        if kw or not isinstance(url, str) or not url.isascii() or not isinstance(headers, (dict, type(None))):
+            return super().request(method, url, headers=headers, data=data, **kw)
+        agent: Any = self._agent
+        d = agent.request(method.encode("ascii"), url.encode("ascii"), headers=Headers(headers or {}),
+                          bodyProducer=data)
+        return d.addCallback(_Response, self._cookiejar)
+
+
 def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
-    agent: Any = Agent(reactor, pool=pool, connectTimeout=2)
-    return HTTPClient(agent), pool
+    agent: Any = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 2), pool=pool)
+    return PeerClient(agent), pool
 
 
 @implementer(IBodyProducer)

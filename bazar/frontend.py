@@ -172,6 +172,15 @@ def frontend_app(fe: Frontend) -> JsonApp:
     def cache_stats(request: Any) -> dict[str, int]:
         return fe.cache.stats()
 
+    def info_hit(request: Any, rest: bytes) -> bytes | None:
+        """GET /bazar/info/{id} answered from the cache without Klein's routing; a
+        miss (or anything unusual) goes the normal way."""
+        if not rest.isdigit() or len(rest) > 18:
+            return None
+        return fe.cache.hit(f"info:{int(rest)}")  # type: ignore[no-any-return]
+
+    api.shortcut(b"GET", b"/bazar/info/", "info", info_hit)
+
     with open(OPENAPI, "rb") as f:
         spec = f.read()
 

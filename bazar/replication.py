@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from bazar.client import Clock, Unreachable, call, error_of
 from bazar.store import Entry, Outcome, Store
-from bazar.web import HTTPError, JsonApp, require_secret
+from bazar.web import HTTPError, JsonApp, dumps, require_secret
 
 log = Logger()
 
@@ -477,7 +477,11 @@ def install_routes(api: JsonApp, replica: Replica, secret: str | None,
                 raise HTTPError(400, f"malformed internal message: {exc.__class__.__name__}") from None
         return route
 
-    api.route("/internal/replicate", "POST", "replicate")(guarded(replica.on_replicate))
+    replicate = guarded(replica.on_replicate)
+    api.route("/internal/replicate", "POST", "replicate")(replicate)
+    # every write reaches each backup here: answer it without Klein's routing
+    api.shortcut(b"POST", b"/internal/replicate", "replicate",
+                 lambda request, rest: None if rest else dumps(replicate(request)))
     api.route("/internal/snapshot", "POST", "snapshot")(guarded(replica.on_snapshot))
     api.route("/internal/vote", "POST", "vote")(guarded(replica.on_vote))
 
@@ -505,6 +509,9 @@ def install_routes(api: JsonApp, replica: Replica, secret: str | None,
         hops = hop_count(request)
         outcome = await replica.submit(op, hops) if write is None else await write(op, hops)
         return {"result": outcome.result, "seq": outcome.seq, "keys": list(outcome.keys), "new": outcome.new}
+
+    api.shortcut(b"POST", b"/internal/write", "write",
+                 lambda request, rest: None if rest else forwarded_write(request))
 
 
 def hop_count(request: Any) -> int:

@@ -140,9 +140,17 @@ class GuardedChannel(HTTPChannel):
     _refused = False
     _awaiting_request = True
 
+    _host: Any = None
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
+
+    def getHost(self) -> Any:
+        # Twisted asks for it (a getsockname call) on every request; it never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def _arm(self) -> None:
         if self._deadline is None and self.header_deadline:

@@ -367,3 +367,45 @@ def test_two_apps_in_one_process_have_their_own_metrics() -> None:
     text = exchange(b, "GET", URL + "/metrics").body.decode()
     assert 'bazar_requests_total{route="plain"' not in text
     assert 'bazar_request_seconds_count{route="plain",service="sample"} 0.0' in text
+
+
+def test_shortcuts_answer_json_for_results_errors_and_crashes() -> None:
+    from twisted.logger import globalLogPublisher
+
+    api = JsonApp("test")
+    calls: list[bytes] = []
+
+    def handler(request: Any, rest: bytes) -> bytes | None:
+        calls.append(rest)
+        if rest == b"ok":
+            return b'{"fast": true}'
+        if rest == b"teapot":
+            raise HTTPError(418, "short and stout")
+        if rest == b"boom":
+            raise RuntimeError("broken")
+        return None  # falls through to the Klein route
+
+    @api.route("/x/<string:rest>", "GET", "x")
+    def slow(request: Any, rest: str) -> dict[str, Any]:
+        return {"slow": rest}
+
+    api.shortcut(b"GET", b"/x/", "x", handler)
+    stub = StubTreq(api.resource())
+    errors: list[Any] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        assert exchange(stub, "GET", "http://h/x/ok").code == 200
+        assert exchange(stub, "GET", "http://h/x/ok").json() == {"fast": True}
+        teapot = exchange(stub, "GET", "http://h/x/teapot")
+        assert (teapot.code, teapot.json()) == (418, {"error": "short and stout"})
+        boom = exchange(stub, "GET", "http://h/x/boom")
+        assert (boom.code, boom.json()) == (500, {"error": "internal error"})
+        assert boom.header("Content-Type") == "application/json"
+        slow_answer = exchange(stub, "GET", "http://h/x/other")
+        assert (slow_answer.code, slow_answer.json()) == (200, {"slow": "other"})
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert calls == [b"ok", b"ok", b"teapot", b"boom", b"other"]
+    assert any("log_failure" in event for event in errors)  # the crash is logged, not shown
+    metrics = exchange(stub, "GET", "http://h/metrics").body.decode()
+    assert 'route="x",service="test",status="418"' in metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 from typing import Any
 
@@ -128,6 +129,11 @@ class Options(BazarOptions):
 
 def makeService(options: usage.Options) -> MultiService:
     from twisted.internet import reactor
+
+    # Ctrl-C must stop the store even when we were started with SIGINT ignored (as a
+    # shell does for background jobs): Twisted only installs its SIGINT handler over
+    # Python's default one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     data = os.path.abspath(options["data"])
     os.makedirs(os.path.join(data, "logs"), exist_ok=True)

@@ -215,6 +215,7 @@ class Cluster:
     proc: subprocess.Popen[bytes] | None = None
     token: str = TOKEN
     secret: str = SECRET
+    sigint_ignored: bool = False  # start it as a shell starts a background job
 
     def __post_init__(self) -> None:
         if not self.catalog_ports:
@@ -304,8 +305,9 @@ class Cluster:
             env["BAZAR_CLUSTER_SECRET"] = self.secret
         out = open(os.path.join(self.data, "cluster.out"), "ab")  # noqa: SIM115
         try:
+            ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if self.sigint_ignored else None
             self.proc = subprocess.Popen(self.argv(), env=env, cwd=self.data, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=ignore)
         finally:
             out.close()
         _RUNNING.append(self)

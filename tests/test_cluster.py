@@ -489,6 +489,23 @@ def stopped_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             state["second"].stop()
 
 
+def test_ctrl_c_stops_the_store_even_when_started_with_sigint_ignored(tmp_path: Any) -> None:
+    """A shell starts background jobs with SIGINT ignored; Ctrl-C (SIGINT) must still
+    stop the supervisor and every replica."""
+    cluster = Cluster(data=str(tmp_path / "data"), sigint_ignored=True)
+    try:
+        cluster.start()
+        pids = [h["pid"] for h in cluster.healths().values()]  # type: ignore[index]
+        supervisor = cluster.proc
+        assert supervisor is not None and len(pids) == 7
+        os.kill(supervisor.pid, signal.SIGINT)
+        wait_until(lambda: supervisor.poll() is not None and not any(pid_alive(p) for p in pids),
+                   30, "the supervisor and its replicas to exit on SIGINT")
+        assert group_members(supervisor.pid) == []
+    finally:
+        cluster.stop()
+
+
 def test_sigterm_to_the_supervisor_leaves_no_process(stopped_cluster: dict[str, Any]) -> None:
     s = stopped_cluster
     assert len(s["pids"]) == 7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from attrs import asdict, frozen
+from attrs import asdict, fields, frozen
 
 from bazar.web import HTTPError
 
@@ -32,6 +32,11 @@ class Book:
     price: float
     quantity: int
 
+    @classmethod
+    def from_row(cls, row: Any) -> "Book":
+        """From a SQLite row whose first columns are BOOK_FIELDS, in that order."""
+        return cls(*row[:5])
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -46,8 +51,17 @@ class Order:
     total: float
     created: str
 
+    @classmethod
+    def from_row(cls, row: Any) -> "Order":
+        """From a SQLite row whose first columns are ORDER_FIELDS, in that order."""
+        return cls(*row[:7])
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+BOOK_FIELDS = tuple(a.name for a in fields(Book))
+ORDER_FIELDS = tuple(a.name for a in fields(Order))
 
 
 @frozen

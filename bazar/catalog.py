@@ -9,17 +9,17 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from bazar.books import SEED_BOOKS
+from bazar.books import BOOK_FIELDS, SEED_BOOKS, Book
 from bazar.replication import Replica, install_routes
 from bazar.service import BazarOptions
 from bazar.store import OpError, Store
 from bazar.web import HTTPError, JsonApp, dumps, parse_id
 
-BOOK_COLUMNS = "id, title, topic, price, quantity"
+BOOK_COLUMNS = ", ".join(BOOK_FIELDS)
 
 
 def book_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    return {"id": row[0], "title": row[1], "topic": row[2], "price": row[3], "quantity": row[4]}
+    return Book.from_row(row).to_json()
 
 
 class CatalogMachine:

@@ -29,6 +29,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from bazar.balancer import ReplicaSet
+from bazar.books import ORDER_FIELDS, Order
 from bazar.client import Clock
 from bazar.replication import Replica, hop_count, install_routes
 from bazar.service import BazarOptions
@@ -37,15 +38,15 @@ from bazar.web import HTTPError, JsonApp, dumps, read_object, require_admin, req
 
 log = Logger()
 
-ORDER_COLUMNS = "id, book_id, title, quantity, price, total, created, status, idem, reason"
+ORDER_COLUMNS = ", ".join(ORDER_FIELDS + ("status", "idem", "reason"))
 SETTLE_AFTER = 2.0  # seconds a pending order may be left to its own request
 
 
 def order_json(row: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
+    """The public order: from a row, or from a full record (with status, idem, ...)."""
     if isinstance(row, dict):
-        return {k: row[k] for k in ("id", "book_id", "title", "quantity", "price", "total", "created")}
-    return {"id": row[0], "book_id": row[1], "title": row[2], "quantity": row[3], "price": row[4],
-            "total": row[5], "created": row[6]}
+        row = tuple(row[k] for k in ORDER_FIELDS)
+    return Order.from_row(row).to_json()
 
 
 def order_record(row: tuple[Any, ...]) -> dict[str, Any]:

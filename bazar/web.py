@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 import orjson
 from klein import Klein
@@ -29,7 +29,6 @@ MAX_BODY = 64 * 1024
 JSON = b"application/json"
 SECRET_HEADER = b"X-Bazar-Secret"
 
-T = TypeVar("T")
 Request = Any  # twisted.web.server.Request; zope interfaces do not type-check well
 
 
@@ -321,8 +320,3 @@ class Raw:
     def __init__(self, body: bytes, content_type: bytes):
         self.body = body
         self.content_type = content_type
-
-
-def require(condition: bool, message: str, status: int = 400) -> None:
-    if not condition:
-        raise HTTPError(status, message)

@@ -557,3 +557,13 @@ SEED = {
     5: ("Why theory classes are so hard", "new", 100.0, 80),
     6: ("Spring in the Pioneer Valley", "new", 700.0, 90),
 }
+
+
+# The admin calls of DESIGN.md, each of which must refuse a caller without the token.
+ADMIN_CALLS = [
+    ("PUT", "/bazar/update_price/1", {"price": 30.5}),
+    ("POST", "/bazar/restock/1", {"quantity": 5}),
+    ("POST", "/bazar/books", {"title": "Unauthorised", "topic": "nope", "price": 1.0, "quantity": 1}),
+    ("GET", "/bazar/orders", None),
+    ("DELETE", "/bazar/cache/1", None),
+]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from procs import (
+    ADMIN_CALLS,
     SECRET,
     SEED,
     TOKEN,
@@ -262,13 +263,6 @@ def test_concurrent_buyers_never_oversell(cluster: Cluster) -> None:
 
 # -- admin ---------------------------------------------------------------------
 
-ADMIN_CALLS = [
-    ("PUT", "/bazar/update_price/1", {"price": 30.5}),
-    ("POST", "/bazar/restock/1", {"quantity": 5}),
-    ("POST", "/bazar/books", {"title": "Unauthorised", "topic": "nope", "price": 1.0, "quantity": 1}),
-    ("GET", "/bazar/orders", None),
-    ("DELETE", "/bazar/cache/1", None),
-]
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Basic " + TOKEN, "Bearer", TOKEN,

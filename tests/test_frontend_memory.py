@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory import CATALOG_PORT, FRONTEND_PORT, SECRET, TOKEN, Response, Shop, restock, update_price, url_of
+from procs import ADMIN_CALLS
 
 from bazar.books import SEED_BOOKS
 
@@ -201,13 +202,6 @@ def test_a_bad_idempotency_key_is_400(shop: Shop) -> None:
 
 # -- admin writes --------------------------------------------------------------------------
 
-ADMIN_CALLS = [
-    ("PUT", "/bazar/update_price/1", {"price": 30.0}),
-    ("POST", "/bazar/restock/1", {"quantity": 5}),
-    ("POST", "/bazar/books", {"title": "T", "topic": "new", "price": 1.0, "quantity": 1}),
-    ("GET", "/bazar/orders", None),
-    ("DELETE", "/bazar/cache/1", None),
-]
 
 
 @pytest.mark.parametrize("method, path, body", ADMIN_CALLS)
@@ -490,3 +484,30 @@ def test_malformed_requests_change_nothing(shop: Shop, request: tuple[str, str],
     assert 400 <= r.code < 500, (request, body, r)
     error(r, r.code)
     assert shop.state() == before
+
+
+def test_info_all_demands_a_replica_as_new_as_our_own_writes() -> None:
+    """Read-your-writes for GET /bazar/info/all: the front end asks the catalog for a
+    replica at least as new as its newest write, not only the newest announcement."""
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import Clock
+
+    from bazar.cache import LRUCache
+    from bazar.frontend import Frontend
+    from bazar.invalidation import InvalidationStream
+
+    class Catalog:
+        listeners: list[Any] = []
+        asked: list[int] = []
+
+        async def read(self, path: str, min_seq: int = 0, headers: Any = None) -> tuple[int, bytes, int]:
+            self.asked.append(min_seq)
+            return 200, b"[]", min_seq
+
+    stream = InvalidationStream(LRUCache(4), Clock())
+    stream.observe_primary(3)  # announcements seen up to 3
+    fe = Frontend(catalog=Catalog(), order=Catalog(), cache=stream.cache, stream=stream,  # type: ignore[arg-type]
+                  admin_token=None, secret=None)
+    stream.written(9, ["info:1"])  # our own write at 9, not yet announced
+    ensureDeferred(fe.all_books())
+    assert Catalog.asked == [9]

@@ -23,7 +23,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from procs import HOST, SECRET, TOKEN, TWISTD, Cluster, Response, free_ports, get_json, stop_group, wait_until
+from procs import (
+    ADMIN_CALLS,
+    HOST,
+    SECRET,
+    TOKEN,
+    TWISTD,
+    Cluster,
+    Response,
+    free_ports,
+    get_json,
+    stop_group,
+    wait_until,
+)
 from procs import call as _call
 
 pytestmark = pytest.mark.integration
@@ -67,13 +79,6 @@ def assert_json_error(r: Response, *statuses: int) -> dict[str, Any]:
 
 # -- admin doors ----------------------------------------------------------------
 
-ADMIN = [
-    ("PUT", "/bazar/update_price/1", {"price": 1.5}),
-    ("POST", "/bazar/restock/1", {"quantity": 1000}),
-    ("POST", "/bazar/books", {"title": "Forged", "topic": "forged", "price": 1.0, "quantity": 1}),
-    ("GET", "/bazar/orders", None),
-    ("DELETE", "/bazar/cache/1", None),
-]
 BAD_AUTH: list[dict[str, str]] = [
     {},
     {"Authorization": ""},
@@ -95,7 +100,7 @@ BAD_AUTH: list[dict[str, str]] = [
 def test_admin_doors_stay_shut_without_the_right_token(cluster: Cluster) -> None:
     before = state(cluster)
     tried = 0
-    for method, path, body in ADMIN:
+    for method, path, body in ADMIN_CALLS:
         for headers in BAD_AUTH:
             for url in (cluster.front + path, cluster.front + path + f"?token={TOKEN}"):
                 r = call(method, url, body, headers=headers)
@@ -108,7 +113,7 @@ def test_admin_doors_stay_shut_without_the_right_token(cluster: Cluster) -> None
             assert_json_error(r, 401)
             assert r.headers.get("www-authenticate", "").startswith("Bearer")
             tried += 1
-    assert tried == len(ADMIN) * len(BAD_AUTH) * 2 + 3 * len(BAD_AUTH)
+    assert tried == len(ADMIN_CALLS) * len(BAD_AUTH) * 2 + 3 * len(BAD_AUTH)
     assert state(cluster) == before
     assert get_json(cluster.front + "/bazar/search/forged") == []
 
@@ -194,7 +199,7 @@ def tokenless_front(cluster: Cluster) -> Iterator[str]:
 
 def test_a_front_end_without_admin_token_refuses_admin_calls(cluster: Cluster, tokenless_front: str) -> None:
     before = state(cluster)
-    for method, path, body in ADMIN:
+    for method, path, body in ADMIN_CALLS:
         for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer "}):
             r = call(method, tokenless_front + path, body, headers=headers)
             error = assert_json_error(r, 401)

@@ -25,6 +25,7 @@ RETRYABLE = (502, 503, 504)
 # promptly gets at most this many waiting on it (connections, memory, sockets),
 # while the others keep serving.
 MAX_IN_FLIGHT = 32
+ATTEMPT = 2.5  # seconds one write attempt may take before it is sent again
 
 
 class Busy(Exception):
@@ -159,8 +160,11 @@ class ReplicaSet:
             target = self.primary_state() or next((r for r in self.read_order() if r.alive), None)
             if target is not None:
                 try:
+                    # a primary that does not answer within ATTEMPT may be paused or cut off: ask again
+                    # (the request is idempotent), maybe elsewhere, rather than wait out the whole budget
+                    left = max(deadline - self.clock.seconds(), 0.001)
                     status, parsed, _ = await self._call(target, "POST", path, body=body, secret=self.secret,
-                                                         timeout=self.write_budget)
+                                                         timeout=min(left, ATTEMPT))
                     if status not in RETRYABLE:
                         return status, parsed
                 except Busy:

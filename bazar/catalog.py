@@ -94,7 +94,8 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
     reads = CatalogReads(replica.store)
 
     def seq_header(request: Any) -> None:
-        request.setHeader(b"X-Bazar-Seq", str(replica.store.last_seq).encode())
+        replica.require_serving()
+        request.setHeader(b"X-Bazar-Seq", str(replica.store.applied).encode())
         request.setHeader(b"X-Bazar-Status", replica.status.encode())
 
     @api.route("/health", "GET", "health")
@@ -124,7 +125,7 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
     def book_hit(request: Any, rest: bytes) -> bytes | None:
         """GET /books/{id} for an existing book without Klein's routing (the front
         end's cache misses land here); anything else goes the normal way."""
-        if not rest.isdigit() or len(rest) > 18:
+        if not rest.isdigit() or len(rest) > 18 or not replica.serving:
             return None
         found = reads.one(int(rest))
         if found is None:
@@ -152,7 +153,7 @@ def makeService(options: usage.Options) -> MultiService:
     from bazar.invalidation import Publisher
     from bazar.service import ReplicaProcess, parse_urls
 
-    process = ReplicaProcess(options, "catalog", CatalogMachine(), "catalog.sqlite3")
+    process = ReplicaProcess(options, "catalog", CatalogMachine(), "catalog.db")
     publisher = Publisher(http=process.http, clock=process.reactor, secret=process.secret,
                           frontends=parse_urls(options["frontends"]), redis_url=options["redis"])
     process.replica.on_commit = publisher.committed

@@ -33,6 +33,7 @@ class Frontend:
         self.stream = stream
         self.admin_token = admin_token
         self.secret = secret
+        self.order_floor = 0
         catalog.listeners.append(self._catalog_polled)
 
     def _catalog_polled(self, primary: Any) -> None:
@@ -81,11 +82,13 @@ class Frontend:
             raise error_of(status if status != 200 else 502, answer)
         catalog = answer.get("catalog") or {}
         self.stream.written(int(catalog.get("seq", 0)), [str(k) for k in catalog.get("keys", [])])
+        # read-your-writes for orders: no order replica older than this purchase
+        self.order_floor = max(self.order_floor, int(answer.get("seq", 0)))
         return {"order": answer["order"]}
 
     async def orders(self) -> tuple[int, bytes]:
         headers = {b"Authorization": b"Bearer " + (self.admin_token or "").encode()}
-        status, body, _ = await self.order.read("/orders", headers=headers)
+        status, body, _ = await self.order.read("/orders", self.order_floor, headers=headers)
         return status, body
 
 

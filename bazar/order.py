@@ -145,6 +145,7 @@ class Purchases:
 
     async def _settle(self, order_id: int) -> dict[str, Any]:
         order = self.read(order_id)
+        seq = self.replica.store.applied  # what a reader must have applied to see this order's state
         catalog: dict[str, Any] = {"seq": 0, "keys": [f"info:{order['book_id']}"]}
         if order["status"] == "pending":
             try:
@@ -161,14 +162,16 @@ class Purchases:
             done = await self.replica.submit({"op": "confirm", "rid": f"confirm:{order_id}", "id": order_id,
                                               "title": book["title"], "price": book["price"]})
             order = done.result
+            seq = max(seq, done.seq)
         if order["status"] == "failed":
             status = 404 if order["reason"].startswith("no book") else 409
             raise HTTPError(status, order["reason"] or "the purchase failed")
-        return {"order": order_json(order), "catalog": catalog}
+        return {"order": order_json(order), "catalog": catalog, "seq": seq}
 
     def sweep(self) -> None:
-        """Finish pending orders left behind by a crash (primary only)."""
-        if not self.replica.is_primary:
+        """Finish pending orders left behind by a crash (a primary within its lease
+        only: a deposed one must not act on what it knew)."""
+        if not self.replica.is_primary or not self.replica.serving:
             return
         cutoff = self.clock.seconds() - SETTLE_AFTER
         rows = self.replica.store.db.execute(
@@ -189,7 +192,8 @@ def order_app(replica: Replica, purchases: Purchases, secret: str | None, admin_
     @api.route("/orders", "GET", "orders")
     def orders(request: Any) -> bytes:
         require_admin(request, admin_token)
-        request.setHeader(b"X-Bazar-Seq", str(replica.store.last_seq).encode())
+        replica.require_serving()
+        request.setHeader(b"X-Bazar-Seq", str(replica.store.applied).encode())
         rows = replica.store.db.execute(
             f"SELECT {ORDER_COLUMNS} FROM orders WHERE status = 'confirmed' ORDER BY id")
         return dumps([order_json(tuple(r)) for r in rows])
@@ -226,7 +230,7 @@ class Options(BazarOptions):
 def makeService(options: usage.Options) -> MultiService:
     from bazar.service import ReplicaProcess, parse_urls
 
-    process = ReplicaProcess(options, "order", OrderMachine(), "orders.sqlite3")
+    process = ReplicaProcess(options, "order", OrderMachine(), "orders.db")
     reactor = process.reactor
     catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), process.http, reactor, process.secret,
                          write_budget=8.0)

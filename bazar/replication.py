@@ -1,19 +1,31 @@
-"""Primary/backup replication of one service's store.
+"""One replica of a replicated service: the Raft core of `bazar.raft` driven by the
+reactor, with its log and state machine in `bazar.store`.
 
-- One primary orders every write: `Store.execute` gives it the next sequence number
-  and commits state + log entry together; then the entry is pushed to every backup
-  that is not known to be down, each through its own `BackupLink` (one request in
-  flight per backup, so entries arrive in order and batch up under load). The writer
-  waits on a `DeferredList` of the links' acknowledgements; it is answered only when
-  every live backup applied the entry and a majority of the replicas hold it.
-- Backups apply strictly in sequence order: a batch must start right after their
-  last entry (same sequence number and epoch), else they answer with their position
-  and the primary resends from there, or sends a snapshot when the logs diverged.
-- Elections: a replica that hears nothing from a primary for its election timeout
-  (longer for higher ids, so the lowest live id usually wins) asks the others to
-  promise a new epoch. With a majority of promises it first copies the most advanced
-  log among them, then becomes primary. A promise fences the old primary: a replica
-  never applies a write, nor grants a vote, from an epoch below the one it promised.
+The core decides; this module does the I/O:
+
+- time: `tick()` (a TimerService) turns the clock's seconds into core ticks. A
+  process that was paused (SIGSTOP) catches up on every tick it missed before it
+  answers anything, so a paused leader finds its lease expired (§6.4.1) and steps
+  down (§6.2) instead of acting on what it knew before the pause;
+- messages: each is one POST to the peer's `/internal/raft`, with treq over the
+  pooled connections; the peer's replies come back in the response body. A message
+  that could not be delivered is reported to the core (`unreachable`);
+- the `ready()` contract: what the core wrote to the store is committed (one fsync,
+  for everything of this turn) before its messages leave; committed entries are
+  applied in that same transaction; then waiting writers are answered.
+
+Writes: any replica takes one. The leader appends it and answers once the entry is
+committed and applied (its outcome comes from the state machine: the same on every
+replica); a follower forwards it to the leader. A leader that loses its leadership
+fails its waiting writers with 503 (the outcome is then unknown: a retry with the
+same request id learns it, §6.3).
+
+Reads: a replica serves reads only while it is `serving`: a leader within its lease
+(§6.4.1), a follower that has heard from a leader within an election timeout and
+has applied everything that leader told it was committed. What it serves is
+committed state (entries are applied only once committed), and the front end asks
+for an applied index at least as high as any write it made or heard of, so its reads
+are monotonic and see its own writes.
 """
 
 from __future__ import annotations
@@ -26,8 +38,10 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
+from bazar import raft
 from bazar.client import Clock, Unreachable, call, error_of
-from bazar.store import Entry, Outcome, Store
+from bazar.raft import Entry, Message, NotLeader, Raft, message_from_json
+from bazar.store import OpError, Outcome, Store
 from bazar.web import HTTPError, JsonApp, dumps, require_secret
 
 log = Logger()
@@ -36,18 +50,8 @@ PRIMARY = "primary"
 BACKUP = "backup"
 OK = "ok"
 RECOVERING = "recovering"
-BATCH = 500
 INTERNAL_BODY_LIMIT = 512 * 1024 * 1024
-
-
-class StaleEpoch(Exception):
-    def __init__(self, epoch: int):
-        super().__init__(epoch)
-        self.epoch = epoch
-
-
-class Stopped(Exception):
-    """The link stopped (the primary stepped down or shut down)."""
+MAX_CATCH_UP_TICKS = 10_000
 
 
 def sleep(clock: Clock, seconds: float) -> Deferred[None]:
@@ -56,222 +60,348 @@ def sleep(clock: Clock, seconds: float) -> Deferred[None]:
     return d
 
 
-class BackupLink:
-    """The primary's view of one backup: what it holds (`match`), whether it answers
-    (`down`), and the writers waiting for it to apply their entry."""
-
-    def __init__(self, replica: "Replica", peer_id: int, url: str):
-        self.replica = replica
-        self.peer_id = peer_id
-        self.url = url
-        self.match: int | None = None  # highest seq known to be applied there
-        self.down = False
-        self.active = True
-        self.waiters: list[tuple[int, Deferred[None]]] = []
-        self._wake: Deferred[None] | None = None
-
-    def wait(self, seq: int) -> Deferred[None]:
-        """Fires when the backup holds `seq`; fails when the backup is (or goes) down."""
-        if self.match is not None and self.match >= seq:
-            return Deferred.fromCoroutine(_done())
-        d: Deferred[None] = Deferred()
-        if self.down or not self.active:
-            d.errback(Unreachable(f"backup {self.peer_id} is down"))
-            return d
-        self.waiters.append((seq, d))
-        return d
-
-    def notify(self) -> None:
-        wake, self._wake = self._wake, None
-        if wake is not None and not wake.called:
-            wake.callback(None)
-
-    def stop(self) -> None:
-        self.active = False
-        self._fail_waiters(Stopped())
-        self.notify()
-
-    def _fail_waiters(self, exc: Exception) -> None:
-        waiters, self.waiters = self.waiters, []
-        for _, d in waiters:
-            d.errback(exc)
-
-    def _advance(self, match: int) -> None:
-        self.match = match
-        while self.waiters and self.waiters[0][0] <= match:
-            _, d = self.waiters.pop(0)
-            d.callback(None)
-
-    async def run(self) -> None:
-        r = self.replica
-        while self.active:
-            try:
-                if self.match is not None and self.match >= r.store.last_seq:
-                    self._wake = Deferred()
-                    timer = r.clock.callLater(r.heartbeat, self.notify)
-                    await self._wake
-                    if timer.active():
-                        timer.cancel()
-                    if not self.active:
-                        break
-                await self._send()
-                self.down = False
-            except StaleEpoch as stale:
-                log.info("backup {peer} knows a newer epoch {epoch}: stepping down",
-                         peer=self.peer_id, epoch=stale.epoch)
-                r.step_down(stale.epoch)
-                break
-            except Exception as exc:
-                if not self.down:
-                    log.info("backup {peer} is unreachable: {why}", peer=self.peer_id, why=str(exc))
-                self.down = True
-                self.match = None
-                self._fail_waiters(Unreachable(str(exc)))
-                await sleep(r.clock, r.retry_interval)
-
-    async def _send(self) -> None:
-        r = self.replica
-        store = r.store
-        prev = self.match if self.match is not None else store.last_seq
-        prev_epoch = store.epoch_at(prev)
-        if prev_epoch is None:
-            await self._send_snapshot()
-            return
-        entries = store.entries_after(prev, BATCH) if self.match is not None else []
-        upto = entries[-1].seq if entries else prev
-        message = {"epoch": r.epoch, "leader": r.replica_id, "prev_seq": prev, "prev_epoch": prev_epoch,
-                   "entries": [e.to_json() for e in entries], "head": store.last_seq,
-                   "in_sync": self.match is not None and upto >= store.last_seq}
-        answer = await r.rpc(self.url, "/internal/replicate", message)
-        if not self.active:
-            return
-        if answer.get("stale"):
-            raise StaleEpoch(int(answer["epoch"]))
-        their_seq, their_epoch = int(answer["last_seq"]), int(answer["last_epoch"])
-        if answer.get("ok"):
-            self._advance(their_seq)
-        elif their_seq <= store.last_seq and store.epoch_at(their_seq) == their_epoch:
-            self._advance(their_seq)  # resend from where the backup is
-        else:
-            await self._send_snapshot()
-
-    async def _send_snapshot(self) -> None:
-        r = self.replica
-        log.info("sending a snapshot at {seq} to backup {peer}", seq=r.store.last_seq, peer=self.peer_id)
-        message = {"epoch": r.epoch, "leader": r.replica_id, "snapshot": r.store.snapshot()}
-        answer = await r.rpc(self.url, "/internal/snapshot", message, timeout=30.0)
-        if answer.get("stale"):
-            raise StaleEpoch(int(answer["epoch"]))
-        if self.active and answer.get("ok"):
-            self._advance(int(answer["last_seq"]))
-
-
-async def _done() -> None:
-    return None
-
-
 class Replica:
-    """One replica of a replicated service: its role, its links and its election clock."""
+    """One replica of a replicated service."""
 
     def __init__(self, *, service: str, replica_id: int, peers: dict[int, str], store: Store,
                  http: HTTPClient, clock: Clock, secret: str | None,
                  on_commit: Callable[[Outcome], None] | None = None,
                  on_primary: Callable[[], Any] | None = None,
-                 heartbeat: float = 0.2, election_timeout: float = 1.0,
-                 rpc_timeout: float = 1.0, retry_interval: float = 0.25):
+                 tick: float = 0.05, election_ticks: int = 14, heartbeat_ticks: int = 2,
+                 rpc_timeout: float = 1.0, write_timeout: float = 8.0, rng: random.Random | None = None):
         self.service = service
         self.replica_id = replica_id
         self.peers = dict(peers) if peers else {}
         self.peers.setdefault(replica_id, "")
         self.others = {pid: url for pid, url in self.peers.items() if pid != replica_id}
-        self.majority = len(self.peers) // 2 + 1
         self.store = store
         self.http = http
         self.clock = clock
         self.secret = secret
         self.on_commit = on_commit
         self.on_primary = on_primary
-        self.heartbeat = heartbeat
-        self.base_timeout = election_timeout
-        self.election_timeout = election_timeout + 0.5 * sorted(self.peers).index(replica_id)
+        self.tick_seconds = tick
         self.rpc_timeout = rpc_timeout
-        self.retry_interval = retry_interval
-        self.role = BACKUP
-        self.status = RECOVERING
-        self.leader: int | None = None
-        self.epoch = store.promised
-        self.seen_epoch = store.promised
-        self.last_heard = clock.seconds()
-        self.links: dict[int, BackupLink] = {}
-        self.electing = False
+        self.write_timeout = write_timeout
+        self.core = Raft(id=replica_id, voters=tuple(sorted(self.peers)), log=store, applied=store.applied,
+                         election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
+                         rng=rng or random.Random(random.random()))
+        self.waiters: dict[int, tuple[int, Deferred[Outcome]]] = {}
+        self.read_waiters: dict[int, Deferred[int]] = {}
+        self.applied_waiters: list[tuple[int, Deferred[None]]] = []
+        self.leader_commit = 0  # the commit index the leader last told us
+        self.running = False
+        self._scheduled: Any = None
+        self._tick_base = clock.seconds()
+        self._was_leader = False
+        self._probing = False
+        self.elections = 0
 
-    # -- helpers --------------------------------------------------------------
-    async def rpc(self, url: str, path: str, body: Any, timeout: float | None = None) -> dict[str, Any]:
-        status, parsed, _ = await call(self.http, self.clock, "POST", url + path, body=body,
-                                       secret=self.secret, timeout=timeout or self.rpc_timeout)
-        if status != 200 or not isinstance(parsed, dict):
-            raise Unreachable(f"{url}{path} answered {status}")
-        return parsed
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        return PRIMARY if self.core.role == raft.LEADER else BACKUP
 
     @property
     def is_primary(self) -> bool:
-        return self.role == PRIMARY
+        return self.core.role == raft.LEADER
+
+    @property
+    def epoch(self) -> int:
+        return self.store.term
+
+    @property
+    def leader(self) -> int | None:
+        return self.core.leader
+
+    @property
+    def serving(self) -> bool:
+        """May this replica answer reads (and an order primary settle orders)?"""
+        self._catch_up()
+        core = self.core
+        if core.role == raft.LEADER:
+            return core.lease_valid() and core.committed_in_term() and self.store.applied >= core.commit
+        return (core.leader is not None and core.elapsed < core.election_ticks
+                and self.store.applied >= self.leader_commit and self.store.applied > 0)
+
+    @property
+    def status(self) -> str:
+        return OK if self.serving else RECOVERING
 
     def health(self) -> dict[str, Any]:
         return {"service": self.service, "replica": self.replica_id, "pid": os.getpid(),
                 "role": self.role, "status": self.status, "epoch": self.epoch,
-                "last_seq": self.store.last_seq, "leader": self.leader,
-                "in_sync": sorted(p for p, link in self.links.items() if not link.down and link.match is not None)}
+                "last_seq": self.store.applied, "commit": self.core.commit,
+                "log": self.store.last_index(), "leader": self.leader, "voter": self.store.voter}
 
-    # -- lifecycle ------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
-        self.last_heard = self.clock.seconds()
+        self.running = True
+        self._tick_base = self.clock.seconds()
+        if not self.store.voter:
+            if not self.others:
+                self.store.set_voter()
+                self.store.flush()
+            elif self.store.pristine:
+                ensureDeferred(self._bootstrap()).addErrback(lambda f: log.failure("bootstrap failed", f))
+            # else: a learner with some state: it votes again once caught up (§4.2.1)
         if not self.others:
-            self._become_primary(max(self.store.promised, self.seen_epoch) + 1)
+            self.core.tick()  # a single replica elects itself at once
+            while self.core.role != raft.LEADER:
+                self.core.tick()
+        self._process()
 
     def stop(self) -> None:
-        for link in self.links.values():
-            link.stop()
-        self.links = {}
+        self.running = False
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        self._fail_waiters("this replica is shutting down; retry")
+
+    async def _bootstrap(self) -> None:
+        """A replica with no state at all is a new one or one that lost its data: it
+        must not vote before it knows which (a lost vote or entry could elect a
+        leader without an acknowledged write). It votes at once only when a majority,
+        itself included, is just as new (a new store); otherwise it is a learner until
+        a leader has brought it up to date (§4.2.1)."""
+        self._probing = True
+        try:
+            while self.running and not self.store.voter:
+                answers = await DeferredList(
+                    [ensureDeferred(self._probe(url)) for url in self.others.values()], consumeErrors=True)
+                states = [answer for ok, answer in answers if ok and answer is not None]
+                if any(not s for s in states) or self.store.term > 0 or self.store.last_index() > 0:
+                    return  # the store exists: catch up as a learner
+                if 1 + sum(1 for s in states if s) >= self.core.majority:
+                    log.info("a new store: {n} of {total} replicas are new, voting from now on",
+                             n=1 + len(states), total=len(self.peers))
+                    self.store.set_voter()
+                    self.store.flush()
+                    return
+                await sleep(self.clock, 0.2)
+        finally:
+            self._probing = False
+
+    async def _probe(self, url: str) -> bool | None:
+        """Is the peer pristine too (True), or does it hold state (False)?"""
+        try:
+            status, answer, _ = await call(self.http, self.clock, "GET", url + "/internal/status",
+                                           secret=self.secret, timeout=self.rpc_timeout)
+        except Unreachable:
+            return None
+        if status != 200 or not isinstance(answer, dict):
+            return None
+        return bool(answer.get("pristine"))
+
+    # -- time -------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        """Bring the core's logical time up to the clock (after a pause too)."""
+        if not self.running:
+            return
+        due = int((self.clock.seconds() - self._tick_base) / self.tick_seconds)
+        if due <= 0:
+            return
+        self._tick_base += due * self.tick_seconds
+        for _ in range(min(due, MAX_CATCH_UP_TICKS)):
+            self.core.tick()
+        self._changed()
 
     def tick(self) -> None:
-        """Called periodically: start an election when the primary has gone quiet."""
-        if self.role == PRIMARY or self.electing or not self.others:
-            return
-        if self.clock.seconds() - self.last_heard >= self.election_timeout:
-            d = ensureDeferred(self.elect())
-            d.addErrback(lambda f: log.failure("election failed", f))
+        self._catch_up()
 
-    # -- writes ---------------------------------------------------------------
-    async def submit(self, op: dict[str, Any], hops: int = 0) -> Outcome:
-        """Apply a write through the primary and return once it is durable."""
-        if self.role != PRIMARY:
-            return await self.forward_write(op, hops)
-        outcome = self.store.execute(op, self.epoch)
-        if outcome.new:
-            for link in self.links.values():
-                link.notify()
-        await self.replicate(outcome.seq)
-        if outcome.new and self.on_commit is not None:
+    # -- the ready() loop -------------------------------------------------------------
+    def _changed(self) -> None:
+        if self.core.has_ready() and self._scheduled is None and self.running:
+            self._scheduled = self.clock.callLater(0, self._process)
+        self._watch_role()
+
+    def _process(self, reply_to: int | None = None) -> list[Message]:
+        """Rounds of the ready() contract until the core has nothing more; the messages
+        for `reply_to` are handed back (they travel in the response to its request)
+        instead of being sent."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        replies: list[Message] = []
+        for _ in range(100):
+            if not self.running:
+                break
+            ready = self.core.ready()
+            # A leader's messages need nothing of its own disk: they leave while it
+            # writes (§10.2.1; it counts itself once `persisted`). Anyone else's (votes,
+            # acknowledgements) leave only once what they promise is on disk (§3.8).
+            early = self.core.role == raft.LEADER
+            if early:
+                replies += self._dispatch(ready.messages, reply_to)
+            outcomes = [(e, self.store.apply(e)) for e in ready.committed]
+            self.store.flush()
+            self.core.persisted(self.store.last_index())
+            if not early:
+                replies += self._dispatch(ready.messages, reply_to)
+            self._watch_role()
+            for entry, outcome in outcomes:
+                self._applied(entry, outcome)
+            for r in ready.reads:
+                waiter = self.read_waiters.pop(r.ctx, None)
+                if waiter is not None:
+                    waiter.callback(r.index)
+            if self.applied_waiters:
+                due = [w for w in self.applied_waiters if w[0] <= self.store.applied]
+                self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.store.applied]
+                for _, d in due:
+                    d.callback(None)
+            if not self.core.has_ready():
+                break
+        return replies
+
+    def _dispatch(self, messages: list[Message], reply_to: int | None) -> list[Message]:
+        replies = []
+        for m in messages:
+            if m.dst == reply_to:
+                replies.append(m)
+            else:
+                self._send(m)
+        return replies
+
+    def _applied(self, entry: Entry, outcome: Outcome) -> None:
+        waiter = self.waiters.pop(entry.index, None)
+        if waiter is not None:
+            term, d = waiter
+            if term == entry.term:
+                d.callback(outcome)
+            else:
+                d.errback(HTTPError(503, f"the {self.service} primary changed during the write; retry"))
+        if self.is_primary and self.on_commit is not None:
             self.on_commit(outcome)
-        return outcome
 
-    async def replicate(self, seq: int) -> None:
-        epoch = self.epoch
-        waits = [link.wait(seq) for link in self.links.values()]
-        acks = 1
-        if waits:
-            results = await DeferredList(waits, consumeErrors=True)
-            acks += sum(1 for ok, _ in results if ok)
-        if self.role != PRIMARY or self.epoch != epoch:
-            raise HTTPError(503, "the primary changed during the write; retry")
-        if acks < self.majority:
-            raise HTTPError(503, f"only {acks} of {len(self.peers)} replicas hold the write; retry")
+    def _watch_role(self) -> None:
+        leader = self.core.role == raft.LEADER
+        if leader and not self._was_leader:
+            self.elections += 1
+            log.info("primary for epoch {epoch} at index {index}", epoch=self.epoch, index=self.store.last_index())
+            if self.on_primary is not None:
+                self.on_primary()
+        elif self._was_leader and not leader:
+            log.info("no longer primary (epoch {epoch})", epoch=self.epoch)
+            self._fail_waiters(f"the {self.service} primary stepped down during the write; retry")
+        self._was_leader = leader
+
+    def _fail_waiters(self, why: str) -> None:
+        waiters, self.waiters = self.waiters, {}
+        for _, d in waiters.values():
+            d.errback(HTTPError(503, why))
+        reads, self.read_waiters = self.read_waiters, {}
+        for read in reads.values():
+            read.callback(-1)
+
+    # -- messages ---------------------------------------------------------------------
+    def _send(self, m: Message) -> None:
+        url = self.others.get(m.dst)
+        if url is None:
+            return
+        d = ensureDeferred(self._exchange(url, m))
+        d.addErrback(lambda f: log.failure("sending to replica {peer} failed", f, peer=m.dst))
+
+    async def _exchange(self, url: str, m: Message) -> None:
+        try:
+            status, answer, _ = await call(self.http, self.clock, "POST", url + "/internal/raft",
+                                           body=m.to_json(), secret=self.secret,
+                                           timeout=self.rpc_timeout if not isinstance(m, raft.AppendEntries)
+                                           else 2 * self.rpc_timeout)
+        except Unreachable:
+            status, answer = 0, None
+        if not self.running:
+            return
+        if status != 200 or not isinstance(answer, dict):
+            self.core.unreachable(m.dst)
+            self._changed()
+            return
+        self._catch_up()
+        for data in answer.get("messages", []):
+            try:
+                reply = message_from_json(data)
+            except (KeyError, TypeError, ValueError):
+                log.warn("replica {peer} sent a malformed message", peer=m.dst)
+                continue
+            self._step(reply)
+        self._changed()
+
+    def _step(self, m: Message) -> None:
+        if isinstance(m, raft.Heartbeat):
+            self.leader_commit = m.leader_commit
+        elif isinstance(m, raft.AppendEntries):
+            self.leader_commit = m.commit
+        self.core.step(m)
+
+    def receive(self, data: Any) -> dict[str, Any]:
+        """A message from a peer: step it, make the result durable, answer with the
+        replies to it."""
+        m = message_from_json(data)
+        if not self.running:
+            return {"messages": []}
+        self._catch_up()
+        self._step(m)
+        replies = self._process(reply_to=m.src)
+        return {"messages": [r.to_json() for r in replies]}
+
+    # -- writes -----------------------------------------------------------------------
+    async def submit(self, op: dict[str, Any], hops: int = 0) -> Outcome:
+        """Apply a write through the leader and return its outcome once committed."""
+        self._catch_up()
+        if not self.is_primary:
+            return await self.forward_write(op, hops)
+        done = self.store.recorded(op)  # §6.3: applied before: its recorded outcome
+        if done is None:
+            self.store.validate(op)
+            try:
+                index, term = self.core.propose(op)
+            except NotLeader:
+                return await self.forward_write(op, hops)
+            d: Deferred[Outcome] = Deferred()
+            self.waiters[index] = (term, d)
+            self._changed()
+            d.addTimeout(self.write_timeout, self.clock)  # type: ignore[arg-type]
+            try:
+                done = await d
+            except HTTPError:
+                raise
+            except Exception:
+                self.waiters.pop(index, None)
+                raise HTTPError(503, f"the {self.service} write was not committed in time; retry") from None
+        if done.status != 200:
+            raise OpError(done.status, done.error or "the operation failed")
+        return done
+
+    async def confirm_leadership(self) -> None:
+        """§6.4 ReadIndex: returns once a majority confirmed this leader and the state
+        machine has applied everything committed when the read began."""
+        self._catch_up()
+        try:
+            ctx = self.core.read_index()
+        except NotLeader:
+            raise HTTPError(503, f"this {self.service} replica is not the primary; retry") from None
+        d: Deferred[int] = Deferred()
+        self.read_waiters[ctx] = d
+        self._changed()
+        d.addTimeout(self.write_timeout, self.clock)  # type: ignore[arg-type]
+        try:
+            index = await d
+        except Exception:
+            self.read_waiters.pop(ctx, None)
+            index = -1
+        if index < 0:
+            raise HTTPError(503, f"the {self.service} primary could not confirm its leadership; retry")
+        if self.store.applied < index:
+            applied: Deferred[None] = Deferred()
+            self.applied_waiters.append((index, applied))
+            await applied
 
     def leader_url(self) -> str:
-        if self.leader is None or self.leader == self.replica_id or self.leader not in self.others:
-            raise HTTPError(503, f"no {self.service} primary is known yet; retry")
-        return self.others[self.leader]
+        leader = self.leader
+        if leader is None or leader == self.replica_id or leader not in self.others:
+            raise HTTPError(503, f"no {self.service} primary is known yet; retry",
+                            {b"Retry-After": b"1"})
+        return self.others[leader]
 
     async def forward(self, path: str, body: Any, hops: int, timeout: float = 10.0) -> tuple[int, Any]:
         """Pass a write to the primary (any replica may receive one)."""
@@ -292,169 +422,16 @@ class Replica:
             raise error_of(status, parsed)
         return Outcome(parsed["result"], int(parsed["seq"]), tuple(parsed["keys"]), bool(parsed["new"]))
 
-    # -- backup side ----------------------------------------------------------
-    def _hear(self, epoch: int, leader: int) -> dict[str, Any] | None:
-        """Common checks for messages from a primary; a dict answer means 'stale'."""
-        if epoch < self.store.promised:
-            return {"ok": False, "stale": True, "epoch": self.store.promised,
-                    "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
-        self.store.promise(epoch)
-        if self.role == PRIMARY and leader != self.replica_id:
-            self.step_down(epoch)
-        self.epoch = self.seen_epoch = max(self.seen_epoch, epoch)
-        self.leader = leader
-        self.last_heard = self.clock.seconds()
-        return None
-
-    def on_replicate(self, msg: dict[str, Any]) -> dict[str, Any]:
-        stale = self._hear(int(msg["epoch"]), int(msg["leader"]))
-        if stale is not None:
-            return stale
-        store = self.store
-        if int(msg["prev_seq"]) != store.last_seq or int(msg["prev_epoch"]) != store.last_epoch:
-            self.status = RECOVERING
-            return {"ok": False, "last_seq": store.last_seq, "last_epoch": store.last_epoch}
-        store.append([Entry.from_json(e) for e in msg["entries"]])
-        if msg.get("in_sync") and store.last_seq >= int(msg["head"]):
-            if self.status != OK:
-                log.info("caught up at {seq} (epoch {epoch}): serving", seq=store.last_seq, epoch=self.epoch)
-            self.status = OK
-        return {"ok": True, "last_seq": store.last_seq, "last_epoch": store.last_epoch}
-
-    def on_snapshot(self, msg: dict[str, Any]) -> dict[str, Any]:
-        stale = self._hear(int(msg["epoch"]), int(msg["leader"]))
-        if stale is not None:
-            return stale
-        self.status = RECOVERING
-        self.store.install(msg["snapshot"])
-        log.info("installed a snapshot at {seq}", seq=self.store.last_seq)
-        return {"ok": True, "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
-
-    def on_log(self, after: int, epoch: int) -> dict[str, Any]:
-        """Entries after (after, epoch) for a replica catching up, or a snapshot
-        when our logs do not share that entry."""
-        store = self.store
-        if store.epoch_at(after) != epoch:
-            return {"snapshot": store.snapshot()}
-        return {"entries": [e.to_json() for e in store.entries_after(after, BATCH)],
-                "last_seq": store.last_seq}
-
-    def on_vote(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Grant (and persist) a promise of a new epoch; with "pre", only say whether
-        we would, persisting nothing (so a candidate that cannot win disturbs no one)."""
-        epoch, candidate = int(msg["epoch"]), int(msg["candidate"])
-        now = self.clock.seconds()
-        deny = {"granted": False, "epoch": max(self.store.promised, self.seen_epoch)}
-        if epoch <= self.store.promised:
-            return deny
-        if self.role == PRIMARY:
-            return deny
-        if self.leader is not None and self.leader != candidate and now - self.last_heard < self.base_timeout:
-            return deny  # we hear a live primary: do not let a late-comer disrupt it
-        if msg.get("pre"):
-            return {"granted": True, "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
-        self.store.promise(epoch)
-        self.last_heard = now
-        self.leader = None
-        log.info("promised epoch {epoch} to replica {candidate}", epoch=epoch, candidate=candidate)
-        return {"granted": True, "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
-
-    # -- elections ------------------------------------------------------------
-    async def elect(self) -> None:
-        self.electing = True
-        try:
-            await self._elect()
-        finally:
-            self.electing = False
-
-    async def _ask(self, message: dict[str, Any]) -> list[tuple[int, int, int]]:
-        """Send a vote request to every other replica; (last_epoch, last_seq, id) of each grant."""
-        ids = list(self.others)
-        answers = await DeferredList([ensureDeferred(self.rpc(self.others[i], "/internal/vote", message))
-                                      for i in ids], consumeErrors=True)
-        grants = []
-        for pid, (ok, answer) in zip(ids, answers):
-            if not ok:
-                continue
-            if answer.get("granted"):
-                grants.append((int(answer["last_epoch"]), int(answer["last_seq"]), pid))
-            else:
-                self.seen_epoch = max(self.seen_epoch, int(answer.get("epoch", 0)))
-        return grants
-
-    def _back_off(self) -> None:
-        # wait a random part of a timeout more, so two candidates do not keep colliding
-        self.last_heard = self.clock.seconds() + random.uniform(0, 0.5)
-
-    async def _elect(self) -> None:
-        epoch = max(self.store.promised, self.seen_epoch) + 1
-        message = {"epoch": epoch, "candidate": self.replica_id, "pre": True,
-                   "last_seq": self.store.last_seq, "last_epoch": self.store.last_epoch}
-        if 1 + len(await self._ask(message)) < self.majority or self.role == PRIMARY:
-            self._back_off()  # a pre-vote lost: nothing was promised, the primary is undisturbed
-            return
-        epoch = max(epoch, self.store.promised + 1)
-        self.store.promise(epoch)  # our own vote: one per epoch, like everyone's
-        self.leader = None
-        log.info("no primary heard: asking for epoch {epoch}", epoch=epoch)
-        grants = await self._ask({**message, "epoch": epoch, "pre": False})
-        if 1 + len(grants) < self.majority or self.store.promised != epoch or self.role == PRIMARY:
-            self._back_off()
-            return
-        best = max(grants)
-        if (best[0], best[1]) > (self.store.last_epoch, self.store.last_seq):
-            await self.catch_up(self.others[best[2]])
-        if self.store.promised != epoch or self.leader is not None:
-            return  # someone else won meanwhile
-        self._become_primary(epoch)
-
-    async def catch_up(self, url: str) -> None:
-        """Copy a more advanced replica's log (or snapshot) into ours."""
-        while True:
-            after, epoch = self.store.last_seq, self.store.last_epoch
-            status, answer, _ = await call(self.http, self.clock, "GET",
-                                           f"{url}/internal/log?after={after}&epoch={epoch}",
-                                           secret=self.secret, timeout=30.0)
-            if status != 200 or not isinstance(answer, dict):
-                raise Unreachable(f"catch-up from {url} answered {status}")
-            if "snapshot" in answer:
-                self.store.install(answer["snapshot"])
-                continue
-            entries = [Entry.from_json(e) for e in answer["entries"]]
-            if not entries:
-                return
-            self.store.append(entries)
-
-    def _become_primary(self, epoch: int) -> None:
-        self.store.promise(epoch)
-        self.epoch = self.seen_epoch = epoch
-        self.role = PRIMARY
-        self.status = OK
-        self.leader = self.replica_id
-        log.info("primary for epoch {epoch} at seq {seq}", epoch=epoch, seq=self.store.last_seq)
-        self.links = {pid: BackupLink(self, pid, url) for pid, url in self.others.items()}
-        for link in self.links.values():
-            d = ensureDeferred(link.run())
-            d.addErrback(lambda f: log.failure("backup link failed", f))
-        if self.on_primary is not None:
-            self.on_primary()
-
-    def step_down(self, epoch: int) -> None:
-        if self.role != PRIMARY:
-            return
-        log.info("stepping down: epoch {epoch} is newer than ours ({ours})", epoch=epoch, ours=self.epoch)
-        self.store.promise(epoch)
-        self.seen_epoch = max(self.seen_epoch, epoch)
-        self.role = BACKUP
-        self.status = RECOVERING
-        self.leader = None
-        self.last_heard = self.clock.seconds()
-        self.stop()
+    def require_serving(self) -> None:
+        """Reads are answered only from state known current (see `serving`)."""
+        if not self.serving:
+            raise HTTPError(503, f"this {self.service} replica is not caught up with a primary; retry",
+                            {b"Retry-After": b"1"})
 
 
 def install_routes(api: JsonApp, replica: Replica, secret: str | None,
                    write: Callable[[dict[str, Any], int], Awaitable[Any]] | None = None) -> None:
-    """The internal endpoints of a replica: replication, catch-up, votes, forwarded writes."""
+    """The internal endpoints of a replica: Raft messages, status, forwarded writes."""
     from bazar.web import loads, read_body
 
     def internal_json(request: Any) -> dict[str, Any]:
@@ -468,37 +445,21 @@ def install_routes(api: JsonApp, replica: Replica, secret: str | None,
             raise HTTPError(400, "the body must be a JSON object")
         return body
 
-    def guarded(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-        def route(request: Any) -> dict[str, Any]:
-            body = internal_json(request)
-            try:
-                return handler(body)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise HTTPError(400, f"malformed internal message: {exc.__class__.__name__}") from None
-        return route
-
-    replicate = guarded(replica.on_replicate)
-    api.route("/internal/replicate", "POST", "replicate")(replicate)
-    # every write reaches each backup here: answer it without Klein's routing
-    api.shortcut(b"POST", b"/internal/replicate", "replicate",
-                 lambda request, rest: None if rest else dumps(replicate(request)))
-    api.route("/internal/snapshot", "POST", "snapshot")(guarded(replica.on_snapshot))
-    api.route("/internal/vote", "POST", "vote")(guarded(replica.on_vote))
-
-    @api.route("/internal/log", "GET", "log")
-    def log_after(request: Any) -> dict[str, Any]:
-        require_secret(request, secret)
+    def message(request: Any) -> bytes:
+        body = internal_json(request)
         try:
-            after = int(request.args.get(b"after", [b"0"])[0])
-            epoch = int(request.args.get(b"epoch", [b"0"])[0])
-        except ValueError:
-            raise HTTPError(400, "after and epoch must be integers") from None
-        return replica.on_log(after, epoch)
+            return dumps(replica.receive(body))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPError(400, f"malformed internal message: {exc.__class__.__name__}") from None
+
+    api.route("/internal/raft", "POST", "raft")(message)
+    # every write reaches each follower here: answer it without Klein's routing
+    api.shortcut(b"POST", b"/internal/raft", "raft", lambda request, rest: None if rest else message(request))
 
     @api.route("/internal/status", "GET", "status")
     def status(request: Any) -> dict[str, Any]:
         require_secret(request, secret)
-        return replica.health()
+        return {**replica.health(), "pristine": replica.store.pristine}
 
     @api.route("/internal/write", "POST", "write")
     async def forwarded_write(request: Any) -> dict[str, Any]:

@@ -360,7 +360,7 @@ class ReplicaProcess:
                                http=self.http, clock=reactor, secret=self.secret)
         self.on_start: list[Callable[[], Any]] = [self.replica.start]
         self.on_stop: list[Callable[[], Any]] = [self.replica.stop]
-        TimerService(0.1, self.replica.tick).setServiceParent(self.parent)
+        TimerService(self.replica.tick_seconds, self.replica.tick).setServiceParent(self.parent)
         Hooks(on_start=self._start, on_stop=self._stop).setServiceParent(self.parent)
         watch_parent(self.parent, reactor)
 

@@ -1,59 +1,63 @@
-"""One replica's durable state: a SQLite file holding the service's tables, the
-ordered write log, the results of applied requests (for idempotency) and the
-replication metadata (promised epoch, snapshot base).
+"""One replica's durable state, in one SQLite file: the Raft log and hard state
+(term, vote, whether this replica may vote), the service's tables as of the last
+applied entry, and the results of applied requests (for idempotency, §6.3).
 
-A write is applied to the tables and appended to the log in one transaction, so the
-log and the state can never disagree after a crash. SQLite runs in WAL mode with
-synchronous=NORMAL: a committed transaction survives the death of the process
-(kill -9), which is the failure the store is built for; a power cut may lose the
-last transactions, which the other replicas still hold.
+- Writes made by the Raft core (`append`, `set_hard_state`, `set_voter`) and the
+  application of committed entries (`apply`) go into one open transaction;
+  `flush()` commits it. The caller flushes before it sends the messages that depend
+  on those writes (§3.8), so one fsync covers everything one turn of the reactor
+  wrote: group commit.
+- SQLite runs in WAL mode with `synchronous=FULL`: a commit is on the disk (fsync of
+  the WAL) when `flush()` returns, so acknowledged entries and promised votes
+  survive a power cut, not only the death of the process.
+- The tables only ever hold committed entries: an entry is applied when the leader
+  says it is committed, never when it is appended. So anything read from a replica,
+  primary or backup, is committed state, and two replicas at the same applied index
+  hold the same tables.
+- A file SQLite cannot open or that fails its integrity check is moved aside and a
+  fresh one created: the replica then catches up from its peers as a learner.
 
-Calls are synchronous on the reactor thread: each one is a few hundred microseconds
-on a small database, and running them in order on one thread is what keeps the
-primary's ordering trivially right.
+Calls are synchronous on the reactor thread: a few hundred microseconds each, and in
+order on one thread, which keeps the ordering trivially right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
+import time
 from typing import Any, Protocol
 
 from attrs import frozen
+from twisted.logger import Logger
 
+from bazar.raft import Entry
 from bazar.web import HTTPError, dumps, loads
 
+log = Logger()
 
-@frozen
-class Entry:
-    """One write in the log: its position, the epoch of the primary that ordered it,
-    and the operation (a JSON object with an "op" name and a "rid" request id)."""
-
-    seq: int
-    epoch: int
-    op: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "epoch": self.epoch, "op": self.op}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Entry":
-        return cls(seq=int(data["seq"]), epoch=int(data["epoch"]), op=data["op"])
+__all__ = ["Entry", "Outcome", "OpError", "StateMachine", "Store", "fingerprint"]
 
 
 @frozen
 class Outcome:
-    """What a write did: its result for the client, the log position that holds it,
-    and the cache keys it changed (for invalidation)."""
+    """What an applied write did: its result for the client (or the error it met),
+    the log index that holds it, and the cache keys it changed (for invalidation)."""
 
     result: dict[str, Any]
     seq: int
     keys: tuple[str, ...]
     new: bool  # False when the request id had already been applied
+    status: int = 200  # 200, or the status of the error the operation met when applied
+
+    @property
+    def error(self) -> str | None:
+        return str(self.result.get("error", "")) if self.status != 200 else None
 
 
 class OpError(HTTPError):
-    """An operation that cannot apply (unknown id, out of stock): nothing is logged."""
+    """An operation that cannot apply (unknown id, out of stock): it changes nothing."""
 
 
 class StateMachine(Protocol):
@@ -67,139 +71,245 @@ class StateMachine(Protocol):
     def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]: ...
 
 
-class Store:
-    def __init__(self, path: str, machine: StateMachine):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.machine = machine
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS log "
-                            "(seq INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, op TEXT NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS requests "
-                            "(rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
-            machine.create(self.db)
-        self.base_seq = self._meta("base_seq")
-        self.base_epoch = self._meta("base_epoch")
-        self.promised = self._meta("promised")
-        row = self.db.execute("SELECT seq, epoch FROM log ORDER BY seq DESC LIMIT 1").fetchone()
-        self.last_seq: int = int(row[0]) if row else self.base_seq
-        self.last_epoch: int = int(row[1]) if row else self.base_epoch
+# Fields that may differ between two sendings of the same request (a retry stamps a
+# new time): they are not part of what a request id stands for.
+VOLATILE = frozenset({"rid", "created", "created_ts"})
 
-    # -- metadata -------------------------------------------------------------
+
+MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError, sqlite3.IntegrityError)
+
+
+def fingerprint(op: dict[str, Any]) -> str:
+    """What a request id stands for: the operation, less its volatile fields."""
+    stable = {k: v for k, v in op.items() if k not in VOLATILE}
+    return hashlib.sha256(dumps(dict(sorted(stable.items())))).hexdigest()[:32]
+
+
+class Store:
+    """The `bazar.raft.Log` of one replica, and its state machine."""
+
+    def __init__(self, path: str, machine: StateMachine, *, synchronous: str = "FULL"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.machine = machine
+        self.synchronous = synchronous
+        self.healed = False
+        try:
+            self._open(synchronous)
+        except sqlite3.OperationalError:
+            raise  # locked, unreadable directory: not a corrupt file, nothing to heal
+        except sqlite3.DatabaseError as exc:
+            # Corrupt (or not a database at all): keep it for a post-mortem, start empty
+            # and catch up from the peers as a learner.
+            aside = f"{path}.corrupt-{time.time_ns()}"
+            log.error("the store {path} is unreadable ({why}): moved to {aside}; rebuilding from the peers",
+                      path=path, why=str(exc), aside=aside)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
+            self.healed = True
+            self._open(synchronous)
+
+    def _open(self, synchronous: str) -> None:
+        self.db = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            self._mode = synchronous
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if not check or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS raft_log "
+                           "(idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, op TEXT)")
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                db.execute("CREATE TABLE IF NOT EXISTS requests (rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+                           "fp TEXT NOT NULL, status INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+                self.machine.create(db)
+            self.term = self._meta("term")
+            vote = self._meta("vote")
+            self.vote: int | None = vote if vote > 0 else None
+            self.voter = bool(self._meta("voter"))
+            self.applied = self._meta("applied")
+            self._terms: list[int] = [0]  # _terms[i]: term of entry i (index 0: the empty log)
+            for (term,) in db.execute("SELECT term FROM raft_log ORDER BY idx"):
+                self._terms.append(int(term))
+        except BaseException:
+            db.close()
+            raise
+        self._in_tx = False
+        self._durable_tx = False
+
+    # -- transactions -----------------------------------------------------------------
+    def _begin(self, durable: bool = True) -> None:
+        """Open the transaction of this turn. The log and the hard state must reach the
+        disk before the messages that depend on them leave (fsync at commit); applied
+        tables need not: they are derived from the log and replayed after a power cut
+        (a later fsync of the WAL also covers them)."""
+        if self._in_tx and durable and not self._durable_tx:
+            self.flush()
+        if not self._in_tx:
+            mode = "FULL" if durable and self.synchronous == "FULL" else "NORMAL"
+            if mode != self._mode:
+                self.db.execute(f"PRAGMA synchronous={mode}")
+                self._mode = mode
+            self.db.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+            self._durable_tx = durable
+
+    def flush(self) -> None:
+        """Commit what this turn wrote (one fsync when the log or hard state changed)."""
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+
     def _meta(self, key: str) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _set_meta(self, key: str, value: int) -> None:
+    def _set_meta(self, key: str, value: int, durable: bool = True) -> None:
+        self._begin(durable)
         self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
-    def promise(self, epoch: int) -> None:
-        """Never again accept writes or votes from an epoch below this one."""
-        if epoch > self.promised:
-            with self.db:
-                self._set_meta("promised", epoch)
-            self.promised = epoch
+    # -- bazar.raft.Log -----------------------------------------------------------------
+    def set_hard_state(self, term: int, vote: int | None) -> None:
+        if term != self.term:
+            self._set_meta("term", term)
+            self.term = term
+        if vote != self.vote:
+            self._set_meta("vote", vote or 0)
+            self.vote = vote
 
-    # -- writes ---------------------------------------------------------------
-    def execute(self, op: dict[str, Any], epoch: int) -> Outcome:
-        """Primary side: apply a new operation at the next position of the log, or
-        return the recorded outcome when its request id was applied before."""
-        rid = op["rid"]
-        row = self.db.execute("SELECT seq, result, keys FROM requests WHERE rid = ?", (rid,)).fetchone()
-        if row:
-            return Outcome(loads(row[1]), row[0], tuple(loads(row[2])), new=False)
-        seq = self.last_seq + 1
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            result, keys = self.machine.apply(self.db, op, seq)
-            self._record(Entry(seq, epoch, op), result, keys)
-        except (KeyError, TypeError, ValueError, OverflowError, sqlite3.IntegrityError) as exc:
-            # malformed values (a constraint of the tables, an integer SQLite cannot hold)
-            self.db.execute("ROLLBACK")
-            raise OpError(400, f"malformed operation: {exc.__class__.__name__}") from None
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-        self.last_seq, self.last_epoch = seq, epoch
-        return Outcome(result, seq, keys, new=True)
+    def set_voter(self) -> None:
+        if not self.voter:
+            self._set_meta("voter", 1)
+            self.voter = True
 
-    def _record(self, entry: Entry, result: dict[str, Any], keys: tuple[str, ...]) -> None:
-        self.db.execute("INSERT INTO log (seq, epoch, op) VALUES (?, ?, ?)",
-                        (entry.seq, entry.epoch, dumps(entry.op).decode()))
-        self.db.execute("INSERT OR REPLACE INTO requests (rid, seq, result, keys) VALUES (?, ?, ?, ?)",
-                        (entry.op["rid"], entry.seq, dumps(result).decode(), dumps(list(keys)).decode()))
+    def last_index(self) -> int:
+        return len(self._terms) - 1
 
-    def append(self, entries: list[Entry]) -> list[Outcome]:
-        """Backup side: apply entries that directly follow the log, in one transaction."""
-        outcomes: list[Outcome] = []
+    def term_at(self, index: int) -> int | None:
+        if 0 <= index < len(self._terms):
+            return self._terms[index]
+        return None
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        lo = max(lo, 1)
+        hi = min(hi, len(self._terms))
+        if lo >= hi:
+            return []
+        rows = self.db.execute("SELECT idx, term, op FROM raft_log WHERE idx >= ? AND idx < ? ORDER BY idx",
+                               (lo, hi)).fetchall()
+        return [Entry(i, t, loads(o) if o is not None else None) for i, t, o in rows]
+
+    def append(self, entries: list[Entry]) -> None:
         if not entries:
-            return outcomes
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            seq = self.last_seq
-            for entry in entries:
-                if entry.seq != seq + 1:
-                    raise ValueError(f"entry {entry.seq} does not follow {seq}")
-                result, keys = self.machine.apply(self.db, entry.op, entry.seq)
-                self._record(entry, result, keys)
-                outcomes.append(Outcome(result, entry.seq, keys, new=True))
-                seq = entry.seq
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-        self.last_seq, self.last_epoch = entries[-1].seq, entries[-1].epoch
-        return outcomes
+            return
+        first = entries[0].index
+        if not 1 <= first <= len(self._terms):
+            raise ValueError(f"entry {first} does not follow the log (last {self.last_index()})")
+        if first <= self.applied:
+            raise ValueError(f"entry {first} would replace an applied entry (applied {self.applied})")
+        if any(b.index != a.index + 1 for a, b in zip(entries, entries[1:])):
+            raise ValueError("entries to append must be consecutive")
+        self._begin()
+        if first < len(self._terms):
+            self.db.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
+            del self._terms[first:]
+        self.db.executemany("INSERT INTO raft_log (idx, term, op) VALUES (?, ?, ?)",
+                            [(e.index, e.term, dumps(e.op).decode() if e.op is not None else None)
+                             for e in entries])
+        self._terms.extend(e.term for e in entries)
 
-    # -- reading the log ------------------------------------------------------
-    def epoch_at(self, seq: int) -> int | None:
-        """The epoch of the entry at `seq`, or None when this log does not hold it."""
-        if seq == self.base_seq:
-            return self.base_epoch
-        if seq < self.base_seq or seq > self.last_seq:
+    @property
+    def last_seq(self) -> int:
+        """The index of the last applied (committed) entry: what this replica's tables hold."""
+        return self.applied
+
+    @property
+    def pristine(self) -> bool:
+        """Never took part in any election nor held any entry: a new replica, or one
+        whose data directory was lost."""
+        return self.term == 0 and self.last_index() == 0 and self.vote is None
+
+    # -- the state machine --------------------------------------------------------------
+    def recorded(self, op: dict[str, Any]) -> Outcome | None:
+        """The outcome of an applied request with this id, if any (§6.3). A request id
+        sent again with another operation is an error, never the other's result."""
+        row = self.db.execute("SELECT seq, fp, status, result, keys FROM requests WHERE rid = ?",
+                              (op["rid"],)).fetchone()
+        if row is None:
             return None
-        row = self.db.execute("SELECT epoch FROM log WHERE seq = ?", (seq,)).fetchone()
-        return int(row[0]) if row else None
+        seq, fp, status, result, keys = row
+        if fp != fingerprint(op):
+            return Outcome({"error": "this request id was already used for a different operation"}, seq, (),
+                           new=False, status=409)
+        return Outcome(loads(result), seq, tuple(loads(keys)), new=False, status=status)
 
-    def entries_after(self, seq: int, limit: int = 500) -> list[Entry]:
-        rows = self.db.execute("SELECT seq, epoch, op FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
-                               (seq, limit)).fetchall()
-        return [Entry(s, e, loads(o)) for s, e, o in rows]
-
-    # -- snapshots ------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a replica needs to continue from this log's last entry."""
-        tables = {}
-        for table in self.machine.tables + ("requests",):
-            cursor = self.db.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
-            tables[table] = {"columns": [c[0] for c in cursor.description], "rows": cursor.fetchall()}
-        return {"seq": self.last_seq, "epoch": self.last_epoch, "tables": tables}
-
-    def install(self, snap: dict[str, Any]) -> None:
-        """Replace this replica's state and log by a snapshot of another replica."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def validate(self, op: dict[str, Any]) -> None:
+        """Refuse (OpError 400) an operation that could never apply, whatever the state
+        (a missing field, a value the tables refuse), before it takes a log entry: a
+        trial run on the current state, always taken back."""
+        self._begin()
+        self.db.execute("SAVEPOINT trial")
         try:
-            self.db.execute("DELETE FROM log")
-            for table in self.machine.tables + ("requests",):
-                data = snap["tables"][table]
-                columns = data["columns"]
-                self.db.execute(f"DELETE FROM {table}")  # noqa: S608
-                marks = ", ".join("?" for _ in columns)
-                self.db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
-                                    [tuple(r) for r in data["rows"]])
-            self._set_meta("base_seq", int(snap["seq"]))
-            self._set_meta("base_epoch", int(snap["epoch"]))
+            self.machine.apply(self.db, op, self.applied + 1)
+        except OpError as exc:
+            if exc.status == 400:
+                raise
+        except MALFORMED as exc:
+            raise OpError(400, f"malformed operation: {exc.__class__.__name__}") from None
+        finally:
+            self.db.execute("ROLLBACK TO trial")
+            self.db.execute("RELEASE trial")
+
+    def apply(self, entry: Entry) -> Outcome:
+        """Apply a committed entry (in order); its outcome. Failures of the operation
+        are outcomes too (they change nothing), the same on every replica."""
+        if entry.index != self.applied + 1:
+            raise ValueError(f"entry {entry.index} applied out of order (applied {self.applied})")
+        self._begin(durable=False)
+        op = entry.op
+        outcome = Outcome({}, entry.index, (), new=False)
+        if op is not None:
+            rid = op.get("rid") if isinstance(op, dict) else None
+            previous = self.recorded(op) if isinstance(rid, str) else None
+            outcome = previous if previous is not None else self._run(entry)
+        self.applied = entry.index
+        self._set_meta("applied", entry.index, durable=False)
+        return outcome
+
+    def _run(self, entry: Entry) -> Outcome:
+        op = entry.op
+        assert op is not None
+        self.db.execute("SAVEPOINT op")
+        try:
+            result, keys = self.machine.apply(self.db, op, entry.index)
+            status = 200
+        except OpError as exc:
+            result, keys, status = {"error": exc.message}, (), exc.status
+        except MALFORMED as exc:
+            # malformed values (a constraint of the tables, an integer SQLite cannot hold)
+            result, keys, status = {"error": f"malformed operation: {exc.__class__.__name__}"}, (), 400
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # a bug, not an outcome: take its changes back so that no flush commits half of it
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
             raise
-        self.db.execute("COMMIT")
-        self.base_seq = self.last_seq = int(snap["seq"])
-        self.base_epoch = self.last_epoch = int(snap["epoch"])
+        if status != 200:
+            self.db.execute("ROLLBACK TO op")
+        self.db.execute("RELEASE op")
+        rid = op.get("rid")
+        if isinstance(rid, str) and status != 400:
+            self.db.execute("INSERT OR REPLACE INTO requests (rid, seq, fp, status, result, keys) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (rid, entry.index, fingerprint(op), status, dumps(result).decode(),
+                             dumps(list(keys)).decode()))
+        return Outcome(result, entry.index, tuple(keys), new=True, status=status)
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.flush()
+        finally:
+            self.db.close()

@@ -1,15 +1,16 @@
 """In-memory wiring for Bazar's unit tests: no sockets, no sleeping.
 
-- `Network` is one `treq.testing.RequestTraversalAgent` (the agent behind
-  `StubTreq`) over a router resource that picks the app by the port of the URL
-  (`request.getHost().port`). Each process gets its own `HTTPClient` (`client()`),
-  so a replica can be "killed" (its port refuses and its in-flight exchanges are
-  dropped), two replicas partitioned from each other (`cut`, or one way: `block`),
-  or a port's answers held back (`hold`/`release`) to stage a race. With a
-  `latency`, every request leaves that many (Clock) seconds after it is made.
+The network, the driver of time and the test's view of an answer live in
+`bazar.sim.network` (the simulation runs on them too) and are re-exported here:
+
+- `Network`: HTTP between in-memory processes, by port; a replica can be "killed"
+  (its port refuses), two replicas partitioned from each other (`cut`, or one way:
+  `block`), or a port's answers held back (`hold`/`release`) to stage a race. With a
+  `latency`, every request leaves that many (simulated) seconds after it is made.
+- `Driver`: `run(seconds)` advances time in small steps, runs its tickers and
+  delivers everything due.
 - `Cluster` is N replicas of one service over such a network, driven by a
-  `task.Clock`: `run(seconds)` advances time in small steps, ticks every live
-  replica (their election clocks) and delivers every pending byte.
+  `SimClock`: it ticks every live replica (their election clocks).
 - `Shop` is a whole front end -> order -> catalog chain, one replica each.
 """
 
@@ -19,18 +20,9 @@ import itertools
 import os
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
-import treq
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent, _SynchronousProducer
-from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock, LoopingCall, deferLater
-from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent, IBodyProducer
-from twisted.web.resource import Resource
-from zope.interface import implementer
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall
 
 from bazar.balancer import ReplicaSet
 from bazar.cache import LRUCache
@@ -39,241 +31,33 @@ from bazar.frontend import Frontend, frontend_app
 from bazar.invalidation import InvalidationStream, Publisher
 from bazar.order import OrderMachine, Purchases, order_app
 from bazar.replication import Replica
+from bazar.sim.network import (
+    HOST,
+    Driver,
+    Gate,
+    Network,
+    Response,
+    Router,
+    SimClock,
+    body_producer,
+    result_of,
+    url_of,
+)
 from bazar.store import Store
-from bazar.web import JsonApp, error_body
+from bazar.web import JsonApp
+
+__all__ = ["HOST", "SECRET", "TOKEN", "Cluster", "Driver", "Gate", "Network", "Response", "Router", "Shop", "SimClock",
+           "body_producer", "restock", "result_of", "rid", "update_price", "url_of"]
 
 SECRET = "cluster-secret-for-tests"
 TOKEN = "admin-token-for-tests"
-HOST = "127.0.0.1"
-
-
-def url_of(port: int) -> str:
-    return f"http://{HOST}:{port}"
-
-
-class Router(Resource):
-    """The server side of the whole network: dispatch on the port that was dialled."""
-
-    isLeaf = True
-
-    def __init__(self, network: Network):
-        super().__init__()
-        self.network = network
-
-    def render(self, request: Any) -> Any:
-        port = request.getHost().port
-        app = self.network.apps.get(port)
-        if app is None:  # the gate refuses these; reaching here is a harness bug
-            request.setResponseCode(599)
-            return error_body(f"nothing listens on {port}")
-        return app.render(request)
-
-
-@implementer(IAgent)
-class Gate:
-    """One process's outgoing HTTP: refused when the target (or the caller) is down
-    or the two are partitioned, else handed to the in-memory traversal agent."""
-
-    def __init__(self, network: Network, source: int | None):
-        self.network = network
-        self.source = source
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
-        port = urlsplit(uri.decode()).port or 80
-        network = self.network
-        if not network.reachable(self.source, port):
-            return fail(ConnectionRefusedError(f"port {port} refused"))
-        if port in network.held:
-            # the exchange happens now; its answer reaches the caller on release()
-            answer: Deferred[Any] = Deferred()
-            inner = network.agent.request(method, uri, headers, bodyProducer)
-            inner.addBoth(lambda result: network.parked.append((port, answer, result)))
-            return answer
-        if network.latency and network.clock is not None:
-            # the request leaves after `latency` (and is refused if the target died meanwhile)
-            def send() -> Deferred[Any]:
-                if not network.reachable(self.source, port):
-                    return fail(ConnectionRefusedError(f"port {port} refused"))
-                return network.agent.request(method, uri, headers, bodyProducer)
-            return deferLater(network.clock, network.latency, send)
-        return network.agent.request(method, uri, headers, bodyProducer)
-
-
-class Network:
-    def __init__(self, clock: Clock | None = None, latency: float = 0.0) -> None:
-        self.clock = clock
-        self.latency = latency
-        self.apps: dict[int, Any] = {}
-        self.down: set[int] = set()
-        self.cuts: set[frozenset[int]] = set()  # both ways
-        self.blocked: set[tuple[int, int]] = set()  # (from, to): one way only
-        self.held: set[int] = set()  # answers from these ports wait for release()
-        self.parked: list[tuple[int, Deferred[Any], Any]] = []
-        self.agent = RequestTraversalAgent(Router(self))
-
-    def add(self, port: int, resource: Any) -> None:
-        self.apps[port] = resource
-        self.down.discard(port)
-
-    def client(self, source: int | None = None) -> HTTPClient:
-        return HTTPClient(Gate(self, source), data_to_body_producer=body_producer)
-
-    def reachable(self, source: int | None, port: int) -> bool:
-        if port not in self.apps or port in self.down:
-            return False
-        if source is not None and (source in self.down or frozenset((source, port)) in self.cuts
-                                   or (source, port) in self.blocked):
-            return False
-        return True
-
-    def kill(self, port: int) -> None:
-        self.down.add(port)
-
-    def revive(self, port: int) -> None:
-        self.down.discard(port)
-
-    def cut(self, a: int, b: int) -> None:
-        self.cuts.add(frozenset((a, b)))
-
-    def block(self, source: int, port: int) -> None:
-        self.blocked.add((source, port))
-
-    def hold(self, port: int) -> None:
-        self.held.add(port)
-
-    def release(self, port: int) -> None:
-        self.held.discard(port)
-        parked, self.parked = self.parked, []
-        for held_port, answer, result in parked:
-            if held_port == port:
-                answer.callback(result)  # a Failure goes down the errback chain
-            else:
-                self.parked.append((held_port, answer, result))
-
-    def heal(self) -> None:
-        self.cuts.clear()
-        self.blocked.clear()
-
-    def flush(self) -> None:
-        """Deliver every pending byte, repeatedly, until nothing moves. Exchanges with
-        a dead port are dropped (the caller's timeout sees them), as after kill -9."""
-        agent = self.agent
-        for _ in range(10_000):
-            moved = False
-            pumps, agent._pumps = agent._pumps, set()
-            for pump in pumps:
-                port = pump.serverIO.getHost().port
-                if port in self.down:
-                    continue
-                if pump.flush():
-                    moved = True
-                if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
-                    agent._pumps.add(pump)
-            if not moved:
-                return
-        raise AssertionError("the in-memory network never went quiet")
-
-
-def body_producer(data: Any) -> Any:
-    """Bodies for the in-memory agent: producers as they are (as treq's default
-    adapter does), bytes and text written at once."""
-    return data if IBodyProducer.providedBy(data) else _SynchronousProducer(data)
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    """The result of a fired Deferred (its failure re-raised)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    return _unbox(box)
-
-
-def _unbox(box: list[Any]) -> Any:
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-class Driver:
-    """Time and delivery for everything on one network."""
-
-    def __init__(self, network: Network | None = None, clock: Clock | None = None, latency: float = 0.0):
-        self.clock = clock or Clock()
-        self.network = network or Network(self.clock, latency)
-        self.tickers: list[Callable[[], Any]] = []
-
-    def step(self, seconds: float) -> None:
-        self.network.flush()
-        self.clock.advance(seconds)
-        for tick in list(self.tickers):
-            tick()
-        self.network.flush()
-
-    def run(self, seconds: float, step: float = 0.05) -> None:
-        for _ in range(max(1, round(seconds / step))):
-            self.step(step)
-
-    def wait(self, d: Deferred[Any], limit: float = 30.0, step: float = 0.05) -> Any:
-        """Advance time until `d` has a result (at most `limit` seconds); that result."""
-        box: list[Any] = []
-        d.addBoth(box.append)
-        self.network.flush()
-        waited = 0.0
-        while not box:
-            assert waited < limit, f"still waiting after {limit} simulated seconds"
-            self.step(step)
-            waited += step
-        return _unbox(box)
-
-    def until(self, condition: Callable[[], bool], limit: float = 30.0, step: float = 0.05) -> float:
-        waited = 0.0
-        self.network.flush()
-        while not condition():
-            assert waited < limit, f"condition not met after {limit} simulated seconds"
-            self.step(step)
-            waited += step
-        return waited
-
-    def do(self, coroutine: Any, limit: float = 30.0) -> Any:
-        return self.wait(ensureDeferred(coroutine), limit)
-
-    def http(self, method: str, url: str, *, json: Any = None, data: bytes | str | None = None,
-             headers: dict[str, str] | None = None, source: int | None = None) -> Response:
-        """One client exchange through the network: (status, headers, body)."""
-        client = self.network.client(source)
-        kw: dict[str, Any] = {"headers": headers or {}}
-        if json is not None:
-            kw["json"] = json
-        if data is not None:
-            kw["data"] = data
-        response = self.wait(client.request(method, url, **kw))
-        body = self.wait(treq.content(response))
-        return Response(response.code, response.headers, body)
-
-
-class Response:
-    def __init__(self, code: int, headers: Any, body: bytes):
-        self.code = code
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = self.headers.getRawHeaders(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        import orjson
-        return orjson.loads(self.body)
-
-    def __repr__(self) -> str:
-        return f"<Response {self.code} {self.body[:200]!r}>"
 
 
 class Cluster(Driver):
     """N replicas of one service (catalog by default) on an in-memory network."""
 
     def __init__(self, root: str, n: int = 3, *, service: str = "catalog", base_port: int = 5100,
-                 network: Network | None = None, clock: Clock | None = None, start: bool = True,
+                 network: Network | None = None, clock: SimClock | None = None, start: bool = True,
                  latency: float = 0.01, app: Callable[[Replica], JsonApp] | None = None, **replica_kw: Any):
         super().__init__(network, clock, latency)
         self.root = root
@@ -369,7 +153,8 @@ class Cluster(Driver):
         return rows
 
     def log(self, i: int) -> list[tuple[int, int, dict[str, Any]]]:
-        return [(e.seq, e.epoch, e.op) for e in self.replicas[i].store.entries_after(0, 100_000)]
+        store = self.replicas[i].store
+        return [(e.index, e.term, e.op) for e in store.entries(1, store.last_index() + 1)]
 
     def close(self) -> None:
         for i in self.ids:

@@ -334,11 +334,10 @@ def test_bad_admin_input_is_400_and_changes_nothing(cluster: Cluster) -> None:
 
 INTERNAL = [
     ("POST", "/internal/write", {"op": {"op": "update_price", "rid": "evil", "id": 1, "price": 1.0}}),
-    ("POST", "/internal/replicate", {"epoch": 999, "leader": 2, "prev_seq": 0, "prev_epoch": 0, "entries": [],
-                                     "head": 0, "in_sync": True}),
-    ("POST", "/internal/snapshot", {"epoch": 999, "leader": 2, "snapshot": {}}),
-    ("POST", "/internal/vote", {"epoch": 999, "candidate": 2, "last_seq": 10**6, "last_epoch": 999}),
-    ("GET", "/internal/log?after=0&epoch=0", None),
+    ("POST", "/internal/raft", {"kind": "append", "term": 999, "src": 2, "dst": 1, "prev_index": 0, "prev_term": 0,
+                                "entries": [], "commit": 0}),
+    ("POST", "/internal/raft", {"kind": "vote", "term": 999, "src": 2, "dst": 1, "last_index": 10**6,
+                                "last_term": 999, "pre": False}),
     ("GET", "/internal/status", None),
 ]
 
@@ -367,11 +366,10 @@ def test_internal_endpoints_need_the_cluster_secret(cluster: Cluster, secret: st
 
 def test_malformed_internal_messages_with_the_secret_are_400(cluster: Cluster) -> None:
     for url in cluster.replicas:
-        for path in ("/internal/write", "/internal/replicate", "/internal/snapshot", "/internal/vote"):
-            for raw in (b"{}", b"[1]", b"not json", b'{"op": 3}', b'{"epoch": "x", "leader": []}'):
+        for path in ("/internal/write", "/internal/raft"):
+            for raw in (b"{}", b"[1]", b"not json", b'{"op": 3}', b'{"kind": "vote", "term": "x", "src": []}'):
                 r = call("POST", url + path, raw=raw, secret=SECRET)
                 assert_json_error(r, 400)
-        assert_json_error(call("GET", url + "/internal/log?after=x&epoch=0", secret=SECRET), 400)
         assert call("GET", url + "/internal/status", secret=SECRET).status == 200
     for raw in (b"{}", b'{"messages": "x"}', b'{"messages": [{"seq": "a"}]}', b"[", b'{"messages": [3]}'):
         assert_json_error(call("POST", cluster.front + "/internal/invalidate", raw=raw, secret=SECRET), 400)

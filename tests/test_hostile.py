@@ -122,11 +122,10 @@ def test_admin_doors_stay_shut_without_the_right_token(cluster: Cluster) -> None
 
 REPLICA_INTERNAL = [
     ("POST", "/internal/write", {"op": {"op": "restock", "rid": "forged-1", "id": 1, "quantity": 1000}}),
-    ("POST", "/internal/replicate", {"epoch": 10**6, "leader": 3, "prev_seq": 0, "prev_epoch": 0, "entries": [],
-                                     "head": 0, "in_sync": True}),
-    ("POST", "/internal/snapshot", {"epoch": 10**6, "leader": 3, "snapshot": {}}),
-    ("POST", "/internal/vote", {"epoch": 10**6, "candidate": 3, "last_seq": 10**9, "last_epoch": 10**6}),
-    ("GET", "/internal/log?after=0&epoch=0", None),
+    ("POST", "/internal/raft", {"kind": "append", "term": 10**6, "src": 3, "dst": 1, "prev_index": 0,
+                                "prev_term": 0, "entries": [], "commit": 0}),
+    ("POST", "/internal/raft", {"kind": "vote", "term": 10**6, "src": 3, "dst": 1, "last_index": 10**9,
+                                "last_term": 10**6, "pre": False}),
     ("GET", "/internal/status", None),
 ]
 ORDER_INTERNAL = [("POST", "/internal/purchase", {"book_id": 1, "quantity": 1, "key": "forged-purchase"})]
@@ -163,7 +162,7 @@ def test_internal_doors_are_403_on_every_process(cluster: Cluster) -> None:
         for headers in BAD_SECRETS:
             assert_json_error(call(method, url, body, headers=headers), 403)
             count += 1
-    assert count == (3 * 6 + 3 * 7 + 1) * len(BAD_SECRETS)
+    assert count == (3 * len(REPLICA_INTERNAL) + 3 * (len(REPLICA_INTERNAL) + 1) + 1) * len(BAD_SECRETS)
     # the forged votes, writes, purchases and invalidations moved nothing
     assert state(cluster) == before
     assert b"forged" not in b"".join(v for v in before.values() if isinstance(v, bytes))
@@ -401,8 +400,7 @@ PUBLIC_ROUTES = {
     "/bazar/cache/1": "DELETE", "/bazar/cache": "GET", "/health": "GET", "/metrics": "GET", "/openapi.json": "GET",
     "/internal/invalidate": "POST",
 }
-REPLICA_ROUTES = {"/health": "GET", "/metrics": "GET", "/internal/write": "POST", "/internal/replicate": "POST",
-                  "/internal/vote": "POST", "/internal/log": "GET", "/internal/snapshot": "POST",
+REPLICA_ROUTES = {"/health": "GET", "/metrics": "GET", "/internal/write": "POST", "/internal/raft": "POST",
                   "/internal/status": "GET"}
 CATALOG_ROUTES = {**REPLICA_ROUTES, "/books": "GET", "/books/1": "GET"}
 ORDER_ROUTES = {**REPLICA_ROUTES, "/orders": "GET", "/internal/purchase": "POST"}
@@ -489,7 +487,7 @@ def test_no_answer_carries_a_traceback_or_credential(cluster: Cluster) -> None:
     for url in cluster.everyone:
         r = call("GET", url + "/health")
         assert r.status == 200 and get_json(url + "/health")["status"] in ("ok", "recovering")
-    assert len(SEEN) > 1000
+    assert len(SEEN) > 500
     for r in SEEN:
         text = r.body.decode("utf-8", "replace")
         for marker in ("Traceback", 'File "', ".py\", line", "twisted.", "werkzeug"):

@@ -1,0 +1,707 @@
+"""Raft, as a state machine without I/O.
+
+The protocol of Diego Ongaro's dissertation, "Consensus: Bridging Theory and
+Practice" (Stanford, 2014), shaped like etcd-io/raft: `tick()` advances logical
+time, `step(message)` feeds an input, `propose(op)` and `read_index(ctx)` are the
+leader's two client calls, and `ready()` hands back what the caller must do next:
+persist (the `Log` was written through; the caller commits it durably), then send
+`messages`, then apply `committed` entries and answer `reads`. No sockets, clocks or
+threads live here, so every schedule can be replayed by a test.
+
+Each rule lives in one named place with its section beside it:
+
+- §3.3/§3.4  terms; a server that sees a newer term becomes a follower (`_become_follower`).
+- §3.4       elections with randomized timeouts (`_campaign`, `_reset_timeout`).
+- §3.5       log replication and the log-matching check (`_on_append`, `_send_append`).
+- §3.6.1     votes only for a log at least as up to date as ours (`_log_ok_for`).
+- §3.6.2     only entries of the current term are committed by counting replicas (`_maybe_commit`).
+- §3.8       term, vote and log are persisted before any message that depends on them leaves
+             (the caller's part of the `ready()` contract).
+- §4.2.1     learners: a replica that lost its state catches up without voting (`voter`).
+- §4.2.3     a server that hears from a leader ignores vote requests for the minimum
+             election timeout (`_on_vote`), so a removed or restarted server cannot disrupt it.
+- §6.2       check-quorum: a leader that has not heard from a majority within an election
+             timeout steps down (`_tick_leader`).
+- §6.3       request ids make retried commands apply once (the store's requests table).
+- §6.4       a new leader commits a no-op of its own term first (`_become_leader`);
+             ReadIndex (`read_index`) and, §6.4.1, the lease (`lease_valid`).
+- §9.6       pre-vote: a candidate first asks whether it could win, persisting nothing
+             (`_campaign(pre=True)`).
+
+Names: the rest of Bazar says *epoch* for term and *seq* for index.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar, Protocol
+
+from attrs import asdict, define, field, frozen
+
+FOLLOWER = "follower"
+PRE_CANDIDATE = "pre-candidate"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
+MAX_BATCH = 512  # entries in one AppendEntries
+
+
+@frozen
+class Entry:
+    """One log entry: its index, the term of the leader that created it, and the
+    operation (a JSON object with "op" and "rid"; None for a leader's no-op)."""
+
+    index: int
+    term: int
+    op: dict[str, Any] | None
+
+    def to_json(self) -> list[Any]:
+        return [self.index, self.term, self.op]
+
+    @classmethod
+    def from_json(cls, data: Any) -> Entry:
+        index, term, op = data
+        if op is not None and not isinstance(op, dict):
+            raise ValueError("an entry's op is an object or null")
+        return cls(int(index), int(term), op)
+
+
+# -- messages -------------------------------------------------------------------------
+
+_KINDS: dict[str, type[Message]] = {}
+
+
+@frozen
+class Message:
+    """Every message carries the sender's term, its id and the receiver's id."""
+
+    kind: ClassVar[str] = ""
+    term: int
+    src: int
+    dst: int
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        _KINDS[cls.kind] = cls
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self, recurse=False)
+        if "entries" in data:
+            data["entries"] = [e.to_json() for e in data["entries"]]
+        data["kind"] = self.kind
+        return data
+
+
+def message_from_json(data: Any) -> Message:
+    """A message from its JSON form; ValueError/KeyError/TypeError when malformed."""
+    if not isinstance(data, dict):
+        raise TypeError("a message is an object")
+    cls = _KINDS[data["kind"]]
+    values: dict[str, Any] = {}
+    for a in cls.__attrs_attrs__:  # type: ignore[attr-defined]
+        value = data[a.name]
+        if a.name == "entries":
+            value = tuple(Entry.from_json(e) for e in value)
+        elif a.type in ("int", int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{a.name} must be an integer")
+        elif a.type in ("bool", bool):
+            value = bool(value)
+        values[a.name] = value
+    return cls(**values)
+
+
+@frozen
+class AppendEntries(Message):
+    kind: ClassVar[str] = "append"
+    prev_index: int
+    prev_term: int
+    entries: tuple[Entry, ...]
+    commit: int
+
+
+@frozen
+class AppendReply(Message):
+    kind: ClassVar[str] = "append_reply"
+    success: bool
+    index: int  # success: the highest index known to match; refusal: a hint (the follower's last index)
+
+
+@frozen
+class Heartbeat(Message):
+    kind: ClassVar[str] = "heartbeat"
+    commit: int  # min(the follower's match, the leader's commit): safe for it to commit
+    leader_commit: int  # the leader's commit index (a learner is caught up once it holds it)
+    ctx: int  # the read round this heartbeat confirms (§6.4)
+
+
+@frozen
+class HeartbeatReply(Message):
+    kind: ClassVar[str] = "heartbeat_reply"
+    ctx: int
+    last_index: int
+
+
+@frozen
+class RequestVote(Message):
+    kind: ClassVar[str] = "vote"
+    last_index: int
+    last_term: int
+    pre: bool
+
+
+@frozen
+class VoteReply(Message):
+    kind: ClassVar[str] = "vote_reply"
+    granted: bool
+    pre: bool
+
+
+class Log(Protocol):
+    """What the core needs of durable storage. Writes may be buffered: the caller
+    makes them durable before it sends the messages of the same `ready()`."""
+
+    term: int
+    vote: int | None
+    voter: bool
+
+    def set_hard_state(self, term: int, vote: int | None) -> None: ...
+
+    def set_voter(self) -> None: ...
+
+    def last_index(self) -> int: ...
+
+    def term_at(self, index: int) -> int | None: ...
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries lo..hi-1 (hi exclusive)."""
+        ...
+
+    def append(self, entries: list[Entry]) -> None:
+        """Add entries; any entry at or after the first one's index is replaced."""
+        ...
+
+
+class NotLeader(Exception):
+    def __init__(self, leader: int | None):
+        super().__init__(leader)
+        self.leader = leader
+
+
+@define
+class Progress:
+    """The leader's view of one follower (§3.5: nextIndex, matchIndex)."""
+
+    match: int = 0
+    next: int = 1
+    inflight: bool = False
+    sent_at: int = 0  # tick at which the append in flight left
+    active: bool = True  # heard from since the last check-quorum round (§6.2)
+
+
+@frozen
+class ReadState:
+    ctx: int
+    index: int
+
+
+@define
+class Ready:
+    messages: list[Message]
+    committed: list[Entry]
+    reads: list[ReadState]
+
+
+@define
+class _ReadRound:
+    ctx: int
+    index: int
+    acks: set[int]
+
+
+@define
+class Raft:
+    id: int
+    voters: tuple[int, ...]
+    log: Log
+    applied: int = 0
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    rng: random.Random = field(factory=random.Random)
+    check_quorum: bool = True
+    pre_vote: bool = True
+
+    role: str = FOLLOWER
+    leader: int | None = None
+    commit: int = 0
+    ticks: int = 0  # logical time, for the lease
+    elapsed: int = 0
+    timeout: int = 0
+    beat: int = 0
+    votes: dict[int, bool] = field(factory=dict)
+    progress: dict[int, Progress] = field(factory=dict)
+    outbox: list[Message] = field(factory=list)
+    reads_ready: list[ReadState] = field(factory=list)
+    read_rounds: list[_ReadRound] = field(factory=list)
+    deferred_reads: list[int] = field(factory=list)
+    read_ctx: int = 0
+    lease_from: int | None = None  # tick at which the last heartbeat round acked by a majority was sent
+    round_sent: dict[int, int] = field(factory=dict)  # read ctx -> tick sent
+    term_start: int = 0  # index of this leader's no-op
+    stable: int = 0  # the last index of our own log known to be on disk
+
+    def __attrs_post_init__(self) -> None:
+        # Only applied entries are known committed after a restart (commit is volatile, §3.8).
+        self.commit = self.applied
+        self.stable = self.log.last_index()  # what a new process finds is on disk
+        self._reset_timeout()
+
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def term(self) -> int:
+        return self.log.term
+
+    @property
+    def majority(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    @property
+    def peers(self) -> list[int]:
+        return [v for v in self.voters if v != self.id]
+
+    def last(self) -> tuple[int, int]:
+        index = self.log.last_index()
+        return index, self.log.term_at(index) or 0
+
+    def lease_valid(self) -> bool:
+        """§6.4.1: a leader whose heartbeat round, sent less than a minimum election
+        timeout ago, was acknowledged by a majority knows no other leader can exist
+        yet: followers refuse votes that long after hearing from it (§4.2.3)."""
+        if self.role != LEADER:
+            return False
+        if len(self.voters) == 1:
+            return True
+        return self.lease_from is not None and self.ticks - self.lease_from < self.election_ticks - 1
+
+    def committed_in_term(self) -> bool:
+        """Has this leader committed an entry of its own term (§6.4, step 1)?"""
+        return self.role == LEADER and self.commit >= self.term_start
+
+    # -- time -------------------------------------------------------------------------
+    def _reset_timeout(self) -> None:
+        # §3.4: randomized in [T, 2T) so that split votes are rare
+        self.elapsed = 0
+        self.timeout = self.election_ticks + self.rng.randrange(self.election_ticks)
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.role == LEADER:
+            self._tick_leader()
+            return
+        self.elapsed += 1
+        if self.elapsed >= self.timeout and self.log.voter:
+            self._campaign(pre=self.pre_vote)
+
+    def _tick_leader(self) -> None:
+        self.beat += 1
+        self.elapsed += 1
+        if self.beat >= self.heartbeat_ticks:
+            self.beat = 0
+            self._broadcast_heartbeat()
+        if self.elapsed >= self.election_ticks:
+            self.elapsed = 0
+            if self.check_quorum:
+                # §6.2: step down when a majority has not been heard from within an election timeout
+                active = 1 + sum(1 for p, pr in self.progress.items() if pr.active)
+                for pr in self.progress.values():
+                    pr.active = False
+                if active < self.majority:
+                    self._become_follower(self.term, None)
+
+    # -- roles ------------------------------------------------------------------------
+    def _become_follower(self, term: int, leader: int | None) -> None:
+        if term > self.log.term:
+            self.log.set_hard_state(term, None)
+        self.role = FOLLOWER
+        self.leader = leader
+        self.progress = {}
+        self.lease_from = None
+        self._fail_reads()
+        self._reset_timeout()
+
+    def _campaign(self, pre: bool) -> None:
+        """§3.4 (and §9.6 when `pre`): ask every voter for its vote."""
+        if pre:
+            self.role = PRE_CANDIDATE
+            term = self.term + 1  # asked for, not taken: nothing is persisted (§9.6)
+        else:
+            self.role = CANDIDATE
+            term = self.term + 1
+            self.log.set_hard_state(term, self.id)
+        self.leader = None
+        self.votes = {self.id: True}
+        self._reset_timeout()
+        if self._won():
+            return
+        last_index, last_term = self.last()
+        for peer in self.peers:
+            self.outbox.append(RequestVote(term, self.id, peer, last_index, last_term, pre))
+
+    def _won(self) -> bool:
+        granted = sum(1 for ok in self.votes.values() if ok)
+        if granted < self.majority:
+            return False
+        if self.role == PRE_CANDIDATE:
+            self._campaign(pre=False)
+        else:
+            self._become_leader()
+        return True
+
+    def _become_leader(self) -> None:
+        self.role = LEADER
+        self.leader = self.id
+        self.elapsed = self.beat = 0
+        last_index, _ = self.last()
+        self.progress = {p: Progress(match=0, next=last_index + 1) for p in self.peers}
+        self.lease_from = None
+        self.stable = min(self.stable, last_index)
+        # §6.4 (and §3.6.2): a leader commits a blank entry of its own term at the start,
+        # which commits everything before it and tells it its commit index.
+        self.term_start = last_index + 1
+        self.log.append([Entry(self.term_start, self.term, None)])
+        self._maybe_commit()
+        self._broadcast_append()
+
+    # -- client calls -----------------------------------------------------------------
+    def propose(self, op: dict[str, Any]) -> tuple[int, int]:
+        """Append `op` to the leader's log: its (index, term)."""
+        if self.role != LEADER:
+            raise NotLeader(self.leader)
+        index = self.log.last_index() + 1
+        self.log.append([Entry(index, self.term, op)])
+        self._maybe_commit()
+        self._broadcast_append()
+        return index, self.term
+
+    def read_index(self) -> int:
+        """§6.4 ReadIndex: a context whose ReadState (with the index to wait for) comes
+        out of `ready()` once a majority confirmed this leader is still the leader."""
+        if self.role != LEADER:
+            raise NotLeader(self.leader)
+        self.read_ctx += 1
+        ctx = self.read_ctx
+        if len(self.voters) == 1:
+            self.reads_ready.append(ReadState(ctx, self.commit))
+        elif not self.committed_in_term():
+            self.deferred_reads.append(ctx)  # step 1: wait for the no-op of this term
+        else:
+            self._start_read_round(ctx)
+        return ctx
+
+    def _start_read_round(self, ctx: int) -> None:
+        self.read_rounds.append(_ReadRound(ctx, self.commit, {self.id}))
+        self.round_sent[ctx] = self.ticks
+        self._broadcast_heartbeat(ctx)
+
+    def _fail_reads(self) -> None:
+        for r in self.read_rounds:
+            if r.index >= 0:  # (lease-only rounds have no reader)
+                self.reads_ready.append(ReadState(r.ctx, -1))
+        for ctx in self.deferred_reads:
+            self.reads_ready.append(ReadState(ctx, -1))
+        self.read_rounds = []
+        self.deferred_reads = []
+        self.round_sent = {}
+
+    # -- sending ----------------------------------------------------------------------
+    def _broadcast_append(self) -> None:
+        for peer in self.peers:
+            self._send_append(peer)
+
+    def _send_append(self, peer: int) -> None:
+        pr = self.progress[peer]
+        if pr.inflight:
+            return  # one AppendEntries in flight per follower keeps them in order
+        last_index = self.log.last_index()
+        prev = pr.next - 1
+        prev_term = self.log.term_at(prev)
+        if prev_term is None:  # not in our log (cannot happen without compaction): start over
+            pr.next, prev, prev_term = 1, 0, 0
+        entries = self.log.entries(pr.next, min(last_index + 1, pr.next + MAX_BATCH))
+        if not entries and pr.match >= last_index and pr.match > 0:
+            return
+        pr.inflight = True
+        pr.sent_at = self.ticks
+        self.outbox.append(AppendEntries(self.term, self.id, peer, prev, prev_term, tuple(entries), self.commit))
+
+    def _broadcast_heartbeat(self, ctx: int | None = None) -> None:
+        if ctx is None:
+            # every heartbeat is also a read round: its acks renew the lease
+            self.read_ctx += 1
+            ctx = self.read_ctx
+            self.round_sent[ctx] = self.ticks
+            self.read_rounds.append(_ReadRound(ctx, -1, {self.id}))
+            self._drop_old_rounds()
+        for peer in self.peers:
+            pr = self.progress[peer]
+            self.outbox.append(Heartbeat(self.term, self.id, peer, min(pr.match, self.commit), self.commit, ctx))
+
+    def _drop_old_rounds(self) -> None:
+        """Lease-only rounds that no majority answered within an election timeout are
+        dead; client read rounds stay until answered or the leader steps down."""
+        horizon = self.ticks - self.election_ticks
+        keep = []
+        for r in self.read_rounds:
+            if r.index < 0 and self.round_sent.get(r.ctx, 0) < horizon:
+                self.round_sent.pop(r.ctx, None)
+                continue
+            keep.append(r)
+        self.read_rounds = keep
+
+    def persisted(self, index: int) -> None:
+        """The caller made our log durable up to `index`. A leader sends its entries
+        while it writes them to its own disk, and counts itself for them only from
+        now on (§10.2.1)."""
+        self.stable = max(self.stable, min(index, self.log.last_index()))
+        if self.role == LEADER:
+            self._maybe_commit()
+
+    def unreachable(self, peer: int) -> None:
+        """The caller could not deliver to `peer`: the message is lost, try again later."""
+        pr = self.progress.get(peer)
+        if pr is not None:
+            pr.inflight = False
+
+    # -- receiving --------------------------------------------------------------------
+    def step(self, m: Message) -> None:
+        if m.dst != self.id or m.src not in self.voters or m.src == self.id:
+            return
+        if m.term > self.term:
+            if isinstance(m, RequestVote):
+                if self._hears_leader() and m.src != self.leader:
+                    return  # §4.2.3: ignore it, and keep our term
+                if m.pre:
+                    self._on_vote(m)  # §9.6: a pre-vote never changes our term
+                    return
+                self._become_follower(m.term, None)
+            elif isinstance(m, VoteReply) and m.pre and m.granted:
+                pass  # a granted pre-vote carries the term asked for, not one in use
+            elif isinstance(m, (AppendEntries, Heartbeat)):
+                self._become_follower(m.term, m.src)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.term:
+            # A stale leader learns our term from the refusal and steps down (§3.3);
+            # pre-votes from behind are refused the same way.
+            if isinstance(m, (AppendEntries, Heartbeat)):
+                self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index()))
+            elif isinstance(m, RequestVote):
+                self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
+            return
+        if isinstance(m, RequestVote):
+            self._on_vote(m)
+        elif isinstance(m, VoteReply):
+            self._on_vote_reply(m)
+        elif isinstance(m, AppendEntries):
+            self._on_append(m)
+        elif isinstance(m, Heartbeat):
+            self._on_heartbeat(m)
+        elif isinstance(m, AppendReply):
+            self._on_append_reply(m)
+        elif isinstance(m, HeartbeatReply):
+            self._on_heartbeat_reply(m)
+
+    def _hears_leader(self) -> bool:
+        """§4.2.3: within the minimum election timeout of hearing from a leader."""
+        if self.role == LEADER:
+            return self.check_quorum
+        return self.leader is not None and self.elapsed < self.election_ticks
+
+    def _log_ok_for(self, m: RequestVote) -> bool:
+        """§3.6.1: the candidate's log is at least as up to date as ours."""
+        last_index, last_term = self.last()
+        return (m.last_term, m.last_index) >= (last_term, last_index)
+
+    def _on_vote(self, m: RequestVote) -> None:
+        if not self.log.voter:
+            # §4.2.1: a replica catching up (it lost its state) does not vote
+            self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
+            return
+        if m.pre:
+            grant = m.term > self.term and self._log_ok_for(m)
+            self.outbox.append(VoteReply(m.term if grant else self.term, self.id, m.src, grant, True))
+            return
+        grant = self.log.vote in (None, m.src) and self._log_ok_for(m)
+        if grant:
+            self.log.set_hard_state(self.term, m.src)
+            self._reset_timeout()
+        self.outbox.append(VoteReply(self.term, self.id, m.src, grant, False))
+
+    def _on_vote_reply(self, m: VoteReply) -> None:
+        wanted = PRE_CANDIDATE if m.pre else CANDIDATE
+        if self.role != wanted:
+            return
+        self.votes[m.src] = m.granted
+        if self._won():
+            return
+        refused = sum(1 for ok in self.votes.values() if not ok)
+        if refused >= self.majority:
+            self._become_follower(self.term, None)
+
+    def _on_append(self, m: AppendEntries) -> None:
+        self.role, self.leader = FOLLOWER, m.src
+        self.elapsed = 0
+        if m.prev_index < self.commit:
+            # already committed here: never touch it; say how far we are
+            self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit))
+            return
+        if self.log.term_at(m.prev_index) != m.prev_term:
+            # §3.5: the logs differ at prev_index: the leader must go further back
+            hint = min(m.prev_index - 1, self.log.last_index())
+            self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0)))
+            return
+        fresh: list[Entry] = []
+        for i, e in enumerate(m.entries):
+            if self.log.term_at(e.index) != e.term:
+                # §3.5: a conflicting entry and all that follow it go; committed ones never do
+                assert e.index > self.commit, "a committed entry would be overwritten"
+                fresh = list(m.entries[i:])
+                break
+        if fresh:
+            self.log.append(fresh)
+        match = m.prev_index + len(m.entries)
+        self._advance_commit(min(m.commit, match))
+        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match))
+        self._maybe_join(m.commit)
+
+    def _on_heartbeat(self, m: Heartbeat) -> None:
+        self.role, self.leader = FOLLOWER, m.src
+        self.elapsed = 0
+        self._advance_commit(min(m.commit, self.log.last_index()))
+        self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index()))
+        self._maybe_join(m.leader_commit)
+
+    def _maybe_join(self, leader_commit: int) -> None:
+        """§4.2.1: a learner that holds everything the leader has committed votes again."""
+        if not self.log.voter and self.commit >= leader_commit:
+            self.log.set_voter()
+
+    def _advance_commit(self, index: int) -> None:
+        if index > self.commit:
+            self.commit = index
+
+    def _on_append_reply(self, m: AppendReply) -> None:
+        if self.role != LEADER:
+            return
+        pr = self.progress[m.src]
+        pr.active = True
+        pr.inflight = False
+        if m.success:
+            if m.index > pr.match:
+                pr.match = m.index
+            pr.next = max(pr.next, pr.match + 1)
+            self._maybe_commit()
+        else:
+            # §3.5: back up, at once to the follower's last index when it is shorter.
+            # A follower that lost its disk holds less than it once acknowledged:
+            # its match goes back too, so that it is sent everything again.
+            pr.match = min(pr.match, m.index)
+            pr.next = max(pr.match + 1, min(pr.next - 1, m.index + 1))
+        self._send_append(m.src)
+
+    def _on_heartbeat_reply(self, m: HeartbeatReply) -> None:
+        if self.role != LEADER:
+            return
+        pr = self.progress[m.src]
+        pr.active = True
+        if m.last_index < pr.match:  # it lost entries it had (a wiped disk): start again from there
+            pr.match = m.last_index
+            pr.next = m.last_index + 1
+        if pr.inflight and self.ticks - pr.sent_at >= self.election_ticks // 2:
+            pr.inflight = False  # the follower answers beats, so that append (or its answer) was lost
+        if pr.match < self.log.last_index() or m.last_index != pr.match:
+            self._send_append(m.src)
+        self._ack_read(m.ctx, m.src)
+
+    def _ack_read(self, ctx: int, peer: int) -> None:
+        done = [r for r in self.read_rounds if r.ctx <= ctx]
+        if not done:
+            return
+        # a quorum's ack of round ctx also confirms every earlier round (§6.4)
+        for r in done:
+            r.acks.add(peer)
+        newest = done[-1]
+        if len(newest.acks) < self.majority:
+            return
+        sent = self.round_sent.get(newest.ctx)
+        if sent is not None and (self.lease_from is None or sent > self.lease_from):
+            self.lease_from = sent
+        for r in done:
+            self.round_sent.pop(r.ctx, None)
+            if r.index >= 0:
+                self.reads_ready.append(ReadState(r.ctx, r.index))
+        self.read_rounds = [r for r in self.read_rounds if r.ctx > ctx]
+
+    def _maybe_commit(self) -> None:
+        """§3.6.2: the highest index held by a majority commits, but only if that entry
+        is of the current term (older entries commit with it, never by counting)."""
+        own = min(self.stable, self.log.last_index())
+        matches = sorted([own] + [pr.match for pr in self.progress.values()], reverse=True)
+        index = matches[self.majority - 1]
+        if index > self.commit and self.log.term_at(index) == self.term:
+            self.commit = index
+            if self.deferred_reads and self.committed_in_term():
+                deferred, self.deferred_reads = self.deferred_reads, []
+                for ctx in deferred:
+                    self._start_read_round(ctx)
+
+    # -- output -----------------------------------------------------------------------
+    def ready(self) -> Ready:
+        """What to do now: persist (already written to `log`), send, apply, answer."""
+        committed = self.log.entries(self.applied + 1, self.commit + 1) if self.commit > self.applied else []
+        if committed:
+            self.applied = committed[-1].index
+        out, self.outbox = self.outbox, []
+        reads, self.reads_ready = self.reads_ready, []
+        return Ready(out, committed, reads)
+
+    def has_ready(self) -> bool:
+        return bool(self.outbox or self.reads_ready or self.commit > self.applied
+                    or self.stable < self.log.last_index())
+
+
+@define
+class MemoryLog:
+    """A `Log` in memory, for tests and simulations: what a disk would hold."""
+
+    term: int = 0
+    vote: int | None = None
+    voter: bool = True
+    log: list[Entry] = field(factory=list)
+
+    def set_hard_state(self, term: int, vote: int | None) -> None:
+        self.term, self.vote = term, vote
+
+    def set_voter(self) -> None:
+        self.voter = True
+
+    def last_index(self) -> int:
+        return len(self.log)
+
+    def term_at(self, index: int) -> int | None:
+        if index == 0:
+            return 0
+        if 1 <= index <= len(self.log):
+            return self.log[index - 1].term
+        return None
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        return self.log[max(lo, 1) - 1:max(hi - 1, 0)]
+
+    def append(self, entries: list[Entry]) -> None:
+        if entries:
+            first = entries[0].index
+            if not 1 <= first <= len(self.log) + 1:
+                raise ValueError(f"entry {first} does not follow the log")
+            del self.log[first - 1:]
+            self.log.extend(entries)

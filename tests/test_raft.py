@@ -1,0 +1,430 @@
+"""bazar.raft, the consensus core without I/O: each rule on its own, then thousands of
+random schedules (loss, duplication, reordering, partitions, crashes, disk loss) over
+an in-memory message bus, checked against Raft's safety properties (§3.6.3):
+election safety, log matching, leader completeness and state machine safety."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import pytest
+
+from bazar.raft import (
+    CANDIDATE,
+    FOLLOWER,
+    LEADER,
+    PRE_CANDIDATE,
+    AppendEntries,
+    AppendReply,
+    Entry,
+    Heartbeat,
+    MemoryLog,
+    Message,
+    NotLeader,
+    Raft,
+    RequestVote,
+    VoteReply,
+    message_from_json,
+)
+
+
+def node(i: int, voters: tuple[int, ...] = (1, 2, 3), log: MemoryLog | None = None, seed: int = 0,
+         **kw: Any) -> Raft:
+    return Raft(id=i, voters=voters, log=log or MemoryLog(), rng=random.Random(seed * 10 + i), **kw)
+
+
+def op(n: int) -> dict[str, Any]:
+    return {"op": "restock", "rid": f"r{n}", "id": 1, "quantity": n}
+
+
+class Bus:
+    """Delivers every message at once, in order, unless the link is cut."""
+
+    def __init__(self, nodes: dict[int, Raft]):
+        self.nodes = nodes
+        self.cut: set[frozenset[int]] = set()
+        self.applied: dict[int, list[Entry]] = {i: [] for i in nodes}
+        self.reads: dict[int, list[tuple[int, int]]] = {i: [] for i in nodes}
+
+    def deliver(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            moved = False
+            for i, n in list(self.nodes.items()):
+                ready = n.ready()
+                n.persisted(n.log.last_index())  # the memory log is on "disk" at once
+                self.applied[i].extend(ready.committed)
+                self.reads[i].extend((r.ctx, r.index) for r in ready.reads)
+                for m in ready.messages:
+                    if frozenset((m.src, m.dst)) in self.cut:
+                        n.unreachable(m.dst)
+                        continue
+                    moved = True
+                    self.nodes[m.dst].step(m)
+            if not moved:
+                return
+
+    def tick(self, times: int = 1, only: list[int] | None = None) -> None:
+        for _ in range(times):
+            for i in only or list(self.nodes):
+                self.nodes[i].tick()
+            self.deliver()
+
+    def leaders(self) -> list[int]:
+        return [i for i, n in self.nodes.items() if n.role == LEADER]
+
+    def elect(self, limit: int = 200) -> Raft:
+        for _ in range(limit):
+            self.tick()
+            leaders = self.leaders()
+            if len(leaders) == 1 and all(n.leader == leaders[0] for n in self.nodes.values()
+                                         if frozenset((n.id, leaders[0])) not in self.cut):
+                return self.nodes[leaders[0]]
+        raise AssertionError("no leader")
+
+
+def cluster(n: int = 3, seed: int = 0) -> Bus:
+    voters = tuple(range(1, n + 1))
+    return Bus({i: node(i, voters, seed=seed) for i in voters})
+
+
+# -- elections ---------------------------------------------------------------------------
+
+def test_a_leader_is_elected_and_commits_a_no_op_of_its_term_first() -> None:
+    bus = cluster()
+    leader = bus.elect()
+    assert leader.term == 1 and leader.log.entries(1, 2) == [Entry(1, 1, None)]  # §6.4
+    assert all(n.commit == 1 for n in bus.nodes.values()) or bus.tick(2) is None
+    bus.tick(2)
+    assert {n.commit for n in bus.nodes.values()} == {1}
+    assert [e.index for e in bus.applied[leader.id]] == [1]
+
+
+def test_a_single_voter_elects_itself_and_commits_alone() -> None:
+    n = node(1, (1,))
+    for _ in range(40):
+        n.tick()
+    assert n.role == LEADER
+    n.persisted(1)
+    index, term = n.propose(op(1))
+    assert (index, term, n.commit) == (2, 1, 1)  # not before its own disk holds it (§10.2.1)
+    n.persisted(2)
+    assert n.commit == 2
+    assert [e.index for e in n.ready().committed] == [1, 2]
+
+
+def test_pre_vote_persists_nothing_and_a_lone_candidate_never_raises_its_term() -> None:
+    bus = cluster()
+    bus.cut = {frozenset((1, 2)), frozenset((1, 3))}
+    bus.tick(300, only=[1])
+    one = bus.nodes[1]
+    assert one.term == 0 and one.log.vote is None  # §9.6: it asked, and took nothing
+    assert one.role == PRE_CANDIDATE
+
+
+def test_votes_go_only_to_logs_at_least_as_up_to_date() -> None:
+    log = MemoryLog(term=2, log=[Entry(1, 1, None), Entry(2, 2, op(1))])
+    voter = node(2, log=log)
+    behind = RequestVote(3, 1, 2, last_index=5, last_term=1, pre=False)  # longer, but older term
+    voter.step(behind)
+    (reply,) = voter.ready().messages
+    assert isinstance(reply, VoteReply) and not reply.granted  # §3.6.1
+    ahead = RequestVote(3, 3, 2, last_index=2, last_term=2, pre=False)
+    voter.step(ahead)
+    (reply,) = voter.ready().messages
+    assert reply.granted and voter.log.vote == 3 and voter.term == 3
+
+
+def test_one_vote_per_term_and_it_survives_a_restart() -> None:
+    log = MemoryLog(term=1)
+    voter = node(2, log=log)
+    voter.step(RequestVote(4, 1, 2, 0, 0, False))
+    assert voter.ready().messages[0].granted  # type: ignore[attr-defined]
+    again = node(2, log=log)  # restarted with what it persisted (§3.8)
+    again.step(RequestVote(4, 3, 2, 0, 0, False))
+    assert not again.ready().messages[0].granted  # type: ignore[attr-defined]
+    assert log.vote == 1
+
+
+def test_a_server_that_hears_a_leader_ignores_vote_requests() -> None:
+    follower = node(2)
+    follower.step(Heartbeat(1, 1, 2, 0, 0, 1))
+    follower.ready()
+    follower.step(RequestVote(5, 3, 2, 10, 5, False))  # §4.2.3: within the minimum election timeout
+    follower.step(RequestVote(5, 3, 2, 10, 5, True))
+    assert follower.ready().messages == [] and follower.term == 1 and follower.log.vote is None
+    for _ in range(follower.election_ticks):
+        follower.tick()
+    follower.ready()
+    follower.step(RequestVote(5, 3, 2, 10, 5, False))
+    assert follower.ready().messages[0].granted and follower.term == 5  # type: ignore[attr-defined]
+
+
+def test_a_learner_neither_votes_nor_campaigns_until_it_holds_the_leaders_commit() -> None:
+    learner = node(3, log=MemoryLog(voter=False))
+    for _ in range(100):
+        learner.tick()
+    assert learner.role == FOLLOWER and learner.ready().messages == []  # §4.2.1
+    learner.step(RequestVote(1, 1, 3, 0, 0, True))
+    assert not learner.ready().messages[0].granted  # type: ignore[attr-defined]
+    learner.step(AppendEntries(1, 1, 3, 0, 0, (Entry(1, 1, None),), 2))
+    learner.ready()
+    assert not learner.log.voter  # the leader has committed 2: it holds 1
+    learner.step(AppendEntries(1, 1, 3, 1, 1, (Entry(2, 1, op(1)),), 2))
+    learner.ready()
+    assert learner.log.voter and learner.commit == 2
+
+
+# -- replication and commitment ----------------------------------------------------------
+
+def test_entries_commit_on_a_majority_and_apply_in_order_everywhere() -> None:
+    bus = cluster()
+    leader = bus.elect()
+    bus.cut = {frozenset((leader.id, 3 if leader.id != 3 else 2))}
+    for n in range(5):
+        leader.propose(op(n))
+    bus.deliver()
+    bus.tick(2)
+    assert leader.commit == 6
+    bus.cut = set()
+    bus.tick(4)
+    logs = [[(e.index, e.term) for e in bus.applied[i]] for i in bus.nodes]
+    assert logs[0] == logs[1] == logs[2] and len(logs[0]) == 6
+
+
+def test_an_old_term_entry_on_a_majority_is_not_committed_by_counting() -> None:
+    """§3.6.2, the dissertation's Figure 3.7: a leader of term 4 that finds an entry of
+    term 2 on a majority must not commit it until an entry of its own term is."""
+    log = MemoryLog(term=4, log=[Entry(1, 1, None), Entry(2, 2, op(2))])
+    leader = node(1, log=log)
+    leader._become_leader()
+    leader.ready()
+    leader.log.log.pop()  # take back its no-op, to look at counting alone
+    leader.step(AppendReply(4, 2, 1, True, 2))
+    assert leader.commit == 0  # entry 2 is on 1 and 2, a majority, but of term 2
+    leader.log.append([Entry(3, 4, op(3))])
+    leader.persisted(3)
+    leader.step(AppendReply(4, 2, 1, True, 3))
+    assert leader.commit == 3  # with an entry of term 4: both commit
+
+
+def test_a_conflicting_uncommitted_tail_is_replaced_and_a_committed_one_never() -> None:
+    follower = node(2, log=MemoryLog(term=2, log=[Entry(1, 1, None), Entry(2, 2, op(9))]))
+    follower.step(AppendEntries(3, 1, 2, 1, 1, (Entry(2, 3, op(2)), Entry(3, 3, op(3))), 1))
+    (reply,) = follower.ready().messages
+    assert isinstance(reply, AppendReply) and reply.success and reply.index == 3
+    assert [e.term for e in follower.log.log] == [1, 3, 3]
+    follower.step(AppendEntries(3, 1, 2, 5, 3, (), 3))  # a gap: refused with a hint
+    (reply,) = follower.ready().messages
+    assert not reply.success and reply.index == 3  # type: ignore[attr-defined]
+
+
+def test_a_stale_leader_learns_the_new_term_and_steps_down() -> None:
+    leader = node(1)
+    leader.log.set_hard_state(1, 1)
+    leader._become_leader()
+    leader.ready()
+    leader.step(AppendReply(2, 2, 1, False, 0))
+    assert leader.role == FOLLOWER and leader.term == 2
+
+
+def test_check_quorum_a_cut_off_leader_steps_down_within_an_election_timeout() -> None:
+    bus = cluster()
+    leader = bus.elect()
+    others = [i for i in bus.nodes if i != leader.id]
+    bus.cut = {frozenset((leader.id, o)) for o in others}
+    for t in range(2 * leader.election_ticks + 1):
+        leader.tick()
+        bus.deliver()
+        if t >= leader.election_ticks - 1:
+            assert not leader.lease_valid()  # §6.4.1: it stops serving first
+    assert leader.role == FOLLOWER  # §6.2
+
+
+def test_read_index_waits_for_a_quorum_and_for_the_leaders_first_commit() -> None:
+    bus = cluster()
+    leader = bus.elect()
+    bus.tick(2)
+    ctx = leader.read_index()
+    assert leader.reads_ready == []  # not before the followers answered
+    bus.deliver()
+    assert bus.reads[leader.id] == [(ctx, leader.commit)]
+    # a leader cut off from everyone never confirms the read, and fails it when it steps down
+    bus.cut = {frozenset((leader.id, o)) for o in bus.nodes if o != leader.id}
+    ctx = leader.read_index()
+    for _ in range(3 * leader.election_ticks):
+        leader.tick()
+        bus.deliver()
+    assert leader.role == FOLLOWER
+    assert bus.reads[leader.id][-1] == (ctx, -1)
+    with pytest.raises(NotLeader):
+        leader.read_index()
+
+
+def test_messages_travel_as_json() -> None:
+    m = AppendEntries(3, 1, 2, 4, 2, (Entry(5, 3, op(5)), Entry(6, 3, None)), 4)
+    assert message_from_json(m.to_json()) == m
+    for bad in ({"kind": "append"}, {"kind": "x", "term": 1, "src": 1, "dst": 2},
+                {**RequestVote(1, 1, 2, 0, 0, True).to_json(), "term": "1"}, [], None):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            message_from_json(bad)
+
+
+# -- random schedules --------------------------------------------------------------------
+
+class World:
+    """N cores on a lossy, reordering, duplicating bus with partitions, crashes and disk loss."""
+
+    def __init__(self, seed: int, n: int = 3):
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.voters = tuple(range(1, n + 1))
+        self.disks = {i: MemoryLog() for i in self.voters}
+        self.nodes = {i: node(i, self.voters, self.disks[i], seed=seed) for i in self.voters}
+        self.down: set[int] = set()
+        self.cut: set[tuple[int, int]] = set()
+        self.queue: list[tuple[int, int, Message]] = []  # (deliver at, order, message)
+        self.now = 0
+        self.order = 0
+        self.applied: dict[int, list[Entry]] = {i: [] for i in self.voters}
+        self.leaders: dict[int, set[int]] = {}
+        self.committed: dict[int, Entry] = {}  # index -> entry, as first seen committed
+        self.wiped = False
+
+    def restart(self, i: int, wipe: bool = False) -> None:
+        disk = self.disks[i]
+        if wipe:
+            disk = self.disks[i] = MemoryLog(voter=False)
+            self.applied[i] = []
+        self.nodes[i] = Raft(id=i, voters=self.voters, log=disk, applied=len(self.applied[i]),
+                             rng=random.Random(self.rng.random()))
+        self.down.discard(i)
+
+    def step(self) -> None:
+        rng = self.rng
+        self.now += 1
+        roll = rng.random()
+        if roll < 0.01 and len(self.down) == 0:
+            self.down.add(rng.choice(self.voters))
+        elif roll < 0.03 and self.down:
+            i = rng.choice(sorted(self.down))
+            self.restart(i, wipe=not self.wiped and rng.random() < 0.3)
+            self.wiped = self.wiped or not self.disks[i].voter
+        elif roll < 0.05:
+            a, b = rng.sample(self.voters, 2)
+            self.cut.add((a, b))
+            if rng.random() < 0.5:
+                self.cut.add((b, a))
+        elif roll < 0.08:
+            self.cut.clear()
+        for i in self.voters:
+            if i in self.down:
+                continue
+            n = self.nodes[i]
+            if rng.random() < 0.9:
+                n.tick()
+            if n.role == LEADER and rng.random() < 0.3:
+                n.propose(op(self.now))
+            self.flush(i)
+        due = [q for q in self.queue if q[0] <= self.now]
+        self.queue = [q for q in self.queue if q[0] > self.now]
+        rng.shuffle(due)
+        for _, _, m in due:
+            if m.dst in self.down or (m.src, m.dst) in self.cut:
+                continue
+            self.nodes[m.dst].step(m)
+            self.flush(m.dst)
+        for i, n in self.nodes.items():
+            if n.role == LEADER and i not in self.down:
+                self.leaders.setdefault(n.term, set()).add(i)
+
+    def flush(self, i: int) -> None:
+        ready = self.nodes[i].ready()
+        self.nodes[i].persisted(self.disks[i].last_index())
+        for e in ready.committed:
+            first = self.committed.setdefault(e.index, e)
+            assert first == e, f"seed {self.seed}: index {e.index} committed as {first} and as {e}"
+            self.applied[i].append(e)
+        for m in ready.messages:
+            if self.rng.random() < 0.1:
+                continue  # lost
+            copies = 2 if self.rng.random() < 0.05 else 1
+            for _ in range(copies):
+                self.order += 1
+                self.queue.append((self.now + self.rng.randrange(0, 4), self.order, m))
+
+    def check(self) -> None:
+        for term, ids in self.leaders.items():
+            assert len(ids) == 1, f"seed {self.seed}: two leaders in term {term}: {ids}"
+        # state machine safety: every replica applied a prefix of one sequence
+        for i, entries in self.applied.items():
+            for e in entries:
+                assert self.committed[e.index] == e, f"seed {self.seed}: replica {i} applied {e}"
+        # leader completeness: every live leader holds every committed entry
+        for i, n in self.nodes.items():
+            if n.role == LEADER and i not in self.down:
+                for index, e in self.committed.items():
+                    if e.term <= n.term:
+                        assert n.log.entries(index, index + 1) == [e], f"seed {self.seed}: leader {i} lacks {e}"
+
+    def heal_and_settle(self) -> None:
+        self.cut.clear()
+        for i in sorted(self.down):
+            self.restart(i)
+        for _ in range(400):
+            self.step_quiet()
+        leaders = [i for i, n in self.nodes.items() if n.role == LEADER]
+        assert len(leaders) == 1, f"seed {self.seed}: no single leader after healing: {leaders}"
+        logs = {i: [(e.index, e.term) for e in self.applied[i]] for i in self.voters}
+        assert logs[1] == logs[2] == logs[3], f"seed {self.seed}: replicas differ after healing"
+        assert all(d.voter for d in self.disks.values()), f"seed {self.seed}: a learner never caught up"
+
+    def step_quiet(self) -> None:
+        self.now += 1
+        for i in self.voters:
+            self.nodes[i].tick()
+            self.flush_reliably(i)
+        due = sorted(q for q in self.queue if q[0] <= self.now)
+        self.queue = [q for q in self.queue if q[0] > self.now]
+        for _, _, m in due:
+            self.nodes[m.dst].step(m)
+            self.flush_reliably(m.dst)
+
+    def flush_reliably(self, i: int) -> None:
+        ready = self.nodes[i].ready()
+        self.nodes[i].persisted(self.disks[i].last_index())
+        for e in ready.committed:
+            assert self.committed.setdefault(e.index, e) == e
+            self.applied[i].append(e)
+        for m in ready.messages:
+            self.order += 1
+            self.queue.append((self.now + 1, self.order, m))
+
+
+SEEDS = int(os.environ.get("BAZAR_RAFT_SEEDS", "300"))
+CHUNKS = 10
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_random_schedules_keep_raft_safety(chunk: int) -> None:
+    per = -(-SEEDS // CHUNKS)
+    for seed in range(chunk * per, chunk * per + per):
+        world = World(seed)
+        for _ in range(600):
+            world.step()
+            world.check()
+        world.heal_and_settle()
+        world.check()
+        assert len(world.committed) > 1, f"seed {seed}: nothing was ever committed"
+
+
+def test_candidates_that_lose_step_back() -> None:
+    bus = cluster()
+    bus.elect()
+    n = bus.nodes[2] if bus.nodes[2].role != LEADER else bus.nodes[3]
+    n._campaign(pre=False)
+    assert n.role == CANDIDATE
+    for _ in range(100):
+        bus.tick()
+    assert len(bus.leaders()) == 1

@@ -25,7 +25,7 @@ RETRYABLE = (502, 503, 504)
 # promptly gets at most this many waiting on it (connections, memory, sockets),
 # while the others keep serving.
 MAX_IN_FLIGHT = 32
-ATTEMPT = 2.5  # seconds one write attempt may take before it is sent again
+ATTEMPT = 1.0  # seconds one write attempt may take before it is sent again (elsewhere, if the primary changed)
 
 
 class Busy(Exception):

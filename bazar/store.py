@@ -76,6 +76,8 @@ class StateMachine(Protocol):
 VOLATILE = frozenset({"rid", "created", "created_ts"})
 
 
+TAIL = 4096
+
 MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError, sqlite3.IntegrityError)
 
 
@@ -139,6 +141,7 @@ class Store:
             raise
         self._in_tx = False
         self._durable_tx = False
+        self._tail: list[Entry] = []  # the last TAIL entries of the log, as appended
 
     # -- transactions -----------------------------------------------------------------
     def _begin(self, durable: bool = True) -> None:
@@ -199,6 +202,10 @@ class Store:
         hi = min(hi, len(self._terms))
         if lo >= hi:
             return []
+        tail = self._tail
+        if tail and lo >= tail[0].index and hi - 1 <= tail[-1].index:
+            start = lo - tail[0].index
+            return tail[start:start + hi - lo]
         rows = self.db.execute("SELECT idx, term, op FROM raft_log WHERE idx >= ? AND idx < ? ORDER BY idx",
                                (lo, hi)).fetchall()
         return [Entry(i, t, loads(o) if o is not None else None) for i, t, o in rows]
@@ -221,6 +228,15 @@ class Store:
                             [(e.index, e.term, dumps(e.op).decode() if e.op is not None else None)
                              for e in entries])
         self._terms.extend(e.term for e in entries)
+        # the newest entries stay in memory: they are sent to the followers and applied soon
+        tail = self._tail
+        if tail and tail[0].index <= first <= tail[-1].index + 1:
+            del tail[first - tail[0].index:]
+            tail.extend(entries)
+        else:
+            self._tail = tail = list(entries)
+        if len(tail) > TAIL:
+            del tail[:len(tail) - TAIL]
 
     @property
     def last_seq(self) -> int:

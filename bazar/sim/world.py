@@ -5,7 +5,7 @@ apps, the catalog's `Publisher` pushing invalidations to the front ends, the
 order's `Purchases` with its sweep and its catalog health checks) and 1 or 2 front
 ends (`Frontend` with its cache on, `InvalidationStream`, health polls), exactly as
 the twistd plugins wire them, on the in-memory network of `bazar.sim.network` and
-one `task.Clock`. Each process runs on its own `ProcessClock`, so it can be paused
+one simulated clock. Each process runs on its own `ProcessClock`, so it can be paused
 (SIGSTOP) or killed (kill -9) on its own.
 
 Everything random comes from the seed: one `random.Random(seed)` hands out a
@@ -33,7 +33,6 @@ the nemesis off and drive the faults by hand.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 import shutil
@@ -272,9 +271,11 @@ class World:
         node = self.nodes[name]
         assert not node.running, f"{name} is running"
         clock = ProcessClock(self.clock, name)
-        store = Store(
-            node.path, CatalogMachine() if node.service == "catalog" else OrderMachine(), synchronous="OFF"
-        )  # a crash here is a process's, never the machine's: see README
+        # No fsync: a simulated crash kills the process, never the machine, and what a
+        # committed transaction wrote is in the file for the next process either way.
+        # (Power loss is not simulated.)
+        machine = CatalogMachine() if node.service == "catalog" else OrderMachine()
+        store = Store(node.path, machine, synchronous="OFF")
         http = self.network.client(node.port)
         peers = {n.ident: url_of(n.port) for n in self.replicas(node.service)}
         replica = Replica(
@@ -297,6 +298,7 @@ class World:
                 redis_url=None,
             )
             replica.on_commit = publisher.committed
+            replica.on_primary = lambda: self.elected(node.service, replica)
             app = catalog_app(replica, SECRET)
             self.network.add(node.port, app.resource())
             replica.start()
@@ -304,8 +306,13 @@ class World:
         else:
             catalog = ReplicaSet("catalog", self.urls("catalog"), http, clock, SECRET, write_budget=8.0)
             purchases = Purchases(replica, catalog, clock)
+
             # as in bazar.order.makeService
-            replica.on_primary = lambda: clock.callLater(SETTLE_AFTER, purchases.sweep)
+            def elected() -> None:
+                self.elected(node.service, replica)
+                clock.callLater(SETTLE_AFTER, purchases.sweep)
+
+            replica.on_primary = elected
             loops.append(self._loop(clock, 0.5, lambda: ensureDeferred(catalog.poll()), now=True))
             loops.append(self._loop(clock, 1.0, purchases.sweep, now=True))
             app = order_app(replica, purchases, SECRET, TOKEN)
@@ -494,11 +501,15 @@ class World:
         return box[0]
 
     def sample(self) -> None:
-        """At most one leader per term: remember who led in which term."""
+        """At most one leader per term: remember who led in which term (at every
+        step, besides every election as it happens: `elected`)."""
         for node in self.nodes.values():
             replica = node.replica
             if node.running and replica is not None and replica.core.role == raft.LEADER:
                 self.leaders.setdefault((node.service, replica.epoch), set()).add(node.ident)
+
+    def elected(self, service: str, replica: Replica) -> None:
+        self.leaders.setdefault((service, replica.epoch), set()).add(replica.replica_id)
 
     # -- errors -------------------------------------------------------------------------
     def _unexpected(self, failure: Failure, where: str) -> None:
@@ -1034,7 +1045,6 @@ def simulate(
     finally:
         globalLogPublisher.removeObserver(observer)
         world.close()
-        gc.collect()
 
 
 def _run(world: World, faults: bool) -> Outcome:

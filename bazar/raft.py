@@ -665,9 +665,10 @@ class Raft:
         reads, self.reads_ready = self.reads_ready, []
         return Ready(out, committed, reads)
 
-    def has_ready(self) -> bool:
+    def has_ready(self, unstable: bool = True) -> bool:
+        """Is there anything for `ready()` (or, with `unstable`, a log write to persist)?"""
         return bool(self.outbox or self.reads_ready or self.commit > self.applied
-                    or self.stable < self.log.last_index())
+                    or (unstable and self.stable < self.log.last_index()))
 
 
 @define

@@ -92,6 +92,7 @@ class Replica:
         self.leader_commit = 0  # the commit index the leader last told us
         self.running = False
         self._scheduled: Any = None
+        self._flusher: Any = None
         self._tick_base = clock.seconds()
         self._was_leader = False
         self._probing = False
@@ -150,12 +151,17 @@ class Replica:
             while self.core.role != raft.LEADER:
                 self.core.tick()
         self._process()
+        if self._flusher is not None:  # a single replica commits its first entry before it serves
+            self._flusher.cancel()
+            self._flush_now()
+            self._process()
 
     def stop(self) -> None:
         self.running = False
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._scheduled = None
+        for call in (self._scheduled, self._flusher):
+            if call is not None and call.active():
+                call.cancel()
+        self._scheduled = self._flusher = None
         self._fail_waiters("this replica is shutting down; retry")
 
     async def _bootstrap(self) -> None:
@@ -211,7 +217,7 @@ class Replica:
 
     # -- the ready() loop -------------------------------------------------------------
     def _changed(self) -> None:
-        if self.core.has_ready() and self._scheduled is None and self.running:
+        if self.core.has_ready(unstable=self._flusher is None) and self._scheduled is None and self.running:
             self._scheduled = self.clock.callLater(0, self._process)
         self._watch_role()
 
@@ -231,12 +237,13 @@ class Replica:
             # writes (§10.2.1; it counts itself once `persisted`). Anyone else's (votes,
             # acknowledgements) leave only once what they promise is on disk (§3.8).
             early = self.core.role == raft.LEADER
+            outcomes = [(e, self.store.apply(e)) for e in ready.committed]
             if early:
                 replies += self._dispatch(ready.messages, reply_to)
-            outcomes = [(e, self.store.apply(e)) for e in ready.committed]
-            self.store.flush()
-            self.core.persisted(self.store.last_index())
-            if not early:
+                self._flush_soon()  # after the reactor has written those messages out
+            else:
+                self.store.flush()
+                self.core.persisted(self.store.last_index())
                 replies += self._dispatch(ready.messages, reply_to)
             self._watch_role()
             for entry, outcome in outcomes:
@@ -250,9 +257,23 @@ class Replica:
                 self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.store.applied]
                 for _, d in due:
                     d.callback(None)
-            if not self.core.has_ready():
+            if not self.core.has_ready(unstable=not early):
                 break
         return replies
+
+    def _flush_soon(self) -> None:
+        if self._flusher is None and self.running:
+            self._flusher = self.clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        """The leader's own disk write, one reactor turn after its messages left: the
+        fsync then overlaps the followers' (§10.2.1); it counts itself from now on."""
+        self._flusher = None
+        if not self.running:
+            return
+        self.store.flush()
+        self.core.persisted(self.store.last_index())
+        self._changed()
 
     def _dispatch(self, messages: list[Message], reply_to: int | None) -> list[Message]:
         replies = []
@@ -429,10 +450,31 @@ class Replica:
                             {b"Retry-After": b"1"})
 
 
+def readiness(replica: Replica) -> tuple[int, dict[str, Any]]:
+    """`GET /ready` of a replica: 200 while it may answer reads (`serving`), else 503
+    with the reason. Orchestrators route to, and count as available, only replicas
+    that say 200, so a replica that is cut off or still catching up takes no reads
+    and holds up a rolling restart until it has caught up."""
+    facts = {"service": replica.service, "replica": replica.replica_id, "role": replica.role,
+             "epoch": replica.epoch, "last_seq": replica.store.applied, "leader": replica.leader}
+    if replica.serving:
+        return 200, {"ready": True, **facts}
+    if replica.is_primary:
+        why = "primary not confirmed by a majority (lease or no-op of its epoch pending)"
+    elif replica.leader is None:
+        why = "no primary known"
+    else:
+        why = "not caught up with a primary"
+    raise HTTPError(503, f"{replica.service} replica {replica.replica_id}: {why}", {b"Retry-After": b"1"})
+
+
 def install_routes(api: JsonApp, replica: Replica, secret: str | None,
                    write: Callable[[dict[str, Any], int], Awaitable[Any]] | None = None) -> None:
-    """The internal endpoints of a replica: Raft messages, status, forwarded writes."""
+    """The endpoints every replica has besides its own: readiness (public), and the
+    internal ones: Raft messages, status, forwarded writes."""
     from bazar.web import loads, read_body
+
+    api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
 
     def internal_json(request: Any) -> dict[str, Any]:
         require_secret(request, secret)

@@ -22,8 +22,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6.0", "schemathesis>=4.0",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "selenium>=4.10"],
         "bench": ["matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": ["bazar-bench = bazar.bench:main"]},
+    entry_points={"console_scripts": ["bazar = bazar.cli:main", "bazar-bench = bazar.bench:main"]},
 )

@@ -40,6 +40,8 @@ class ReplicaState:
     primary: bool = False
     epoch: int = 0
     last_seq: int = 0
+    # the replica's last /health answer, for the cluster page (kept while it is down)
+    health: dict[str, Any] = field(factory=dict, repr=False, eq=False)
     slots: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(MAX_IN_FLIGHT), repr=False, eq=False)
 
 
@@ -73,6 +75,7 @@ class ReplicaSet:
             replica.alive = replica.ok = replica.primary = False
             return
         replica.alive = True
+        replica.health = health
         replica.ok = health.get("status") == "ok"
         replica.primary = health.get("role") == "primary"
         replica.epoch = int(health.get("epoch", 0))

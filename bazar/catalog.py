@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from bazar.books import BOOK_FIELDS, SEED_BOOKS, Book
 from bazar.replication import Replica, install_routes
-from bazar.service import BazarOptions
+from bazar.service import ReplicaOptions
 from bazar.store import OpError, Store
 from bazar.web import HTTPError, JsonApp, dumps, parse_id
 
@@ -138,7 +138,7 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
     return api
 
 
-class Options(BazarOptions):
+class Options(ReplicaOptions):
     optParameters = [
         ["port", None, 5101, "Port to listen on.", int],
         ["id", None, 1, "This replica's id (one of the ids in --peers).", int],

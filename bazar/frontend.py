@@ -68,7 +68,7 @@ class Frontend:
 
     # -- writes ---------------------------------------------------------------
     async def catalog_write(self, op: dict[str, Any]) -> dict[str, Any]:
-        op["rid"] = "fe:" + uuid.uuid4().hex
+        op.setdefault("rid", "fe:" + uuid.uuid4().hex)  # a storefront form brings its own: sent twice, done once
         outcome = await self.catalog.write(op)
         self.stream.written(outcome.seq, list(outcome.keys))  # read-your-writes
         return outcome.result
@@ -118,6 +118,17 @@ def frontend_app(fe: Frontend) -> JsonApp:
                 "epoch": primary.epoch if primary is not None else 0, "last_seq": fe.stream.upto or 0,
                 "catalog": view(fe.catalog), "order": view(fe.order), "cache": fe.cache.stats(),
                 "cache_bypass": fe.cache.bypass}
+
+    @api.route("/ready", "GET", "ready")
+    def ready(request: Any) -> dict[str, Any]:
+        # What a load balancer needs before sending clients here: a primary for every
+        # write, and (with Redis) the invalidations that keep the cache honest.
+        missing = [rs.service for rs in (fe.catalog, fe.order) if rs.primary_state() is None]
+        if missing:
+            raise HTTPError(503, f"no {' or '.join(missing)} primary known", {b"Retry-After": b"1"})
+        if fe.stream.channel_down:
+            raise HTTPError(503, "the invalidation channel (Redis) is not subscribed", {b"Retry-After": b"1"})
+        return {"ready": True, "service": "frontend"}
 
     @api.route("/bazar/info/all", "GET", "info_all")
     async def info_all(request: Any) -> tuple[int, bytes]:
@@ -213,6 +224,12 @@ def frontend_app(fe: Frontend) -> JsonApp:
 
     for name in ("hits", "misses", "evictions", "size"):
         Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry).set_function(figure(name))
+
+    # the browser pages: storefront at / and the live cluster page (imported here: they import this module)
+    from bazar.clusterpage import install_cluster_page
+    from bazar.storefront import install_storefront
+    install_storefront(api, fe)
+    install_cluster_page(api, fe)
     return api
 
 

@@ -32,7 +32,7 @@ from bazar.balancer import ReplicaSet
 from bazar.books import ORDER_FIELDS, Order
 from bazar.client import Clock
 from bazar.replication import Replica, hop_count, install_routes
-from bazar.service import BazarOptions
+from bazar.service import ReplicaOptions
 from bazar.store import OpError
 from bazar.web import HTTPError, JsonApp, dumps, read_object, require_admin, require_secret
 
@@ -217,7 +217,7 @@ def order_app(replica: Replica, purchases: Purchases, secret: str | None, admin_
     return api
 
 
-class Options(BazarOptions):
+class Options(ReplicaOptions):
     optParameters = [
         ["port", None, 5201, "Port to listen on.", int],
         ["id", None, 1, "This replica's id (one of the ids in --peers).", int],

@@ -158,9 +158,9 @@ class Replica:
 
     def stop(self) -> None:
         self.running = False
-        for call in (self._scheduled, self._flusher):
-            if call is not None and call.active():
-                call.cancel()
+        for pending in (self._scheduled, self._flusher):
+            if pending is not None and pending.active():
+                pending.cancel()
         self._scheduled = self._flusher = None
         self._fail_waiters("this replica is shutting down; retry")
 

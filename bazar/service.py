@@ -5,6 +5,7 @@ that ends a child process whose supervisor is gone."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Any, Callable
 
@@ -58,6 +59,15 @@ class BazarOptions(usage.Options):
         for name in coerce:
             if env_name(name) in os.environ:
                 values[name] = os.environ[env_name(name)]
+        # on/off flags too (BAZAR_ID_FROM_HOSTNAME=true): a container sets them like any other setting
+        flags: list[list[Any]] = []
+        reflect.accumulateClassList(self.__class__, "optFlags", flags)
+        for flag in flags:
+            text = os.environ.get(env_name(flag[0]))
+            if text is not None:
+                if text.strip().lower() not in FLAG_VALUES:
+                    raise usage.UsageError(f"bad value for {env_name(flag[0])}: {text!r} (expected true or false)")
+                self[flag[0]] = self.opts[flag[0]] = FLAG_VALUES[text.strip().lower()]
         for name, value in values.items():
             if name not in coerce:
                 raise usage.UsageError(f"unknown setting {name!r} in {path}")
@@ -67,6 +77,37 @@ class BazarOptions(usage.Options):
                 raise usage.UsageError(f"bad value for {name}: {exc}") from None
             self.opts[name] = self[name]
         super().parseOptions(options)
+
+
+FLAG_VALUES = {"1": 1, "true": 1, "yes": 1, "on": 1, "0": 0, "false": 0, "no": 0, "off": 0, "": 0}
+
+
+class ReplicaOptions(BazarOptions):
+    """What catalog and order replicas have in common: who this replica is among its
+    peers. The plugin's own class adds --id, --peers and the rest."""
+
+    optFlags: list[list[Any]] = [
+        ["id-from-hostname", None, "Take --id from the host name: its trailing number plus one "
+                                   "(catalog-0 -> 1), as a Kubernetes StatefulSet names its pods. Wins over --id."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["id-from-hostname"]:
+            self["id"] = id_from_hostname(socket.gethostname())
+        peers = parse_peers(self["peers"])
+        if peers and self["id"] not in peers:
+            raise usage.UsageError(f"--id {self['id']} is not one of the --peers ({', '.join(map(str, peers))})")
+
+
+def id_from_hostname(hostname: str) -> int:
+    """'catalog-0' (or 'catalog-0.catalog.ns.svc...') -> 1: a StatefulSet numbers its pods
+    from 0, while replica ids start at 1, as in bazar-cluster and docker/compose.yaml."""
+    name = hostname.split(".", 1)[0]
+    _, dash, ordinal = name.rpartition("-")
+    if not dash or not ordinal.isdigit() or not ordinal.isascii():
+        raise usage.UsageError(f"--id-from-hostname: the host name {hostname!r} does not end in -N "
+                               "(the ordinal of a StatefulSet pod, e.g. catalog-0)")
+    return int(ordinal) + 1
 
 
 def _prescan(args: list[str], flag: str) -> str | None:

@@ -423,7 +423,7 @@ def test_openapi(shop: Shop) -> None:
 
 
 @pytest.mark.parametrize("method, path, status", [
-    ("GET", "/", 404), ("GET", "/bazar", 404), ("GET", "/bazar/info", 404), ("GET", "/bazar/nothing", 404),
+    ("POST", "/", 405), ("GET", "/bazar", 404), ("GET", "/bazar/info", 404), ("GET", "/bazar/nothing", 404),
     ("POST", "/bazar/info/1", 405), ("GET", "/bazar/purchase/1", 405), ("POST", "/bazar/update_price/1", 405),
     ("DELETE", "/bazar/books", 405), ("PUT", "/bazar/cache", 405), ("GET", "/bazar/info/%ff", 400),
 ])

@@ -397,11 +397,11 @@ def test_malformed_http_gets_json_errors(cluster: Cluster) -> None:
 PUBLIC_ROUTES = {
     "/bazar/info/all": "GET", "/bazar/info/1": "GET", "/bazar/search/new": "GET", "/bazar/purchase/1": "POST",
     "/bazar/update_price/1": "PUT", "/bazar/restock/1": "POST", "/bazar/books": "POST", "/bazar/orders": "GET",
-    "/bazar/cache/1": "DELETE", "/bazar/cache": "GET", "/health": "GET", "/metrics": "GET", "/openapi.json": "GET",
-    "/internal/invalidate": "POST",
+    "/bazar/cache/1": "DELETE", "/bazar/cache": "GET", "/health": "GET", "/ready": "GET", "/metrics": "GET",
+    "/openapi.json": "GET", "/internal/invalidate": "POST",
 }
-REPLICA_ROUTES = {"/health": "GET", "/metrics": "GET", "/internal/write": "POST", "/internal/raft": "POST",
-                  "/internal/status": "GET"}
+REPLICA_ROUTES = {"/health": "GET", "/ready": "GET", "/metrics": "GET", "/internal/write": "POST",
+                  "/internal/raft": "POST", "/internal/status": "GET"}
 CATALOG_ROUTES = {**REPLICA_ROUTES, "/books": "GET", "/books/1": "GET"}
 ORDER_ROUTES = {**REPLICA_ROUTES, "/orders": "GET", "/internal/purchase": "POST"}
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "BREW"]

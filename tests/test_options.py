@@ -4,6 +4,7 @@ default, the peer/URL lists, and the processes bazar-cluster starts."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from twisted.python import usage
 
 from bazar import catalog, cluster, frontend, order
-from bazar.service import env_name, parse_peers, parse_urls
+from bazar.service import env_name, id_from_hostname, parse_peers, parse_urls
 
 PLUGINS = {"catalog": catalog.Options, "order": order.Options, "frontend": frontend.Options,
            "cluster": cluster.Options}
@@ -234,3 +235,35 @@ def test_the_plugins_name_their_modules() -> None:
     assert set(makers) == {"bazar-frontend", "bazar-catalog", "bazar-order", "bazar-cluster"}
     for tapname, maker in makers.items():
         assert maker.options is PLUGINS[tapname.split("-")[1]]
+
+
+# -- replica identity from the host name (Kubernetes StatefulSet pods) -------------------------
+
+@pytest.mark.parametrize("hostname, replica_id", [
+    ("catalog-0", 1), ("catalog-2", 3), ("order-1.order.bazar.svc.cluster.local", 2), ("my-shop-catalog-10", 11)])
+def test_id_from_hostname_is_the_ordinal_plus_one(hostname: str, replica_id: int) -> None:
+    assert id_from_hostname(hostname) == replica_id
+
+
+@pytest.mark.parametrize("hostname", ["catalog", "catalog-", "catalog-x", "vm", "-", "catalog-٣", ""])
+def test_a_hostname_without_an_ordinal_is_a_usage_error(hostname: str) -> None:
+    with pytest.raises(usage.UsageError, match="does not end in -N"):
+        id_from_hostname(hostname)
+
+
+@pytest.mark.parametrize("kind", ["catalog", "order"])
+def test_the_id_flag_from_the_hostname(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: f"{kind}-2")
+    peers = f"1=http://{kind}-0.{kind}:1,2=http://{kind}-1.{kind}:1,3=http://{kind}-2.{kind}:1"
+    assert parse(kind, "--id-from-hostname", "--peers", peers)["id"] == 3
+    assert parse(kind, "--id", "2", "--peers", peers)["id"] == 2  # without the flag: --id
+    monkeypatch.setenv("BAZAR_ID_FROM_HOSTNAME", "true")
+    assert parse(kind, "--id", "1", "--peers", peers)["id"] == 3  # the flag wins over --id
+    monkeypatch.setattr(socket, "gethostname", lambda: f"{kind}-3")  # a fourth pod: not a peer
+    with pytest.raises(usage.UsageError, match="not one of the --peers"):
+        parse(kind, "--peers", peers)
+    monkeypatch.setenv("BAZAR_ID_FROM_HOSTNAME", "maybe")
+    with pytest.raises(usage.UsageError, match="BAZAR_ID_FROM_HOSTNAME"):
+        parse(kind)
+    monkeypatch.setenv("BAZAR_ID_FROM_HOSTNAME", "0")
+    assert parse(kind)["id"] == 1

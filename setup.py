@@ -25,5 +25,6 @@ setup(
                  "matplotlib>=3.8", "selenium>=4.10"],
         "bench": ["matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": ["bazar = bazar.cli:main", "bazar-bench = bazar.bench:main"]},
+    entry_points={"console_scripts": ["bazar = bazar.cli:main", "bazar-bench = bazar.bench:main",
+                                      "bazar-sim = bazar.sim.run:main"]},
 )

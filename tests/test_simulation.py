@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -422,47 +422,53 @@ def test_a_wiped_replica_rejoins_as_a_learner_and_a_corrupt_one_heals(world: Wor
 
 
 def test_a_paused_leader_does_not_act_on_stale_leadership(world: World) -> None:
-    """The catalog primary is stopped (SIGSTOP) for 3 s, a new primary takes a price
-    update, then the old one is resumed (SIGCONT). What reached it while it was
-    stopped is handled first, before any of its timers: a read must not be answered
-    from its stale state, and a write it takes must not be committed in its old term
-    (it is refused, or forwarded to the new primary). Its peers' messages are lost
-    meanwhile, so that a client's read is the first thing it meets.
+    """The catalog primary is stopped (SIGSTOP), a new primary takes a price update,
+    then the old one is resumed (SIGCONT) and the first thing it meets is a client's
+    request that waited for it (its peers' messages were lost meanwhile): a read must
+    not be answered from its stale state. Then the same with the new primary and a
+    write: it must not be committed in the stale term (it is refused, or forwarded).
+    One request per pause, so that nothing else catches its clock up first.
 
     Pins `Replica._catch_up` (logical time caught up before answering anything) with
     the lease (§6.4.1) and check-quorum (§6.2)."""
-    old = world.leader("catalog")
-    assert old is not None and old.replica is not None
+    http = world.network.client(6002)
     world.wait(ensureDeferred(world.admin(0, "set_price", 1, 30.0)), 30)
     settle(world)
-    term = old.replica.epoch
-    world.pause(old.name)
-    # what its peers send it meanwhile is lost: the first thing it meets on resume is a client's
-    for o in others(world, old):
-        world.network.cut(old.port, o.port, DROP)
-    world.run_for(1.5)
-    world.wait(ensureDeferred(world.admin(0, "set_price", 1, 40.0)), 30)
-    assert world.history.ops[-1].status == "ok"
-    http = world.network.client(6002)
-    url = f"http://127.0.0.1:{old.port}"
-    stale_read = outcome_of(ensureDeferred(call(http, world.clock, "GET", f"{url}/books/1", timeout=10)))
-    world.run_for(0.5)  # the read is the first to wait for it, the write the second
-    stale_write = outcome_of(ensureDeferred(call(
-        http, world.clock, "POST", f"{url}/internal/write", secret=SECRET, timeout=10,
-        body={"op": {"op": "update_price", "rid": "while-stopped", "id": 1, "price": 99.0}})))
-    world.run_for(1.0)
-    assert not stale_read and not stale_write  # held while it is stopped
-    world.resume(old.name)
-    world.run_for(0.1)
-    assert stale_read, "the held read was not answered after the resume"
-    status, book, _ = stale_read[0]
+
+    def stopped(request: Callable[[str], Deferred[Any]], price: float) -> tuple[list[Any], int]:
+        """Stop the primary, let another take `price`, send it `request`, resume it."""
+        old = world.leader("catalog")
+        assert old is not None and old.replica is not None
+        term = old.replica.epoch
+        world.pause(old.name)
+        for o in others(world, old):
+            world.network.cut(old.port, o.port, DROP)
+        world.run_for(1.5)
+        world.wait(ensureDeferred(world.admin(0, "set_price", 1, price)), 30)
+        assert world.history.ops[-1].status == "ok"
+        answer = outcome_of(request(f"http://127.0.0.1:{old.port}"))
+        world.run_for(1.0)
+        assert not answer, "answered while stopped"
+        world.resume(old.name)
+        world.run_for(0.1)
+        world.network.heal()
+        return answer, term
+
+    read, _ = stopped(lambda url: ensureDeferred(call(http, world.clock, "GET", f"{url}/books/1", timeout=10)), 40.0)
+    assert read, "the held read was not answered after the resume"
+    status, book, _ = read[0]
     assert status == 503 or book["price"] == 40.0, (status, book)
-    world.network.heal()
-    world.run_until(lambda: bool(stale_write), 12)
     settle(world)
+
+    write = {"op": {"op": "update_price", "rid": "while-stopped", "id": 1, "price": 99.0}}
+    answer, term = stopped(lambda url: ensureDeferred(call(http, world.clock, "POST", f"{url}/internal/write",
+                                                           body=write, secret=SECRET, timeout=10)), 50.0)
+    world.run_until(lambda: bool(answer), 12)
+    settle(world)
+    found: list[int] = []
     for node in world.replicas("catalog"):
         found = [t for _, t, o in world.applied_log(node) if o and o.get("rid") == "while-stopped"]
         assert all(t > term for t in found), "a write was committed in the stale term"
-    if stale_write and not isinstance(stale_write[0], Failure) and stale_write[0][0] == 200:
+    if answer and not isinstance(answer[0], Failure) and answer[0][0] == 200:
         assert found, "a write was acknowledged and is not in the log"
     assert not world.check(), world.findings

@@ -495,8 +495,12 @@ class Network:
         self.paused.add(port)
 
     def resume(self, port: int) -> None:
+        """What waited for it is delivered now, in any order: a process woken by
+        SIGCONT finds many sockets ready at once and reads them in no set order."""
         self.paused.discard(port)
-        for deliver in self.waiting.pop(port, []):
+        waiting = self.waiting.pop(port, [])
+        self.rng.shuffle(waiting)
+        for deliver in waiting:
             self._later(0.0, deliver)
 
     # -- links ----------------------------------------------------------------------------

@@ -863,8 +863,19 @@ def _scratch() -> str | None:
 
 # -- the nemesis -------------------------------------------------------------------------------
 
-FAULTS = ("isolate", "isolate-all", "bipartition", "one-way", "crash", "pause", "wipe", "corrupt", "flaky")
-FAULT_WEIGHTS = (14, 6, 8, 12, 14, 14, 6, 6, 10)
+FAULTS = (
+    "isolate",
+    "isolate-all",
+    "bipartition",
+    "one-way",
+    "crash",
+    "pause",
+    "wipe",
+    "corrupt",
+    "flaky",
+    "lag-and-wipe",
+)
+FAULT_WEIGHTS = (14, 6, 8, 12, 14, 14, 6, 6, 10, 6)
 
 
 @define
@@ -894,8 +905,8 @@ class Nemesis:
                 "seed": rng.getrandbits(32),
             }
             self.plan.append((round(t, 3), kind, args))
-            # faults overlap now and then; usually one ends before the next begins
-            t += rng.uniform(0.2, duration + 1.5) if rng.random() < 0.3 else duration + rng.uniform(0.2, 1.5)
+            # faults overlap half of the time; otherwise the next begins soon after
+            t += rng.uniform(0.2, duration + 1.0) if rng.random() < 0.5 else duration + rng.uniform(0.2, 1.5)
 
     def start(self) -> None:
         now = self.world.now()
@@ -968,6 +979,8 @@ class Nemesis:
             else:
                 world.corrupt(node.name)
             self.later(min(duration, 1.0), world.restart, node.name)
+        elif kind == "lag-and-wipe":
+            self._lag_and_wipe(node.service, duration, rng)
         elif kind == "flaky":
             faults = LinkFaults(
                 loss=rng.uniform(0, 0.1),
@@ -980,6 +993,36 @@ class Nemesis:
             net.faults = faults
             self.flaky += 1
             self.later(duration, self._calm)
+
+    def _lag_and_wipe(self, service: str, duration: float, rng: random.Random) -> None:
+        """A composed fault, the one the learner rule is for: a backup G falls behind
+        (cut from the leader), the other backup F loses its disk and comes back, and
+        the leader dies. Then only F knew the recent writes besides the leader: were
+        F to vote before catching up, G could win and those writes would be lost."""
+        world = self.world
+        lead = world.leader(service)
+        if lead is None:
+            return
+        backups = [n for n in world.replicas(service) if n is not lead]
+        rng.shuffle(backups)
+        lagging, wiped = backups
+        if not world.may_lose_data(service, wiped.name):
+            world.note(f"nemesis: no lag-and-wipe of {wiped.name}: another {service} replica lost its data")
+            return
+        duration = max(duration, 1.5)
+        world.note(f"nemesis: {lagging.name} falls behind, then {wiped.name} is wiped and {lead.name} dies")
+        self._cut([(lead.port, lagging.port)], DROP, duration)
+        self.later(duration * 0.3, self._wipe, wiped)
+        self.later(duration * 0.3 + 0.2, world.restart, wiped.name)
+        self.later(duration * 0.3 + 0.3, world.crash, lead.name)
+        self.later(duration, world.restart, lead.name)
+
+    def _wipe(self, node: Node) -> None:
+        # asked again when it happens: another fault may have taken a replica's data since
+        if self.world.may_lose_data(node.service, node.name):
+            self.world.wipe(node.name)
+        else:
+            self.world.note(f"nemesis: no wipe of {node.name}: another {node.service} replica lost its data")
 
     def _cut(self, pairs: list[tuple[int, int]], mode: str, duration: float) -> None:
         for a, b in pairs:
@@ -1065,14 +1108,14 @@ def _run(world: World, faults: bool) -> Outcome:
     # the clients stop issuing after the tail; their last operations end within their budgets
     if not world.run_until(world.clients_done, p.tail + BUY_BUDGET + 2 * REQUEST_TIMEOUT):
         world.finding("liveness", "a client operation was still waiting long after the heal")
-    if not world.run_until(world.settled, p.settle):
+    if world.run_until(world.settled, p.settle):
+        world.probe(BOOKS)
+        world.run_until(world.settled, p.settle)
+    else:
         world.finding(
             "liveness", f"the store had not settled {p.settle:.0f} s after the clients stopped: " + describe(world)
         )
-    else:
-        world.probe(BOOKS)
-        world.run_until(world.settled, p.settle)
-        world.check()
+    world.check()  # settled or not: what else is wrong says why
     tables = tuple((n.name, world.tables(n)) for n in world.nodes.values() if n.replica is not None)
     return Outcome(
         world.seed,

@@ -12,7 +12,8 @@ Afterwards, once all seven processes are healthy and quiet:
   and GET /orders holds nothing else (no purchase was both refused and kept);
 - for every book, on every catalog replica: initial + restocked == quantity + sum of
   confirmed order quantities;
-- all replicas of a service hold identical data; no request was ever answered 500.
+- all replicas of a service hold identical data; no request was ever answered 500;
+- `bazar verify` (the operator's check, reading every replica) says so too.
 
 The failover times (kill -> first successful purchase sent after it) and the share of
 requests answered 200 are printed, not asserted.
@@ -24,6 +25,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -315,6 +318,15 @@ def run_chaos(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, schedu
                  headers={"Idempotency-Key": p.key}, timeout=REQUEST_TIMEOUT)
         assert r.status == 200 and r.json["order"] == p.order, (r.status, r.body, p.order)
     assert get_json(cluster.front + "/bazar/info/all") == before
+
+    # -- and the operator's check agrees: `bazar verify` reads every replica --
+    argv = [sys.executable, "-m", "bazar.cli", "verify", "--url", cluster.front, "--settle", "30"]
+    for book_id, copies in sorted(initial.items()):
+        argv += ["--expect-stock", f"{book_id}={copies}"]
+    verified = subprocess.run(argv, env={**os.environ, "BAZAR_ADMIN_TOKEN": TOKEN}, capture_output=True,
+                              text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("ok"), verified.stdout
 
 
 def test_purchases_survive_sigkill_of_primaries_and_a_backup(start_cluster: Callable[..., Cluster],

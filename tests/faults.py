@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import procs
 from procs import HOST, SECRET, TOKEN, TWISTD, free_ports, pid_alive, try_get_json, wait_until
 
 REFUSE = "refuse"
@@ -707,20 +708,8 @@ class Store:
 
     def wait_quiet(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
         """Healthy, and every replica of a service at the same last_seq twice in a row."""
-        previous: list[Any] = [None]
-
-        def check() -> dict[str, dict[str, Any]] | None:
-            hs = self.all_healthy()
-            if hs is None:
-                previous[0] = None
-                return None
-            seqs = tuple(tuple(hs[n.name]["last_seq"] for n in self.of(s)) for s in SERVICES)
-            same = all(len(set(s)) == 1 for s in seqs)
-            stable = same and previous[0] == seqs
-            previous[0] = seqs if same else None
-            return hs if stable else None
         try:
-            return wait_until(check, timeout, "a quiet store (replicas at the same seq)", interval=0.4)
+            return procs.wait_quiet(self.all_healthy, [[n.name for n in self.of(s)] for s in SERVICES], timeout)
         except RuntimeError as exc:
             raise AssertionError(str(exc)) from None
 

@@ -371,19 +371,7 @@ class Cluster:
 
     def wait_quiet(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
         """All healthy, and every replica of a service at the same last_seq twice in a row."""
-        previous: list[Any] = [None]
-
-        def check() -> dict[str, dict[str, Any]] | None:
-            hs = self.all_healthy()
-            if hs is None:
-                previous[0] = None
-                return None
-            seqs = tuple(tuple(hs[u]["last_seq"] for u in urls) for urls in (self.catalogs, self.orders))
-            same = all(len(set(s)) == 1 for s in seqs)
-            stable = same and previous[0] == seqs
-            previous[0] = seqs if same else None
-            return hs if stable else None
-        return wait_until(check, timeout, "a quiet cluster (replicas at the same seq)", interval=0.4)
+        return wait_quiet(self.all_healthy, [self.catalogs, self.orders], timeout)
 
     # -- direct replica reads --
     def catalog_books(self, url: str) -> list[dict[str, Any]]:
@@ -394,6 +382,26 @@ class Cluster:
 
 
 # -- redis-server --------------------------------------------------------------
+
+def wait_quiet(all_healthy: Callable[[], dict[str, dict[str, Any]] | None], groups: list[list[str]],
+               timeout: float) -> dict[str, dict[str, Any]]:
+    """Wait until `all_healthy()` answers, and the replicas of each group (names in its
+    answer) report the same last_seq, twice in a row; that answer."""
+    previous: list[Any] = [None]
+
+    def check() -> dict[str, dict[str, Any]] | None:
+        hs = all_healthy()
+        if hs is None:
+            previous[0] = None
+            return None
+        seqs = tuple(tuple(hs[name]["last_seq"] for name in group) for group in groups)
+        same = all(len(set(s)) == 1 for s in seqs)
+        stable = same and previous[0] == seqs
+        previous[0] = seqs if same else None
+        return hs if stable else None
+
+    return wait_until(check, timeout, "a quiet store (replicas at the same seq)", interval=0.4)
+
 
 def redis_binary() -> str:
     path = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"

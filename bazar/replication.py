@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -87,8 +87,6 @@ class Replica:
                          election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                          rng=rng or random.Random(random.random()))
         self.waiters: dict[int, tuple[int, Deferred[Outcome]]] = {}
-        self.read_waiters: dict[int, Deferred[int]] = {}
-        self.applied_waiters: list[tuple[int, Deferred[None]]] = []
         self.leader_commit = 0  # the commit index the leader last told us
         self.running = False
         self._scheduled: Any = None
@@ -96,7 +94,6 @@ class Replica:
         self._tick_base = clock.seconds()
         self._was_leader = False
         self._probing = False
-        self.elections = 0
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -248,15 +245,6 @@ class Replica:
             self._watch_role()
             for entry, outcome in outcomes:
                 self._applied(entry, outcome)
-            for r in ready.reads:
-                waiter = self.read_waiters.pop(r.ctx, None)
-                if waiter is not None:
-                    waiter.callback(r.index)
-            if self.applied_waiters:
-                due = [w for w in self.applied_waiters if w[0] <= self.store.applied]
-                self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.store.applied]
-                for _, d in due:
-                    d.callback(None)
             if not self.core.has_ready(unstable=not early):
                 break
         return replies
@@ -298,7 +286,6 @@ class Replica:
     def _watch_role(self) -> None:
         leader = self.core.role == raft.LEADER
         if leader and not self._was_leader:
-            self.elections += 1
             log.info("primary for epoch {epoch} at index {index}", epoch=self.epoch, index=self.store.last_index())
             if self.on_primary is not None:
                 self.on_primary()
@@ -311,9 +298,6 @@ class Replica:
         waiters, self.waiters = self.waiters, {}
         for _, d in waiters.values():
             d.errback(HTTPError(503, why))
-        reads, self.read_waiters = self.read_waiters, {}
-        for read in reads.values():
-            read.callback(-1)
 
     # -- messages ---------------------------------------------------------------------
     def _send(self, m: Message) -> None:
@@ -393,30 +377,6 @@ class Replica:
             raise OpError(done.status, done.error or "the operation failed")
         return done
 
-    async def confirm_leadership(self) -> None:
-        """§6.4 ReadIndex: returns once a majority confirmed this leader and the state
-        machine has applied everything committed when the read began."""
-        self._catch_up()
-        try:
-            ctx = self.core.read_index()
-        except NotLeader:
-            raise HTTPError(503, f"this {self.service} replica is not the primary; retry") from None
-        d: Deferred[int] = Deferred()
-        self.read_waiters[ctx] = d
-        self._changed()
-        d.addTimeout(self.write_timeout, self.clock)  # type: ignore[arg-type]
-        try:
-            index = await d
-        except Exception:
-            self.read_waiters.pop(ctx, None)
-            index = -1
-        if index < 0:
-            raise HTTPError(503, f"the {self.service} primary could not confirm its leadership; retry")
-        if self.store.applied < index:
-            applied: Deferred[None] = Deferred()
-            self.applied_waiters.append((index, applied))
-            await applied
-
     def leader_url(self) -> str:
         leader = self.leader
         if leader is None or leader == self.replica_id or leader not in self.others:
@@ -468,8 +428,7 @@ def readiness(replica: Replica) -> tuple[int, dict[str, Any]]:
     raise HTTPError(503, f"{replica.service} replica {replica.replica_id}: {why}", {b"Retry-After": b"1"})
 
 
-def install_routes(api: JsonApp, replica: Replica, secret: str | None,
-                   write: Callable[[dict[str, Any], int], Awaitable[Any]] | None = None) -> None:
+def install_routes(api: JsonApp, replica: Replica, secret: str | None) -> None:
     """The endpoints every replica has besides its own: readiness (public), and the
     internal ones: Raft messages, status, forwarded writes."""
     from bazar.web import loads, read_body
@@ -510,7 +469,7 @@ def install_routes(api: JsonApp, replica: Replica, secret: str | None,
         if not isinstance(op, dict) or not isinstance(op.get("rid"), str) or not isinstance(op.get("op"), str):
             raise HTTPError(400, "a write needs an op object with 'op' and 'rid'")
         hops = hop_count(request)
-        outcome = await replica.submit(op, hops) if write is None else await write(op, hops)
+        outcome = await replica.submit(op, hops)
         return {"result": outcome.result, "seq": outcome.seq, "keys": list(outcome.keys), "new": outcome.new}
 
     api.shortcut(b"POST", b"/internal/write", "write",

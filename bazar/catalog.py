@@ -1,5 +1,8 @@
 """The catalog service: books in SQLite, replicated; reads from any replica, writes
-through the primary; a conditional, idempotent stock decrement keyed by order id."""
+through the primary. A purchase takes its copies here first: `sell` is a conditional
+stock decrement that also records the sale (book, quantity, title and price at that
+moment, keyed by the purchase's key), so a sale never depends on a later write to be
+found again (the order service records every sale as an order, see bazar.order)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ from bazar.books import BOOK_FIELDS, SEED_BOOKS, Book
 from bazar.replication import Replica, install_routes
 from bazar.service import ReplicaOptions
 from bazar.store import OpError, Store
-from bazar.web import HTTPError, JsonApp, dumps, parse_id
+from bazar.web import HTTPError, JsonApp, dumps, parse_id, require_secret
 
 BOOK_COLUMNS = ", ".join(BOOK_FIELDS)
+SALE_COLUMNS = ("key", "seq", "book_id", "title", "quantity", "price", "created", "created_ts")
+SALES_PAGE = 500
 
 
 def book_json(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -33,6 +38,9 @@ class CatalogMachine:
                    "topic TEXT NOT NULL, price REAL NOT NULL, quantity INTEGER NOT NULL CHECK (quantity >= 0), "
                    "version INTEGER NOT NULL DEFAULT 0)")
         db.execute("CREATE INDEX IF NOT EXISTS books_topic ON books (topic)")
+        db.execute("CREATE TABLE IF NOT EXISTS sales (key TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, "
+                   "book_id INTEGER NOT NULL, title TEXT NOT NULL, quantity INTEGER NOT NULL, "
+                   "price REAL NOT NULL, created TEXT NOT NULL, created_ts REAL NOT NULL)")
         seeded = db.execute("SELECT value FROM meta WHERE key = 'seeded'").fetchone()
         if not seeded:
             db.executemany("INSERT OR IGNORE INTO books (id, title, topic, price, quantity) VALUES (?, ?, ?, ?, ?)",
@@ -59,13 +67,19 @@ class CatalogMachine:
         elif kind == "restock":
             db.execute("UPDATE books SET quantity = quantity + ?, version = ? WHERE id = ?",
                        (int(op["quantity"]), seq, book_id))
-        elif kind == "decrement":
+        elif kind in ("decrement", "sell"):
             quantity = int(op["quantity"])
             if quantity < 1:
                 raise OpError(400, "quantity must be positive")
             if book[4] < quantity:
                 raise OpError(409, f"book {book_id} is out of stock ({book[4]} left, {quantity} asked)")
             db.execute("UPDATE books SET quantity = quantity - ?, version = ? WHERE id = ?", (quantity, seq, book_id))
+            if kind == "sell":
+                sale = (str(op["key"]), seq, book_id, book[1], quantity, book[3], str(op["created"]),
+                        float(op["created_ts"]))
+                db.execute(f"INSERT INTO sales ({', '.join(SALE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sale)
+                return {"book": book_json(self._book(db, book_id)), "sale": dict(zip(SALE_COLUMNS, sale))}, \
+                    (f"info:{book_id}",)
         else:
             raise OpError(400, f"unknown catalog operation {kind!r}")
         return book_json(self._book(db, book_id)), (f"info:{book_id}",)
@@ -87,6 +101,12 @@ class CatalogReads:
     def topic(self, topic: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT id, title FROM books WHERE topic = ? ORDER BY id", (topic,))
         return [{"id": r[0], "title": r[1]} for r in rows]
+
+    def sales(self, after: int, limit: int = SALES_PAGE) -> list[dict[str, Any]]:
+        """Sales recorded at log indexes above `after`, oldest first."""
+        rows = self.db.execute(f"SELECT {', '.join(SALE_COLUMNS)} FROM sales WHERE seq > ? ORDER BY seq LIMIT ?",
+                               (after, limit))
+        return [dict(zip(SALE_COLUMNS, r)) for r in rows]
 
 
 def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
@@ -134,6 +154,18 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
         return dumps(found)
 
     api.shortcut(b"GET", b"/books/", "book", book_hit)
+
+    @api.route("/internal/sales", "GET", "sales")
+    def sales(request: Any) -> bytes:
+        """Committed sales after `?after=` (a log index): the order primary records
+        each as an order (its sweep finds those a crash left unrecorded)."""
+        require_secret(request, secret)
+        seq_header(request)
+        after = (request.args.get(b"after") or [b"0"])[0]
+        if not after.isdigit() or len(after) > 18:
+            raise HTTPError(400, "after must be a log index")
+        return dumps({"sales": reads.sales(int(after)), "seq": replica.store.applied})
+
     install_routes(api, replica, secret)
     return api
 

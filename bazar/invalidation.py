@@ -29,6 +29,7 @@ log = Logger()
 
 CHANNEL = "bazar:invalidations"
 MAX_QUEUE = 10_000
+PUSH_DELAY = 0.001  # seconds between a commit and its push to the front ends
 
 
 def redis_address(url: str) -> tuple[str, int]:
@@ -72,10 +73,15 @@ class Publisher:
                 del queue[: len(queue) - MAX_QUEUE]  # the front end will see the gap and flush
             if url not in self.sending:
                 self.sending.add(url)
-                ensureDeferred(self._drain(url)).addErrback(lambda f: log.failure("push failed", f))
+                # a moment later: the write's own answer leaves first, and the writes of
+                # that moment travel together
+                self.clock.callLater(PUSH_DELAY, self._start_drain, url)
         if self.redis is not None:
             d = self.redis.publish(CHANNEL, dumps(message).decode())
             d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
+
+    def _start_drain(self, url: str) -> None:
+        ensureDeferred(self._drain(url)).addErrback(lambda f: log.failure("push failed", f))
 
     async def _drain(self, url: str) -> None:
         queue = self.queues[url]

@@ -94,6 +94,7 @@ class Replica:
         self._tick_base = clock.seconds()
         self._was_leader = False
         self._probing = False
+        self._processing = False
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -226,6 +227,14 @@ class Replica:
             self._scheduled.cancel()
         self._scheduled = None
         replies: list[Message] = []
+        self._processing = True
+        try:
+            self._rounds(reply_to, replies)
+        finally:
+            self._processing = False
+        return replies
+
+    def _rounds(self, reply_to: int | None, replies: list[Message]) -> None:
         for _ in range(100):
             if not self.running:
                 break
@@ -247,7 +256,6 @@ class Replica:
                 self._applied(entry, outcome)
             if not self.core.has_ready(unstable=not early):
                 break
-        return replies
 
     def _flush_soon(self) -> None:
         if self._flusher is None and self.running:
@@ -364,7 +372,10 @@ class Replica:
                 return await self.forward_write(op, hops)
             d: Deferred[Outcome] = Deferred()
             self.waiters[index] = (term, d)
-            self._changed()
+            if self._processing:
+                self._changed()
+            else:
+                self._process()  # the entry leaves now, before the rest of this request's handling
             d.addTimeout(self.write_timeout, self.clock)  # type: ignore[arg-type]
             try:
                 done = await d

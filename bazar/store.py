@@ -259,7 +259,7 @@ class Store:
             return None
         seq, fp, status, result, keys = row
         if fp != fingerprint(op):
-            return Outcome({"error": "this request id was already used for a different operation"}, seq, (),
+            return Outcome({"error": "this request id (Idempotency-Key) was already used for a different operation"}, seq, (),
                            new=False, status=409)
         return Outcome(loads(result), seq, tuple(loads(keys)), new=False, status=status)
 

@@ -202,7 +202,7 @@ class Shop(Driver):
         self.order = Replica(service="order", replica_id=1, peers={1: url_of(ORDER_PORT)},
                              store=self.order_store, http=net.client(ORDER_PORT), clock=self.clock, secret=SECRET)
         order_catalog = ReplicaSet("catalog", [url_of(CATALOG_PORT)], net.client(ORDER_PORT), self.clock, SECRET)
-        self.purchases = Purchases(self.order, order_catalog, self.clock)
+        self.purchases = Purchases(self.order, order_catalog, self.clock, SECRET)
         net.add(ORDER_PORT, order_app(self.order, self.purchases, SECRET, admin_token).resource())
         http = net.client(FRONTEND_PORT)
         self.cache = LRUCache(cache_size)

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from bazar import raft
 from bazar.client import call
+from bazar.order import record_op
 from bazar.sim.network import DROP, Exchange
 from bazar.sim.world import SECRET, TOKEN, Node, World, simulate
 from bazar.web import HTTPError
@@ -185,80 +186,81 @@ def test_figure_8_an_old_term_entry_on_a_majority_is_not_committed(world: World,
     assert not world.errors
 
 
-def test_a_primary_cut_off_from_its_backups_steps_down_and_its_sweep_settles_nothing(world: World) -> None:
+def test_a_primary_cut_off_from_its_backups_steps_down_and_its_sweep_records_nothing(world: World) -> None:
     """The order primary L loses its backups (it still reaches the front end and the
     catalog). Within an election timeout it stops serving reads and acknowledging
     writes, and steps down; a sweep that runs after its lease lapsed (before it
-    noticed it lost the majority) must not settle the pending order it sees, since a
-    new primary may already be settling it.
+    noticed it lost the majority) must not record the orphan sale it would see, since
+    a new primary may already be recording it.
 
     Pins the lease (§6.4.1, `Replica.serving`), check-quorum (§6.2) and the
     `serving` guard of `Purchases.sweep`."""
     net = world.network
     lead = world.leader("order")
+    catalog = world.leader("catalog")
     assert lead is not None and lead.replica is not None and lead.purchases is not None
+    assert catalog is not None and catalog.replica is not None
     settle(world)
     now = world.now()
-    # a pending order left behind long ago (its purchase died between create and decrement)
-    create = {"op": "create", "rid": "create:old", "idem": "client:old", "book_id": 1, "quantity": 1,
-              "created": "1970-01-01T00:00:00.000+00:00", "created_ts": now - 60}
-    order = world.wait(ensureDeferred(lead.replica.submit(create)), 5).result
-    assert order["status"] == "pending"
-    settle_writes: list[float] = []
+    # a sale left behind long ago (its purchase died before the order was recorded)
+    sell = {"op": "sell", "rid": "sale:client:old", "key": "client:old", "id": 1, "quantity": 1,
+            "created": "1970-01-01T00:00:00.000+00:00", "created_ts": now - 60}
+    sale = world.wait(ensureDeferred(catalog.replica.submit(sell)), 5).result["sale"]
+    recorded: list[float] = []
+    purchases = lead.purchases
+    real_record = purchases.record
 
-    def watch(ex: Exchange) -> bool:
-        op = written_op(ex)
-        if ex.source == lead.port and op is not None and op.get("rid") == f"order:{order['id']}":
-            settle_writes.append(world.now())
-        return False
+    def record(sale: dict[str, Any]) -> Any:
+        recorded.append(world.now())
+        return real_record(sale)
 
-    net.filters.append(watch)
+    purchases.record = record  # type: ignore[method-assign]
     for o in others(world, lead):
         net.cut(lead.port, o.port, DROP)
     cut_at = world.now()
-    assert not settle_writes, "the order was settled before the cut (the schedule needs another moment)"
+    assert not recorded, "the sale was recorded before the cut (the schedule needs another moment)"
     replica = lead.replica
     election = replica.core.election_ticks * replica.tick_seconds
 
     # the lease lapses (no reads, no sweep) before it steps down
     assert world.run_until(lambda: replica.is_primary and not replica.serving, election)
-    lead.purchases.sweep()  # the periodic sweep, firing now
+    purchases.sweep()  # the periodic sweep, firing now
     world.run_for(0.2)
-    assert not settle_writes, "a primary whose lease lapsed settled an order"
+    assert not recorded, "a primary whose lease lapsed recorded a sale"
     assert world.now() - cut_at <= election
     status, _, _ = world.wait(ensureDeferred(call(world.network.client(6001), world.clock, "GET",
                                                   f"http://127.0.0.1:{lead.port}/orders", timeout=5,
                                                   headers={b"Authorization": b"Bearer " + TOKEN.encode()})))
     assert status == 503
     assert world.run_until(lambda: not replica.is_primary, 2 * election)
-    again = outcome_of(ensureDeferred(replica.submit({**create, "rid": "create:new", "idem": "client:new"})))
+    again = outcome_of(ensureDeferred(replica.submit(record_op({**sale, "key": "client:new"}))))
     world.run_for(2.0)
     assert not again or isinstance(again[0], Failure) and again[0].check(HTTPError), \
         f"a deposed primary acknowledged a write: {again}"
-    assert not settle_writes
+    assert not recorded
 
-    # the new primary settles the order; the old one, healed, agrees
+    # the new primary records the sale; the old one, healed, agrees
     net.heal()
     settle(world)
-    assert not settle_writes
+    assert not recorded
     for node in world.replicas("order"):
         assert node.replica is not None
-        row = node.replica.store.db.execute("SELECT status FROM orders WHERE id = ?", (order["id"],)).fetchone()
-        assert row == ("confirmed",), (node.name, row)
+        row = node.replica.store.db.execute("SELECT book_id, quantity, sale_seq FROM orders WHERE idem = ?",
+                                            ("client:old",)).fetchone()
+        assert row == (1, 1, sale["seq"]), (node.name, row)
     assert not world.check(), world.findings
 
 
-def test_a_purchase_is_never_answered_409_from_a_failure_that_was_not_committed(world: World) -> None:
-    """The catalog refuses the decrement (out of stock) just as the order primary L is
-    cut off from its backups: L cannot commit the order's failure, so it must not
-    answer 409 (it answers 503; the front end retries through the new primary, which
-    commits the failure and only then answers 409).
+def test_a_purchase_is_never_answered_409_from_a_refusal_that_was_not_committed(world: World) -> None:
+    """The catalog primary C is cut off from its backups just as a sale it must refuse
+    (out of stock) reaches it: C cannot commit the refusal, so it must not answer 409
+    (it answers 503; the order primary retries through the new catalog primary, which
+    commits the refusal and only then answers 409).
 
-    Pins "answer only from the committed outcome": `Purchases._settle` awaits the
-    `fail` entry (`Replica.submit` returns once it is committed and applied) before
-    the 409 goes out."""
+    Pins "answer only from the committed outcome": `Replica.submit` returns the
+    outcome the state machine gave the committed entry, never a trial run's."""
     net = world.network
-    lead = world.leader("order")
+    lead = world.leader("catalog")
     assert lead is not None
     # book 2 (8 copies) is sold out first
     sold = world.wait(ensureDeferred(world.buy(0, 2, 8, "sell-out")), 30)
@@ -267,26 +269,20 @@ def test_a_purchase_is_never_answered_409_from_a_failure_that_was_not_committed(
 
     def cut_when_refused(ex: Exchange) -> bool:
         op = written_op(ex)
-        if ex.source == lead.port and op is not None and op.get("op") == "decrement" and not net.cuts:
+        if ex.port == lead.port and op is not None and op.get("key") == "client:refused" and not net.cuts:
             for o in others(world, lead):
                 net.cut(lead.port, o.port, DROP)
-            world.note(f"{lead.name} cut from its backups as its decrement reaches the catalog")
+            world.note(f"{lead.name} cut from its backups as the refused sale reaches it")
         return False
 
     net.filters.append(cut_when_refused)
     answered: list[int] = []
 
     def record(purchase: Any) -> Any:
-        # at the moment the client gets its answer: where is the order's failure committed?
-        order_id = None
-        for node in world.replicas("order"):
-            if node.replica is not None:
-                row = node.replica.store.db.execute(
-                    "SELECT id FROM orders WHERE idem = 'client:refused'").fetchone()
-                order_id = order_id or (row[0] if row else None)
-        failed = [n.name for n in world.replicas("order") if n.replica is not None and any(
-            o is not None and o.get("rid") == f"fail:{order_id}" for _, _, o in world.applied_log(n))]
-        answered.append(len(failed))
+        # at the moment the client gets its answer: where is the refusal committed?
+        refused = [n.name for n in world.replicas("catalog") if n.replica is not None and any(
+            o is not None and o.get("rid") == "sale:client:refused" for _, _, o in world.applied_log(n))]
+        answered.append(len(refused))
         return purchase
 
     d = ensureDeferred(world.buy(1, 2, 1, "refused")).addCallback(record)
@@ -294,9 +290,7 @@ def test_a_purchase_is_never_answered_409_from_a_failure_that_was_not_committed(
     assert net.cuts, "the schedule did not cut the primary off"
     assert purchase.status in (409, None), purchase
     if purchase.status == 409:
-        assert answered[0] >= 2, "409 answered while the failure was committed on fewer than a majority"
-    net.heal()
-    settle(world)
+        assert answered[0] >= 2, "409 answered while the refusal was committed on fewer than a majority"
     assert not world.check(), world.findings
 
 

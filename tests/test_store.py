@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bazar.books import SEED_BOOKS
 from bazar.catalog import CatalogMachine
-from bazar.order import OrderMachine
+from bazar.order import OrderMachine, record_op
 from bazar.store import Entry, OpError, Outcome, Store, fingerprint
 
 # -- helpers --------------------------------------------------------------------------
@@ -501,30 +501,44 @@ def test_operations_without_a_request_id_apply_every_time(tmp_path: Path) -> Non
     store.close()
 
 
-def test_order_machine_create_is_keyed_by_idem_and_settles_once(tmp_path: Path) -> None:
+def test_order_machine_records_a_sale_once_keyed_by_idem(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "o.sqlite3"), OrderMachine())
-    create = {"op": "create", "rid": "create:k", "idem": "k", "book_id": 3, "quantity": 2,
-              "created": "now", "created_ts": 1.0}
-    made = feed1(store, create)
-    assert (made.result["id"], made.result["status"], made.new) == (1, "pending", True)
+    sale = {"key": "k", "seq": 7, "book_id": 3, "title": "T", "quantity": 2, "price": 2.5,
+            "created": "now", "created_ts": 1.0}
+    record = record_op(sale)
+    made = feed1(store, record)
+    assert (made.result["id"], made.result["total"], made.result["sale_seq"], made.new) == (1, 5.0, 7, True)
     # the same request sent again later (another timestamp): the recorded outcome
-    retried = feed1(store, {**create, "created": "later", "created_ts": 2.0})
+    retried = feed1(store, {**record, "created": "later", "created_ts": 2.0})
     assert (retried.result, retried.seq, retried.new) == (made.result, 1, False)
     # another request id with the same idempotency key: the same order, no new row
-    again = feed1(store, {**create, "rid": "create:k-again", "created": "later"})
+    again = feed1(store, {**record, "rid": "order:k-again", "created": "later"})
     assert (again.result, again.new) == (made.result, True)
     assert store.db.execute("SELECT count(*) FROM orders").fetchone() == (1,)
-    confirmed = feed1(store, {"op": "confirm", "rid": "c", "id": 1, "title": "T", "price": 2.5}).result
-    assert (confirmed["status"], confirmed["total"], confirmed["title"]) == ("confirmed", 5.0, "T")
-    late = feed1(store, {"op": "fail", "rid": "f", "id": 1, "reason": "late"})
-    assert (late.status, late.result["status"], late.result["reason"]) == (200, "confirmed", "")
-    missing = feed1(store, {"op": "confirm", "rid": "x", "id": 9, "title": "T", "price": 1.0})
-    assert (missing.status, missing.error) == (404, "no order with id 9")
+    # the next sale takes the next id
+    assert feed1(store, record_op({**sale, "key": "m", "seq": 9})).result["id"] == 2
+    unknown = feed1(store, {"op": "confirm", "rid": "x", "id": 1})
+    assert (unknown.status, unknown.error) == (400, "unknown order operation 'confirm'")
     with pytest.raises(OpError) as caught:
-        store.validate({"op": "create", "rid": "create:m", "idem": "m", "book_id": 3, "quantity": 1})
+        store.validate({k: v for k, v in record_op({**sale, "key": "z"}).items() if k != "created"})
     assert caught.value.status == 400  # no created time
     store = reopen(store)
-    assert [r[-3:] for r in store.db.execute("SELECT * FROM orders")] == [("confirmed", "k", "")]
+    assert [(r[0], r[-3], r[-2]) for r in store.db.execute("SELECT * FROM orders")] == [(1, "k", 7), (2, "m", 9)]
+    store.close()
+
+
+def test_a_sale_takes_the_copies_and_is_recorded_with_them(tmp_path: Path) -> None:
+    store = catalog(tmp_path)
+    sell = {"op": "sell", "rid": "sale:k", "key": "k", "id": 2, "quantity": 3, "created": "now", "created_ts": 1.0}
+    sold = feed1(store, sell)
+    assert sold.result["book"]["quantity"] == 5 and sold.keys == ("info:2",)
+    assert sold.result["sale"] == {"key": "k", "seq": 1, "book_id": 2, "title": SEED_BOOKS[2][0], "quantity": 3,
+                                   "price": SEED_BOOKS[2][2], "created": "now", "created_ts": 1.0}
+    refused = feed1(store, {**sell, "rid": "sale:m", "key": "m", "quantity": 6})
+    assert (refused.status, refused.error) == (409, "book 2 is out of stock (5 left, 6 asked)")
+    reused = feed1(store, {**sell, "quantity": 1})  # the same key for another purchase
+    assert reused.status == 409 and "already used" in (reused.error or "")
+    assert [r[0] for r in store.db.execute("SELECT key FROM sales")] == ["k"]
     store.close()
 
 

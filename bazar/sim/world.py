@@ -23,7 +23,7 @@ settled, and `World.check` looks for anything DESIGN.md "Guarantees" rules out: 
 history that is not linearizable per book, stock that does not add up on some
 catalog replica, an acknowledged purchase missing (or twice, or wrong) on some
 order replica, a refused one kept, replicas of a service that differ, two leaders
-in one term, orders left pending, a 500, an error logged as unexpected, a store
+in one term, a sale that is no order, a 500, an error logged as unexpected, a store
 that does not answer again once healed.
 
 The regression schedules of tests/test_simulation.py use the same `World` with
@@ -56,7 +56,7 @@ from bazar.catalog import CatalogMachine, catalog_app
 from bazar.client import Unreachable, call
 from bazar.frontend import Frontend, frontend_app
 from bazar.invalidation import InvalidationStream, Publisher
-from bazar.order import SETTLE_AFTER, OrderMachine, Purchases, order_app
+from bazar.order import OrderMachine, Purchases, order_app
 from bazar.replication import Replica, sleep
 from bazar.sim.history import OUT_OF_STOCK, History, Op, book_key
 from bazar.sim.linearizability import LINEARIZABLE, BookModel, check
@@ -305,12 +305,12 @@ class World:
             publisher.start()
         else:
             catalog = ReplicaSet("catalog", self.urls("catalog"), http, clock, SECRET, write_budget=8.0)
-            purchases = Purchases(replica, catalog, clock)
+            purchases = Purchases(replica, catalog, clock, SECRET)
 
             # as in bazar.order.makeService
             def elected() -> None:
                 self.elected(node.service, replica)
-                clock.callLater(SETTLE_AFTER, purchases.sweep)
+                purchases.elected()
 
             replica.on_primary = elected
             loops.append(self._loop(clock, 0.5, lambda: ensureDeferred(catalog.poll()), now=True))
@@ -675,7 +675,7 @@ class World:
 
     def settled(self) -> bool:
         """Every replica runs and votes, each service has one leader that all know,
-        every replica has applied all the leader holds, no order is pending."""
+        every replica has applied all the leader holds, every sale is an order."""
         for service in SERVICES:
             leader = self.leader(service)
             if leader is None or leader.replica is None or not leader.replica.serving:
@@ -689,10 +689,17 @@ class World:
                     return False
                 if r.store.applied != last or r.store.last_index() != last:
                     return False
-        order = self.leader("order")
-        assert order is not None and order.replica is not None
-        pending = order.replica.store.db.execute("SELECT COUNT(*) FROM orders WHERE status = 'pending'").fetchone()[0]
-        return int(pending) == 0
+        order, catalog = self.leader("order"), self.leader("catalog")
+        assert order is not None and order.replica is not None and catalog is not None and catalog.replica is not None
+        return self.sale_keys(catalog) == self.order_keys(order)
+
+    def sale_keys(self, node: Node) -> set[str]:
+        assert node.replica is not None
+        return {str(k) for (k,) in node.replica.store.db.execute("SELECT key FROM sales")}
+
+    def order_keys(self, node: Node) -> set[str]:
+        assert node.replica is not None
+        return {str(k) for (k,) in node.replica.store.db.execute("SELECT idem FROM orders")}
 
     # -- checks ---------------------------------------------------------------------------
     def tables(self, node: Node) -> list[tuple[Any, ...]]:
@@ -755,11 +762,9 @@ class World:
                     )
 
     def confirmed(self, node: Node) -> dict[int, int]:
-        """Copies in confirmed orders, per book, on one order replica."""
+        """Copies in orders, per book, on one order replica."""
         assert node.replica is not None
-        rows = node.replica.store.db.execute(
-            "SELECT book_id, SUM(quantity) FROM orders WHERE status = 'confirmed' GROUP BY book_id"
-        )
+        rows = node.replica.store.db.execute("SELECT book_id, SUM(quantity) FROM orders GROUP BY book_id")
         return {int(b): int(q) for b, q in rows}
 
     def _check_stock(self) -> None:
@@ -795,16 +800,28 @@ class World:
                     )
 
     def _check_orders(self) -> None:
-        """Every purchase answered 200 is a confirmed order, once, for its book, at its
-        price, on every order replica; none answered 409 is confirmed; none is pending."""
+        """Every purchase answered 200 is an order, once, for its book, at its price, on
+        every order replica; none answered 409 is; every sale on every catalog replica
+        is exactly one order, for the same book, quantity and price, and every order
+        was a sale."""
+        sales = {}
+        for node in self.replicas("catalog"):
+            assert node.replica is not None
+            rows = node.replica.store.db.execute("SELECT key, book_id, quantity, price FROM sales")
+            mine = {str(r[0]): tuple(r[1:]) for r in rows}
+            if sales and mine != sales:
+                self.finding("sales differ", f"{node.name} holds other sales than another catalog replica")
+            sales = sales or mine
         for node in self.replicas("order"):
             assert node.replica is not None
-            rows = node.replica.store.db.execute("SELECT id, book_id, quantity, price, status, idem FROM orders")
+            rows = node.replica.store.db.execute("SELECT id, book_id, quantity, price, idem FROM orders")
             by_idem: dict[str, list[tuple[Any, ...]]] = {}
             for row in rows:
-                by_idem.setdefault(str(row[5]), []).append(row)
-                if row[4] == "pending":
-                    self.finding("pending", f"{node.name}: order {row[0]} is still pending once quiet")
+                by_idem.setdefault(str(row[4]), []).append(row)
+                if sales.get(str(row[4])) != tuple(row[1:4]):
+                    self.finding("orders", f"{node.name}: order {row} is no sale (the sale: {sales.get(str(row[4]))})")
+            for key in sales.keys() - by_idem.keys():
+                self.finding("orders", f"{node.name}: sale {key} {sales[key]} is no order once quiet")
             for p in self.purchases:
                 found = by_idem.get("client:" + p.key, [])
                 if p.status == 200:
@@ -812,22 +829,16 @@ class World:
                     if len(found) != 1:
                         self.finding("orders", f"{node.name}: purchase {p.key} answered 200 has {len(found)} orders")
                         continue
-                    oid, book, quantity, price, status, _ = found[0]
-                    if (
-                        status != "confirmed"
-                        or oid != p.order.get("id")
-                        or book != p.book
-                        or quantity != p.quantity
-                        or price != p.order.get("price")
-                    ):
+                    oid, book, quantity, price, _ = found[0]
+                    if oid != p.order.get("id") or book != p.book or quantity != p.quantity \
+                            or price != p.order.get("price"):
                         self.finding(
                             "orders",
                             f"{node.name}: purchase {p.key} (book {p.book} x{p.quantity}) "
                             f"answered {p.order} but the order is {found[0]}",
                         )
-                elif p.status == 409:
-                    if any(row[4] == "confirmed" for row in found):
-                        self.finding("orders", f"{node.name}: purchase {p.key} answered 409 is confirmed: {found}")
+                elif p.status == 409 and found:
+                    self.finding("orders", f"{node.name}: purchase {p.key} answered 409 is an order: {found}")
 
     # -- the final probe --------------------------------------------------------------------
     def probe(self, books: tuple[int, ...]) -> None:

@@ -161,8 +161,10 @@ class ReplicaSet:
         requests that are idempotent by their request id."""
         deadline = self.clock.seconds() + self.write_budget
         attempt = 0
+        tried: set[str] = set()  # replicas that could not take the write since the last health check
+        polling: Any = None
         while True:
-            target = self.primary_state() or next((r for r in self.read_order() if r.alive), None)
+            target = self.primary_state() or self._another(tried)
             if target is not None:
                 try:
                     # a primary that does not answer within ATTEMPT may be paused or cut off: ask again
@@ -172,15 +174,28 @@ class ReplicaSet:
                                                          timeout=min(left, ATTEMPT))
                     if status not in RETRYABLE:
                         return status, parsed
+                    # it cannot take writes now (not primary any more, or no primary known to it):
+                    # any other replica forwards to the primary it knows
+                    target.primary = False
+                    tried.add(target.url)
                 except Busy:
                     pass  # the primary is saturated: retry until the budget is spent
                 except Unreachable:
                     target.alive = target.ok = target.primary = False
+                    tried.add(target.url)
             attempt += 1
             if self.clock.seconds() >= deadline:
                 raise HTTPError(503, f"the {self.service} service has no reachable primary; retry shortly")
+            if polling is None or polling.called:
+                # the health check runs alongside: one replica that does not answer must not hold up the next try
+                polling = ensureDeferred(self.poll())
+                polling.addCallback(lambda _: tried.clear())
             await sleep(self.clock, min(0.05 * attempt, 0.3))
-            await self.poll()
+
+    def _another(self, tried: set[str]) -> ReplicaState | None:
+        """A live replica not yet tried (any replica forwards a write to its primary)."""
+        candidates = [r for r in self.read_order() if r.alive and r.url not in tried]
+        return candidates[0] if candidates else next((r for r in self.read_order() if r.alive), None)
 
     async def write(self, op: dict[str, Any]) -> Outcome:
         status, parsed = await self.post("/internal/write", {"op": op})

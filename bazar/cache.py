@@ -85,6 +85,13 @@ class LRUCache:
         self.floor = max(self.floor, floor)
         self.generation += 1
 
+    def clamp(self, version: int) -> None:
+        """Take back every requirement above `version` (they named writes nobody has)
+        and start afresh: no entry, no fill from a read that started before now."""
+        self.latest = {k: min(v, version) for k, v in self.latest.items()}
+        self.floor = min(self.floor, version)
+        self.flush()
+
     def stats(self) -> dict[str, int]:
         return {"capacity": self.capacity, "size": len(self.entries), "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions}

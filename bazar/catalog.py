@@ -187,7 +187,8 @@ def makeService(options: usage.Options) -> MultiService:
 
     process = ReplicaProcess(options, "catalog", CatalogMachine(), "catalog.db")
     publisher = Publisher(http=process.http, clock=process.reactor, secret=process.secret,
-                          frontends=parse_urls(options["frontends"]), redis_url=options["redis"])
+                          frontends=parse_urls(options["frontends"]), redis_url=options["redis"],
+                          epoch=lambda: process.replica.epoch)
     process.replica.on_commit = publisher.committed
     process.on_start.append(publisher.start)
     process.on_stop.append(publisher.stop)

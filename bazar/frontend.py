@@ -17,7 +17,7 @@ from bazar.balancer import ReplicaSet
 from bazar.books import parse_idempotency_key, parse_new_book, parse_price, parse_purchase, parse_restock
 from bazar.cache import LRUCache
 from bazar.client import error_of
-from bazar.invalidation import InvalidationStream
+from bazar.invalidation import InvalidationStream, Refused, announcement
 from bazar.service import BazarOptions
 from bazar.web import HTTPError, JsonApp, Raw, dumps, loads, parse_id, read_object, require_admin, require_secret
 
@@ -39,6 +39,7 @@ class Frontend:
     def _catalog_polled(self, primary: Any) -> None:
         if primary is not None:
             self.stream.observe_primary(primary.last_seq)
+        self.stream.confirm(max(self.catalog.high_water(), primary.last_seq if primary is not None else 0))
 
     async def poll(self) -> None:
         await DeferredList([ensureDeferred(self.catalog.poll()), ensureDeferred(self.order.poll())],
@@ -213,11 +214,11 @@ def frontend_app(fe: Frontend) -> JsonApp:
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise HTTPError(400, "expected {\"messages\": [{\"seq\", \"keys\"}, ...]}")
-        for message in messages:
-            try:
-                seq, keys = int(message["seq"]), [str(k) for k in message["keys"]]
-            except (KeyError, TypeError, ValueError):
-                raise HTTPError(400, "each message needs an integer seq and a list of keys") from None
+        try:
+            announced = [announcement(message) for message in messages]
+        except Refused:
+            raise HTTPError(400, "each message needs an integer seq and a list of keys") from None
+        for seq, keys in announced:
             fe.stream.receive(seq, keys)
         return {"ok": True, "upto": fe.stream.upto}
 
@@ -228,6 +229,21 @@ def frontend_app(fe: Frontend) -> JsonApp:
 
     for name in ("hits", "misses", "evictions", "size"):
         Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry).set_function(figure(name))
+
+    from prometheus_client.core import CounterMetricFamily
+
+    class Dropped:
+        """Invalidation messages not taken (unsigned, forged, malformed, oversized, or
+        naming writes no replica confirmed), by reason."""
+
+        def collect(self) -> Any:
+            family = CounterMetricFamily("bazar_invalidations_dropped", "invalidation messages not taken",
+                                         labels=["reason"])
+            for reason, n in sorted(fe.stream.dropped.items()):
+                family.add_metric([reason], n)
+            yield family
+
+    api.registry.register(Dropped())  # type: ignore[arg-type]
 
     # the browser pages: storefront at / and the live cluster page (imported here: they import this module)
     from bazar.clusterpage import install_cluster_page
@@ -264,7 +280,7 @@ def makeService(options: usage.Options) -> MultiService:
     catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), http, reactor, secret)
     order = ReplicaSet("order", parse_urls(options["order"]), http, reactor, secret, write_budget=15.0)
     cache = LRUCache(options["cache-size"])
-    stream = InvalidationStream(cache, reactor)
+    stream = InvalidationStream(cache, reactor, secret=secret)
     fe = Frontend(catalog=catalog, order=order, cache=cache, stream=stream,
                   admin_token=secret_of(options, "admin-token"), secret=secret)
     listen(parent, reactor, frontend_app(fe).resource(), options["host"], options["port"])

@@ -6,10 +6,19 @@ pub/sub channel. Because every write is announced, the announcements form a gap-
 sequence; the front end's `InvalidationStream` notices a gap (a lost message, a
 primary that died before announcing, a broken channel) and flushes the cache rather
 than risk serving stale data.
+
+Redis is outside the cluster's secret, so every message published there is signed:
+HMAC-SHA256 with the cluster secret over (seq, keys, the sender's epoch). A front end
+drops (and counts) unsigned, forged, malformed or oversized messages. And no message
+may hold the cache's floors above what a catalog replica has confirmed for long: a
+floor no replica can serve would turn every read into a 503 (`InvalidationStream`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections import Counter
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -30,6 +39,49 @@ log = Logger()
 CHANNEL = "bazar:invalidations"
 MAX_QUEUE = 10_000
 PUSH_DELAY = 0.001  # seconds between a commit and its push to the front ends
+MAX_MESSAGE = 64 * 1024  # bytes of one Redis message
+MAX_KEYS = 1_000  # keys in one announcement
+MAX_KEY = 300  # characters of one cache key
+MAX_SEQ = 2**62
+
+
+class Refused(ValueError):
+    """An invalidation message that is not taken (the reason is its text)."""
+
+
+def signature(secret: str, seq: int, keys: list[str], epoch: int) -> str:
+    return hmac.new(secret.encode(), dumps([seq, keys, epoch]), hashlib.sha256).hexdigest()
+
+
+def announcement(data: Any) -> tuple[int, list[str]]:
+    """(seq, keys) of one announcement, or Refused: seq a non-negative integer,
+    keys a list of at most MAX_KEYS strings of at most MAX_KEY characters."""
+    if not isinstance(data, dict):
+        raise Refused("not an object")
+    seq, keys = data.get("seq"), data.get("keys")
+    if type(seq) is not int or not 0 <= seq < MAX_SEQ:
+        raise Refused("seq is not a log index")
+    if not isinstance(keys, list) or len(keys) > MAX_KEYS \
+            or not all(isinstance(k, str) and len(k) <= MAX_KEY for k in keys):
+        raise Refused("keys are not a list of cache keys")
+    return seq, keys
+
+
+def signed(raw: bytes, secret: str | None) -> tuple[int, list[str]]:
+    """(seq, keys) of a Redis message, or Refused: too large, not JSON, malformed, or
+    not signed with this cluster's secret."""
+    if len(raw) > MAX_MESSAGE:
+        raise Refused("oversized")
+    try:
+        data = loads(raw)
+    except Exception:
+        raise Refused("not JSON") from None
+    seq, keys = announcement(data)
+    epoch, sig = data.get("epoch"), data.get("sig")
+    if not secret or type(epoch) is not int or not isinstance(sig, str) \
+            or not hmac.compare_digest(sig, signature(secret, seq, keys, epoch)):
+        raise Refused("bad signature")
+    return seq, keys
 
 
 def redis_address(url: str) -> tuple[str, int]:
@@ -43,7 +95,8 @@ class Publisher:
     """Catalog side: announce committed writes to every front end."""
 
     def __init__(self, *, http: HTTPClient, clock: Clock, secret: str | None,
-                 frontends: list[str], redis_url: str | None):
+                 frontends: list[str], redis_url: str | None, epoch: Callable[[], int] = lambda: 0):
+        self.epoch = epoch
         self.http = http
         self.clock = clock
         self.secret = secret
@@ -77,7 +130,10 @@ class Publisher:
                 # that moment travel together
                 self.clock.callLater(PUSH_DELAY, self._start_drain, url)
         if self.redis is not None:
-            d = self.redis.publish(CHANNEL, dumps(message).decode())
+            epoch = self.epoch()
+            signed_message = {**message, "epoch": epoch,
+                              "sig": signature(self.secret or "", outcome.seq, message["keys"], epoch)}
+            d = self.redis.publish(CHANNEL, dumps(signed_message).decode())
             d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
 
     def _start_drain(self, url: str) -> None:
@@ -116,7 +172,11 @@ class InvalidationStream:
     an announcement was lost: the cache is flushed.
     """
 
-    def __init__(self, cache: LRUCache, clock: Clock, grace: float = 1.0):
+    def __init__(self, cache: LRUCache, clock: Clock, grace: float = 1.0, secret: str | None = None):
+        self.secret = secret
+        self.dropped: Counter[str] = Counter()  # messages not taken, by reason
+        self.confirmed: int | None = None  # the highest seq a catalog replica has reported
+        self.unconfirmed_since: float | None = None  # since when `newest` is above `confirmed`
         self.cache = cache
         self.clock = clock
         self.grace = grace
@@ -150,6 +210,49 @@ class InvalidationStream:
         self.newest = max(self.newest, seq)
         for key in keys:
             self.cache.invalidate(key, seq)
+
+    def drop(self, why: str) -> None:
+        if not self.dropped[why]:
+            log.warn("dropping an invalidation message: {why}", why=why)
+        self.dropped[why] += 1
+
+    def redis_message(self, raw: bytes) -> None:
+        try:
+            seq, keys = signed(raw, self.secret)
+        except Refused as why:
+            self.drop(str(why))
+            return
+        self.receive(seq, keys)
+
+    def confirm(self, high_water: int) -> None:
+        """Called with the highest seq the catalog replicas report, on every health
+        check. An announcement above it is normal for a moment (the push outruns the
+        health check); one that stays above it for 2 × grace names a write no replica
+        has (forged, or of another store): its floors are taken back, so that reads
+        do not wait forever for a state nobody can serve."""
+        now = self.clock.seconds()
+        self.confirmed = max(self.confirmed or 0, high_water)
+        confirmed = self.confirmed
+        above = self.newest > confirmed or (self.upto or 0) > confirmed or self.cache.floor > confirmed
+        if not above:
+            self.unconfirmed_since = None
+            return
+        if self.unconfirmed_since is None:
+            self.unconfirmed_since = now
+            return
+        if now - self.unconfirmed_since > 2 * self.grace:
+            log.warn("invalidations announced writes up to {newest} that no catalog replica has (highest "
+                     "{confirmed}): taken back", newest=self.newest, confirmed=confirmed)
+            self.dropped["never confirmed"] += 1
+            self.newest = min(self.newest, confirmed)
+            if self.upto is not None:
+                self.upto = min(self.upto, confirmed)
+            self.pending = {s for s in self.pending if s <= confirmed}
+            self.gap_since = self.clock.seconds() if self.pending else None
+            self.watch = [(s, t) for s, t in self.watch if s <= confirmed]
+            self.cache.clamp(confirmed)
+            self.flushes += 1
+            self.unconfirmed_since = None
 
     def observe_primary(self, last_seq: int) -> None:
         """Called with the catalog primary's last_seq on every health check."""
@@ -204,11 +307,7 @@ class InvalidationSubscriber(txredisapi.SubscriberProtocol):
         return d
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-        try:
-            data = loads(message if isinstance(message, bytes) else str(message).encode())
-            self.factory.on_message(int(data["seq"]), [str(k) for k in data["keys"]])
-        except Exception:
-            log.warn("ignoring a malformed invalidation message")
+        self.factory.on_message(message if isinstance(message, bytes) else str(message).encode())
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)
@@ -218,7 +317,7 @@ class InvalidationSubscriber(txredisapi.SubscriberProtocol):
 class SubscriberFactory(txredisapi.SubscriberFactory):
     protocol = InvalidationSubscriber
 
-    def __init__(self, on_message: Callable[[int, list[str]], None], on_subscribed: Callable[[], None],
+    def __init__(self, on_message: Callable[[bytes], None], on_subscribed: Callable[[], None],
                  on_lost: Callable[[], None]):
         super().__init__()
         self.on_message = on_message
@@ -232,7 +331,7 @@ def subscribe(reactor: Any, url: str, stream: InvalidationStream) -> SubscriberF
     host, port = redis_address(url)
     stream.channel_down = True  # until the first subscription is confirmed
     stream.cache.bypass = True
-    factory = SubscriberFactory(on_message=stream.receive, on_subscribed=stream.channel_back,
+    factory = SubscriberFactory(on_message=stream.redis_message, on_subscribed=stream.channel_back,
                                 on_lost=stream.channel_lost)
     factory.startConnecting(HostnameEndpoint(reactor, host, port))
     return factory

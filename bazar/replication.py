@@ -365,7 +365,10 @@ class Replica:
             return await self.forward_write(op, hops)
         done = self.store.recorded(op)  # §6.3: applied before: its recorded outcome
         if done is None:
-            self.store.validate(op)
+            # A leader within its lease holds every acknowledged write: an operation its
+            # state refuses (unknown id, out of stock) is answered now, as a read of
+            # that state, and leaves no entry in the log.
+            self.store.validate(op, refuse=(404, 409) if self.serving else ())
             try:
                 index, term = self.core.propose(op)
             except NotLeader:

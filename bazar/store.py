@@ -259,20 +259,22 @@ class Store:
             return None
         seq, fp, status, result, keys = row
         if fp != fingerprint(op):
-            return Outcome({"error": "this request id (Idempotency-Key) was already used for a different operation"}, seq, (),
-                           new=False, status=409)
+            return Outcome({"error": "this request id (Idempotency-Key) was already used for a different operation"},
+                           seq, (), new=False, status=409)
         return Outcome(loads(result), seq, tuple(loads(keys)), new=False, status=status)
 
-    def validate(self, op: dict[str, Any]) -> None:
+    def validate(self, op: dict[str, Any], refuse: tuple[int, ...] = ()) -> None:
         """Refuse (OpError 400) an operation that could never apply, whatever the state
         (a missing field, a value the tables refuse), before it takes a log entry: a
-        trial run on the current state, always taken back."""
+        trial run on the current state, always taken back. Errors with a status in
+        `refuse` (404, 409) are refused too: the caller knows this state is current
+        (a leader within its lease), so the refusal is a read of it and needs no entry."""
         self._begin()
         self.db.execute("SAVEPOINT trial")
         try:
             self.machine.apply(self.db, op, self.applied + 1)
         except OpError as exc:
-            if exc.status == 400:
+            if exc.status == 400 or exc.status in refuse:
                 raise
         except MALFORMED as exc:
             raise OpError(400, f"malformed operation: {exc.__class__.__name__}") from None

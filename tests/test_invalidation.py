@@ -3,14 +3,26 @@ silence, a lost Redis channel) and the catalog's HTTP push, on a task.Clock."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from memory import SECRET, Driver, url_of
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from bazar.cache import LRUCache
-from bazar.invalidation import PUSH_DELAY, InvalidationStream, InvalidationSubscriber, Publisher, redis_address
+from bazar.invalidation import (
+    PUSH_DELAY,
+    InvalidationStream,
+    InvalidationSubscriber,
+    Publisher,
+    Refused,
+    SubscriberFactory,
+    redis_address,
+    signature,
+    signed,
+)
 from bazar.store import Outcome
 from bazar.web import JsonApp, read_object, require_secret
 
@@ -161,24 +173,108 @@ def test_redis_addresses() -> None:
             redis_address(bad)
 
 
-class FakeFactory:
-    def __init__(self) -> None:
-        self.messages: list[tuple[int, list[str]]] = []
-
-    def on_message(self, seq: int, keys: list[str]) -> None:
-        self.messages.append((seq, keys))
+SECRET_KEY = "s3cret"
 
 
-@pytest.mark.parametrize("message, expected", [
-    (b'{"seq": 3, "keys": ["info:1"]}', [(3, ["info:1"])]),
-    ('{"seq": 4, "keys": []}', [(4, [])]),
-    (b"not json", []), (b'{"seq": "x", "keys": []}', []), (b'{"keys": []}', []), (b"[]", []),
-])
-def test_subscriber_messages(message: Any, expected: list[Any]) -> None:
+def sign(message: dict[str, Any], secret: str = SECRET_KEY, epoch: int = 2) -> bytes:
+    return json.dumps({**message, "epoch": epoch,
+                       "sig": signature(secret, message["seq"], message["keys"], epoch)}).encode()
+
+
+def subscribed_stream() -> tuple[InvalidationStream, LRUCache]:
+    cache = LRUCache(8)
+    stream = InvalidationStream(cache, Clock(), secret=SECRET_KEY)
+    stream.observe_primary(2)
+    return stream, cache
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (sign({"seq": 3, "keys": ["info:1"]}), None),
+    (json.dumps({"seq": 3, "keys": ["info:1"]}).encode(), "bad signature"),  # unsigned
+    (sign({"seq": 3, "keys": ["info:1"]}, secret="another store"), "bad signature"),
+    (sign({"seq": 3, "keys": ["info:1"]}).replace(b'"seq": 3', b'"seq": 4'), "bad signature"),  # altered
+    (b"not json", "not JSON"), (b"[]", "not an object"),
+    (json.dumps({"seq": "3", "keys": [], "epoch": 1, "sig": "x"}).encode(), "seq is not a log index"),
+    (json.dumps({"seq": True, "keys": [], "epoch": 1, "sig": "x"}).encode(), "seq is not a log index"),
+    (json.dumps({"seq": 3, "keys": [1], "epoch": 1, "sig": "x"}).encode(), "keys are not a list of cache keys"),
+    (sign({"seq": 3, "keys": ["k" * 301]}), "keys are not a list of cache keys"),
+    (sign({"seq": 3, "keys": [f"info:{i}" for i in range(7000)]}), "oversized"),
+], ids=["signed", "unsigned", "other secret", "altered", "not json", "array", "string seq", "bool seq",
+        "int key", "long key", "oversized"])
+def test_redis_messages_are_taken_only_when_signed_and_well_formed(raw: bytes, reason: str | None) -> None:
+    stream, cache = subscribed_stream()
+    cache.put("info:1", b"cached", 2, cache.generation)
     protocol = InvalidationSubscriber()
-    protocol.factory = FakeFactory()
-    protocol.messageReceived(None, "bazar:invalidations", message)
-    assert protocol.factory.messages == expected
+    protocol.factory = SubscriberFactory(on_message=stream.redis_message, on_subscribed=lambda: None,
+                                         on_lost=lambda: None)
+    protocol.messageReceived(None, "bazar:invalidations", raw)
+    if reason is None:
+        assert stream.newest == 3 and cache.get("info:1") is None and not stream.dropped
+    else:
+        assert stream.dropped == {reason: 1}
+        assert stream.newest == 0 and cache.get("info:1") == b"cached" and cache.required("info:1") == 2
+
+
+def test_the_publisher_signs_what_it_publishes() -> None:
+    published: list[tuple[str, str]] = []
+
+    class Redis:
+        def publish(self, channel: str, message: str) -> Any:
+            published.append((channel, message))
+            return succeed(1)
+
+    publisher = Publisher(http=None, clock=Clock(), secret=SECRET_KEY, frontends=[],  # type: ignore[arg-type]
+                          redis_url=None, epoch=lambda: 7)
+    publisher.redis = Redis()
+    publisher.committed(Outcome({}, 12, ("info:3",), new=True))
+    ((channel, message),) = published
+    assert channel == "bazar:invalidations"
+    assert signed(message.encode(), SECRET_KEY) == (12, ["info:3"])
+    assert json.loads(message)["epoch"] == 7
+    with pytest.raises(Refused):
+        signed(message.encode(), "another store")
+
+
+def test_an_announcement_no_replica_confirms_is_taken_back() -> None:
+    """A message far ahead of every catalog replica (forged with a leaked secret, or
+    from another store sharing Redis) must not leave reads waiting for a state nobody
+    can serve: after 2 x grace without confirmation its floors are taken back."""
+    cache = LRUCache(8)
+    clock = Clock()
+    stream = InvalidationStream(cache, clock, grace=1.0)
+    stream.observe_primary(5)
+    stream.confirm(5)
+    stream.receive(10**12, ["info:1"])
+    assert cache.required("info:1") == 10**12
+    for _ in range(4):  # health checks every 0.25 s, for 1 s: a push may outrun them
+        clock.advance(0.25)
+        stream.confirm(6)
+        stream.observe_primary(6)
+    assert cache.required("info:1") == 10**12
+    for _ in range(8):
+        clock.advance(0.25)
+        stream.confirm(6)
+        stream.observe_primary(6)
+    assert cache.required("info:1") <= 6 and stream.newest <= 6 and (stream.upto or 0) <= 6
+    assert cache.floor <= 6 and stream.dropped["never confirmed"] == 1
+    assert cache.put("info:1", b"fresh", 6, cache.generation)  # reads are served again
+
+
+def test_an_announcement_the_replicas_confirm_in_time_is_kept() -> None:
+    cache = LRUCache(8)
+    clock = Clock()
+    stream = InvalidationStream(cache, clock, grace=1.0)
+    stream.observe_primary(5)
+    stream.confirm(5)
+    stream.receive(6, ["info:1"])
+    clock.advance(0.25)
+    stream.confirm(5)  # the health check has not seen it yet
+    clock.advance(0.25)
+    stream.confirm(6)
+    for _ in range(12):
+        clock.advance(0.25)
+        stream.confirm(6)
+    assert cache.required("info:1") == 6 and stream.upto == 6 and not stream.dropped
 
 
 # -- the catalog's HTTP push ---------------------------------------------------------------

@@ -3,7 +3,9 @@ killed) by the test and `bazar-cluster --redis ... --frontends 2`."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +21,8 @@ from procs import (
     redis_command,
     wait_until,
 )
+
+from bazar.invalidation import signature
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +94,8 @@ def test_a_message_on_redis_alone_drops_the_cached_entry(cluster: Cluster, redis
     fe1 = cluster.fronts[0]
     cache_in_front(fe1, 4)
     upto = wait_until(lambda: health(fe1)["last_seq"] or None, 10, "a baseline seq at the front end")
-    receivers = redis_command(redis.port, "PUBLISH", CHANNEL, f'{{"seq": {upto}, "keys": ["info:4"]}}')
+    message = {"seq": upto, "keys": ["info:4"], "epoch": 1, "sig": signature(SECRET, upto, ["info:4"], 1)}
+    receivers = redis_command(redis.port, "PUBLISH", CHANNEL, json.dumps(message))
     assert receivers >= 2
 
     def dropped() -> bool:
@@ -98,6 +103,25 @@ def test_a_message_on_redis_alone_drops_the_cached_entry(cluster: Cluster, redis
         info(fe1, 4)
         return stats(fe1)["misses"] == misses + 1
     wait_until(dropped, 10, "the entry to be dropped by the Redis message")
+
+
+def test_forged_or_unsigned_messages_on_redis_change_nothing(cluster: Cluster, redis: RedisServer) -> None:
+    """Redis is outside the cluster secret: a message that is not signed with it, or
+    names a write far ahead of every replica, neither drops entries nor stops reads."""
+    fe1 = cluster.fronts[0]
+    cache_in_front(fe1, 4)
+    for forged in ({"seq": 10**12, "keys": ["info:4"]},
+                   {"seq": 10**12, "keys": ["info:4"], "epoch": 1, "sig": signature("guess", 10**12, ["info:4"], 1)},
+                   {"seq": "1", "keys": ["info:4"]}):
+        assert redis_command(redis.port, "PUBLISH", CHANNEL, json.dumps(forged)) >= 2
+    time.sleep(1.0)
+    hits = stats(fe1)["hits"]
+    assert info(fe1, 4)["id"] == 4 and stats(fe1)["hits"] == hits + 1  # still cached
+    for book in range(7):
+        assert info(fe1, book)["id"] == book  # and every read is answered
+    metrics = urllib.request.urlopen(fe1 + "/metrics", timeout=5).read().decode()
+    assert 'bazar_invalidations_dropped_total{reason="bad signature"} 2.0' in metrics, metrics[-2000:]
+    assert 'bazar_invalidations_dropped_total{reason="seq is not a log index"} 1.0' in metrics
 
 
 def test_price_update_through_front_end_2_reaches_front_end_1(cluster: Cluster) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 from collections import Counter
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import txredisapi
 from treq.client import HTTPClient
@@ -87,8 +87,16 @@ def signed(raw: bytes, secret: str | None) -> tuple[int, list[str]]:
 def redis_address(url: str) -> tuple[str, int]:
     parsed = urlparse(url)
     if parsed.scheme != "redis" or not parsed.hostname:
-        raise ValueError(f"bad Redis URL {url!r}: expected redis://host:port")
+        raise ValueError("bad Redis URL: expected redis://[[user]:password@]host:port")
     return parsed.hostname, parsed.port or 6379
+
+
+def redis_credentials(url: str) -> tuple[str | None, str | None]:
+    """(user, password) from redis://user:password@host:port (ACL) or
+    redis://:password@host:port (requirepass); (None, None) without them."""
+    parsed = urlparse(url)
+    return (unquote(parsed.username) if parsed.username else None,
+            unquote(parsed.password) if parsed.password else None)
 
 
 class Publisher:
@@ -110,7 +118,8 @@ class Publisher:
         self.running = True
         if self.redis_url:
             host, port = redis_address(self.redis_url)
-            self.redis = txredisapi.lazyConnection(host, port, reconnect=True)
+            user, password = redis_credentials(self.redis_url)
+            self.redis = txredisapi.lazyConnection(host, port, reconnect=True, username=user, password=password)
 
     def stop(self) -> Any:
         self.running = False
@@ -329,9 +338,11 @@ class SubscriberFactory(txredisapi.SubscriberFactory):
 
 def subscribe(reactor: Any, url: str, stream: InvalidationStream) -> SubscriberFactory:
     host, port = redis_address(url)
+    user, password = redis_credentials(url)
     stream.channel_down = True  # until the first subscription is confirmed
     stream.cache.bypass = True
     factory = SubscriberFactory(on_message=stream.redis_message, on_subscribed=stream.channel_back,
                                 on_lost=stream.channel_lost)
+    factory.username, factory.password = user, password  # sent by txredisapi's AUTH on every connection
     factory.startConnecting(HostnameEndpoint(reactor, host, port))
     return factory

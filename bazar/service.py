@@ -14,7 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import reflect, usage
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request, Site
 
 log = Logger()
@@ -146,7 +146,30 @@ HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and head
 MIN_BODY_RATE = 64 * 1024  # bytes/s: a body of n bytes adds n / MIN_BODY_RATE seconds to the deadline
 LINGER = 2.0  # seconds, after a refusal, to drain (and drop) what the client still sends
 REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
-           431: b"Request Header Fields Too Large"}
+           431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+# Headers that decide who a request is, what it is, or where its body ends: sent twice,
+# two parts of a chain could each believe another one (RFC 9110 5.3), so refuse them.
+SINGLE_HEADERS = frozenset({b"authorization", b"x-bazar-secret", b"idempotency-key", b"content-length",
+                            b"transfer-encoding", b"host", b"content-type", b"x-bazar-hops"})
+MAX_CONNECTIONS = 4096  # open connections one process accepts; beyond them: 503 and close
+IDLE_TIMEOUT = 10  # seconds a kept-alive connection may stay silent
+
+
+class LimitedChunks(_ChunkedTransferDecoder):
+    """A chunked body refused (413) as soon as a chunk announces more than the
+    route's limit, not once that many bytes have been received."""
+
+    limit = 0
+    channel: Any = None
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        done = super()._dataReceived_CHUNK_LENGTH()
+        if done and self.state == "BODY" and self.length > self.limit:  # type: ignore[has-type]
+            self.state = "FINISHED"
+            del self._buffer[:]
+            self.channel.refuse(413, f"request body is larger than {self.limit} bytes")
+            return False
+        return done
 
 
 def body_limit(path: bytes) -> int:
@@ -183,8 +206,14 @@ class GuardedChannel(HTTPChannel):
 
     _host: Any = None
 
+    over_capacity = False
+    site_counted: Any = None
+
     def connectionMade(self) -> None:
         super().connectionMade()
+        if self.over_capacity:
+            self.refuse(503, "too many open connections; retry shortly")
+            return
         self._arm()
 
     def getHost(self) -> Any:
@@ -216,8 +245,27 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if not self._refused:
-            super().lineReceived(line)
+        if self._refused:
+            return
+        if line[:1] in (b" ", b"\t") and not getattr(self, "_HTTPChannel__first_line", 1):
+            self.refuse(400, "obsolete line folding in the request's headers")  # RFC 9112 5.2
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._refused:
+            return False
+        name = line.split(b":", 1)[0].strip().lower()
+        request = self.requests[-1] if self.requests else None
+        seen = getattr(request, "_single_seen", None)
+        if request is not None and seen is None:
+            seen = request._single_seen = set()
+        if name in SINGLE_HEADERS and seen is not None:
+            if name in seen:
+                self.refuse(400, f"the {name.decode('ascii', 'replace')} header is given more than once")
+                return False
+            seen.add(name)
+        return bool(super().headerReceived(line))
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -233,6 +281,10 @@ class GuardedChannel(HTTPChannel):
             return
         if self.length and self._deadline is not None:
             self._deadline.delay(self.length / MIN_BODY_RATE)
+        decoder = getattr(self, "_transferDecoder", None)
+        if type(decoder) is _ChunkedTransferDecoder:
+            decoder.__class__ = LimitedChunks
+            decoder.limit, decoder.channel = limit, self  # type: ignore[attr-defined]
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -263,8 +315,9 @@ class GuardedChannel(HTTPChannel):
 
         body = error_body(message)
         transport: Any = self.transport
+        extra = b"Retry-After: 1\r\n" if status == 503 else b""
         transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (status, REASONS[status], len(body), body))
+                        b"%sConnection: close\r\n\r\n%s" % (status, REASONS[status], len(body), extra, body))
         # Drain the announced body (or, its length unknown, whatever comes) for at most
         # LINGER seconds: a client still sending would otherwise get a connection reset
         # instead of this answer. Dropped bytes cost no memory.
@@ -284,6 +337,9 @@ class GuardedChannel(HTTPChannel):
                 self.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.site_counted is not None:
+            self.site_counted.open_connections -= 1
+            self.site_counted = None
         self._disarm()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -316,15 +372,26 @@ class QuietSite(Site):
     protocol = GuardedChannel  # type: ignore[assignment]  # (plain HTTP/1.1: no TLS, so no HTTP/2 to negotiate)
     requestFactory = GuardedRequest
 
-    def __init__(self, resource: Any, **kw: Any):
+    def __init__(self, resource: Any, max_connections: int = MAX_CONNECTIONS, **kw: Any):
         super().__init__(resource, parsePOSTFormSubmission=False, **kw)
+        self.max_connections = max_connections
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            channel.site_counted = self
+            self.open_connections += 1
+            if self.open_connections > self.max_connections:
+                channel.over_capacity = True
+        return channel
 
     def log(self, request: Any) -> None:
         pass
 
 
 def listen(parent: MultiService, reactor: Any, resource: Any, host: str, port: int) -> Site:
-    site = QuietSite(resource, timeout=30)
+    site = QuietSite(resource, timeout=IDLE_TIMEOUT)
     endpoint = serverFromString(reactor, f"tcp:{port}:interface={host}")
     StreamServerEndpointService(endpoint, site).setServiceParent(parent)
     return site

@@ -91,7 +91,7 @@ class Store:
     """The `bazar.raft.Log` of one replica, and its state machine."""
 
     def __init__(self, path: str, machine: StateMachine, *, synchronous: str = "FULL"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
         self.machine = machine
         self.synchronous = synchronous
@@ -113,6 +113,10 @@ class Store:
             self._open(synchronous)
 
     def _open(self, synchronous: str) -> None:
+        # the file is the store's and nobody else's (SQLite gives its -wal and -shm files
+        # the same mode): created 600, like secrets.json
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.db = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")

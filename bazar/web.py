@@ -8,6 +8,7 @@ per-route Prometheus metrics.
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import Any, Awaitable, Callable
 
@@ -85,9 +86,21 @@ def read_json(request: Request, *, optional: bool = False) -> Any:
             return NO_BODY
         raise HTTPError(400, "a JSON body is required")
     try:
-        return loads(data)
+        value = loads(data)
     except orjson.JSONDecodeError:
         raise HTTPError(400, "the body is not valid JSON (UTF-8, no NaN or Infinity)") from None
+    if isinstance(value, (dict, list)) and data.count(b":") > 1:
+        # JSON leaves duplicate keys to the reader ({"quantity": -5, "quantity": 1});
+        # two readers may take different ones, so such a body is refused
+        json.loads(data, object_pairs_hook=_unique_keys)
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise HTTPError(400, "the body has a key more than once")
+    return dict(pairs)
 
 
 NO_BODY = object()
@@ -304,6 +317,10 @@ class JsonKleinResource(KleinResource):
                 if body is not None:
                     return body
                 break
+        if b"//" in path:
+            # "//x" is not "/x": no route has an empty segment (werkzeug would redirect,
+            # echoing the Host, before any route's checks)
+            return respond(request, error_body("no such resource"), 404)
         try:
             b"/".join(request.prepath + request.postpath).decode("utf-8")
             (request.getHeader(b"host") or b"").decode("utf-8")

@@ -409,12 +409,13 @@ def redis_binary() -> str:
     return path
 
 
+REDIS_PASSWORD = "test-redis-password"  # the tests' Redis asks for one, as a deployed one should
+
+
 def redis_ping(port: int, timeout: float = 1.0) -> bool:
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
+        return bool(redis_command(port, "PING", timeout=timeout) == "PONG")
+    except (OSError, ConnectionError):
         return False
 
 
@@ -426,14 +427,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
+        return f"redis://:{REDIS_PASSWORD}@{HOST}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> "RedisServer":
         os.makedirs(self.workdir, exist_ok=True)
         out = open(os.path.join(self.workdir, "redis.out"), "ab")  # noqa: SIM115
         try:
             self.proc = subprocess.Popen([redis_binary(), "--port", str(self.port), "--bind", HOST,
-                                          "--save", "", "--appendonly", "no", "--dir", self.workdir],
+                                          "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                                          "--requirepass", REDIS_PASSWORD],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         finally:
@@ -520,10 +522,14 @@ class RespReader:
         raise ValueError(f"unexpected RESP line {line!r}")
 
 
-def redis_command(port: int, *args: str, timeout: float = 2.0) -> Any:
+def redis_command(port: int, *args: str, timeout: float = 2.0, password: str | None = REDIS_PASSWORD) -> Any:
     with socket.create_connection((HOST, port), timeout=timeout) as s:
+        reader = RespReader(s)
+        if password is not None:
+            s.sendall(_resp("AUTH", password))
+            reader.read()
         s.sendall(_resp(*args))
-        return RespReader(s).read()
+        return reader.read()
 
 
 class RedisWatcher:
@@ -532,6 +538,8 @@ class RedisWatcher:
     def __init__(self, port: int, channel: str):
         self.sock = socket.create_connection((HOST, port), timeout=5.0)
         self.reader = RespReader(self.sock)
+        self.sock.sendall(_resp("AUTH", REDIS_PASSWORD))
+        self.reader.read()
         self.sock.sendall(_resp("SUBSCRIBE", channel))
         reply = self.reader.read()
         assert reply[0] == b"subscribe", reply

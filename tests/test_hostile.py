@@ -129,6 +129,7 @@ REPLICA_INTERNAL = [
     ("GET", "/internal/status", None),
 ]
 ORDER_INTERNAL = [("POST", "/internal/purchase", {"book_id": 1, "quantity": 1, "key": "forged-purchase"})]
+CATALOG_INTERNAL = [("GET", "/internal/sales?after=0", None)]
 FRONT_INTERNAL = [("POST", "/internal/invalidate", {"messages": [{"seq": 10**12, "keys": ["info:1"]}]})]
 BAD_SECRETS: list[dict[str, str]] = [
     {},
@@ -146,7 +147,7 @@ BAD_SECRETS: list[dict[str, str]] = [
 
 def doors(cluster: Cluster) -> Iterator[tuple[str, str, Any]]:
     for url in cluster.catalogs:
-        for method, path, body in REPLICA_INTERNAL:
+        for method, path, body in REPLICA_INTERNAL + CATALOG_INTERNAL:
             yield method, url + path, body
     for url in cluster.orders:
         for method, path, body in REPLICA_INTERNAL + ORDER_INTERNAL:
@@ -162,7 +163,7 @@ def test_internal_doors_are_403_on_every_process(cluster: Cluster) -> None:
         for headers in BAD_SECRETS:
             assert_json_error(call(method, url, body, headers=headers), 403)
             count += 1
-    assert count == (3 * len(REPLICA_INTERNAL) + 3 * (len(REPLICA_INTERNAL) + 1) + 1) * len(BAD_SECRETS)
+    assert count == (3 * (len(REPLICA_INTERNAL) + 1) + 3 * (len(REPLICA_INTERNAL) + 1) + 1) * len(BAD_SECRETS)
     # the forged votes, writes, purchases and invalidations moved nothing
     assert state(cluster) == before
     assert b"forged" not in b"".join(v for v in before.values() if isinstance(v, bytes))
@@ -402,7 +403,7 @@ PUBLIC_ROUTES = {
 }
 REPLICA_ROUTES = {"/health": "GET", "/ready": "GET", "/metrics": "GET", "/internal/write": "POST",
                   "/internal/raft": "POST", "/internal/status": "GET"}
-CATALOG_ROUTES = {**REPLICA_ROUTES, "/books": "GET", "/books/1": "GET"}
+CATALOG_ROUTES = {**REPLICA_ROUTES, "/books": "GET", "/books/1": "GET", "/internal/sales": "GET"}
 ORDER_ROUTES = {**REPLICA_ROUTES, "/orders": "GET", "/internal/purchase": "POST"}
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "BREW"]
 

@@ -20,6 +20,7 @@ from bazar.invalidation import (
     Refused,
     SubscriberFactory,
     redis_address,
+    redis_credentials,
     signature,
     signed,
 )
@@ -168,6 +169,10 @@ def test_written_drops_the_keys_of_our_own_writes() -> None:
 def test_redis_addresses() -> None:
     assert redis_address("redis://127.0.0.1:6379") == ("127.0.0.1", 6379)
     assert redis_address("redis://cache") == ("cache", 6379)
+    assert redis_credentials("redis://cache") == (None, None)
+    assert redis_credentials("redis://:p%40ss@cache:6380") == (None, "p@ss")
+    assert redis_credentials("redis://bazar:pw@cache") == ("bazar", "pw")
+    assert redis_address("redis://bazar:pw@cache:6380") == ("cache", 6380)
     for bad in ("http://h:1", "redis://", "127.0.0.1:6379"):
         with pytest.raises(ValueError):
             redis_address(bad)

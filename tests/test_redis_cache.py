@@ -110,6 +110,9 @@ def test_forged_or_unsigned_messages_on_redis_change_nothing(cluster: Cluster, r
     names a write far ahead of every replica, neither drops entries nor stops reads."""
     fe1 = cluster.fronts[0]
     cache_in_front(fe1, 4)
+    # without the password Redis takes nothing at all
+    refused = redis_command(redis.port, "PUBLISH", CHANNEL, '{"seq": 1, "keys": []}', password=None)
+    assert isinstance(refused, str) and refused.startswith("NOAUTH"), refused
     for forged in ({"seq": 10**12, "keys": ["info:4"]},
                    {"seq": 10**12, "keys": ["info:4"], "epoch": 1, "sig": signature("guess", 10**12, ["info:4"], 1)},
                    {"seq": "1", "keys": ["info:4"]}):

@@ -728,3 +728,12 @@ def test_any_history_replays_identically(ops: list[dict[str, Any] | None], terms
         assert everything(replica) == everything(reference)
         replica.close()
         reference.close()
+
+
+def test_store_files_are_private(tmp_path: Path) -> None:
+    store = catalog(tmp_path)
+    feed1(store, restock("r", 1, 1))
+    for name in os.listdir(tmp_path):
+        if name.startswith("c"):
+            assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name
+    store.close()

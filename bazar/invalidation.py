@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections import Counter
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
@@ -93,10 +94,11 @@ def redis_address(url: str) -> tuple[str, int]:
 
 def redis_credentials(url: str) -> tuple[str | None, str | None]:
     """(user, password) from redis://user:password@host:port (ACL) or
-    redis://:password@host:port (requirepass); (None, None) without them."""
+    redis://:password@host:port (requirepass); without a password in the URL, the
+    password in BAZAR_REDIS_PASSWORD (a secret, like the cluster secret), if any."""
     parsed = urlparse(url)
-    return (unquote(parsed.username) if parsed.username else None,
-            unquote(parsed.password) if parsed.password else None)
+    password = unquote(parsed.password) if parsed.password else os.environ.get("BAZAR_REDIS_PASSWORD") or None
+    return (unquote(parsed.username) if parsed.username else None), password
 
 
 class Publisher:

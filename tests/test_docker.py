@@ -33,7 +33,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 ENV_EXAMPLE = DOCKER / "bazar.env.example"
 ENV_FILE_NAME = "bazar.env"
 
-SECRET_NAMES = {"BAZAR_ADMIN_TOKEN", "BAZAR_CLUSTER_SECRET"}
+SECRET_NAMES = {"BAZAR_ADMIN_TOKEN", "BAZAR_CLUSTER_SECRET", "BAZAR_REDIS_PASSWORD"}
 # Replicated services and the port of replica 0 (replica N listens on base + N).
 REPLICATED = {"catalog": 5100, "order": 5200}
 REPLICAS = (1, 2, 3)
@@ -560,6 +560,8 @@ def test_compose_commands_run_locally(
                 "",
                 "--appendonly",
                 "no",
+                "--requirepass",
+                "test-bazar-redis-password",  # the value local_environment gives every service
             ],
             dict(os.environ),
             redis_dir,

@@ -4,6 +4,7 @@ Usage::
 
     python -m bazar.bench [--url http://127.0.0.1:5000] [--url-nocache URL]
                           [--start] [--out DIR] [--duration S] [--quick]
+    python -m bazar.bench --report-only docs/bench/results.json [--out DIR]
 
 With ``--start`` the tool starts two throw-away clusters on free loopback ports
 (one with a large cache, one with ``--cache-size 0``), runs every experiment and
@@ -12,7 +13,9 @@ always stops them again.  Without it, it drives the cluster at ``--url``
 experiment is then skipped, since it may only kill processes this tool started.
 
 Output (in ``--out``, default ``./bench-out``): ``report.md``, ``results.json``
-and PNG plots.  Progress goes to stderr, the final table of targets to stdout.
+and PNG plots.  ``--report-only RESULTS_JSON`` measures nothing: it rewrites
+``report.md`` and the plots from a results file of an earlier run (into the
+file's own directory unless ``--out`` says otherwise).  Progress goes to stderr, the final table of targets to stdout.
 A benchmark reports; it never asserts: the exit status is 0 whenever the run
 completed, whatever the numbers.
 
@@ -1297,6 +1300,92 @@ def _stats_row(prefix_cells, st, cpu=False):
     return "| " + " | ".join(cells) + " |"
 
 
+def replica_name(kill) -> str:
+    """bazar-cluster's name of a killed replica (catalog-1, order-2, ...); its port
+    only if the replica id is unknown (the ports are picked at random per run)."""
+    if kill.get("replica") is not None and kill.get("service"):
+        return f"{kill['service']}-{kill['replica']}"
+    return f"port {kill.get('port', '?')}"
+
+
+def _after_text(kill) -> str:
+    after = kill.get("after")
+    if not after:
+        return "not answering /health"
+    pid = after.get("pid")
+    who = f"restarted, new pid {pid}" if pid is not None and pid != kill.get("pid") else f"pid {pid}"
+    return f"{who}; {after.get('role')}, {after.get('status')}"
+
+
+def failover_windows(crash) -> list:
+    """(start, end) of every failover: from a kill to the first successful purchase after it."""
+    return [(k["t"], k["t"] + k["failover_s"]) for k in crash.get("kills", [])
+            if "t" in k and k.get("failover_s") is not None]
+
+
+def info_latency_split(crash):
+    """Median latency (ms) of the successful info reads sent inside the failover
+    windows, and of those sent outside them (None where there are none)."""
+    windows = failover_windows(crash)
+
+    def inside(t):
+        return any(a <= t < b for a, b in windows)
+
+    ins = sorted(s[1] for s in crash.get("samples") or [] if s[2] == "info" and s[3] and inside(s[0]))
+    outs = sorted(s[1] for s in crash.get("samples") or [] if s[2] == "info" and s[3] and not inside(s[0]))
+    return percentile(ins, 50), percentile(outs, 50)
+
+
+def crash_reading(crash) -> list:
+    """Lines under the crash plot: what the shaded spans are, and why info reads get
+    faster during a failover (the purchases that invalidate its cache entry wait)."""
+    windows = failover_windows(crash)
+    if not windows or not crash.get("samples"):
+        return []
+    n_info = (crash.get("ops") or {}).get("info")
+    rate = crash.get("rate_per_worker")
+    text = ("Reading the plot: the shaded spans are the failovers. Purchases sent during one wait for the new "
+            "primary")
+    if isinstance(n_info, int) and isinstance(rate, (int, float)):
+        text += (f", so successes per second fall to about what the info workers alone are paced to "
+                 f"({n_info} × {rate:.0f} = {n_info * rate:.0f} req/s)")
+    text += "."
+    med_in, med_out = info_latency_split(crash)
+    if med_in is not None and med_out is not None and med_in < med_out:
+        text += (" Info reads get *faster* during a failover, not slower: they read the book the purchases buy, "
+                 "and every completed purchase changes its stock and so drops its cached info entry at the front "
+                 "end. Between failovers many info reads therefore miss the cache and go to a catalog replica; "
+                 "while the purchases wait, nothing drops the entry, so after one miss the info reads are cache "
+                 f"hits. Median info latency: {_ms(med_in)} ms inside the shaded spans, {_ms(med_out)} ms "
+                 "outside them.")
+    elif med_in is not None and med_out is not None:
+        text += f" Median info latency: {_ms(med_in)} ms inside the shaded spans, {_ms(med_out)} ms outside them."
+    return [text, ""]
+
+
+def _rate(v):
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _zipf_ratio(s) -> str:
+    if isinstance(s, (int, float)) and s == 1:
+        return "1/k"
+    return f"1/k^{s:g}" if isinstance(s, (int, float)) else f"1/k^{s}"
+
+
+def lru_crosscheck(lru) -> str | None:
+    """How bazar.cache.LRUCache compares with the textbook LRU replayed over the
+    same trace: "same", "differs", or None (no cross-check: the replay fell back
+    to the textbook LRU itself, or no reference figures)."""
+    pts = lru.get("points") or []
+    if not pts or "reference" in str(lru.get("source", "")):
+        return None
+    pairs = [(p.get("hit_rate"), p.get("ref_hit_rate")) for p in pts]
+    if any(r is None or h is None for h, r in pairs):
+        return None
+    return "same" if all(abs(h - r) < 1e-12 for h, r in pairs) else "differs"
+
+
 STATS_HEAD = "| requests | req/s | avg ms | p50 ms | p95 ms | p99 ms | max ms | errors |"
 STATS_SEP = "|---:|---:|---:|---:|---:|---:|---:|---:|"
 CPU_HEAD = " client CPU | front-end CPU |"
@@ -1319,7 +1408,9 @@ def render_report(results) -> str:
     out.append(f"- run: {meta.get('started', '?')}, {meta.get('total_s', 0):.0f} s in all"
                + (" (`--quick`)" if meta.get("quick") else ""))
     out.append(f"- mode: {meta.get('mode', '?')}; front end {meta.get('url', '?')}"
-               + (f"; cache-off front end {meta['url_nocache']}" if meta.get("url_nocache") else ""))
+               + (f"; cache-off front end {meta['url_nocache']}" if meta.get("url_nocache") else "")
+               + (" (free loopback ports picked for this run; the clusters were stopped at its end)"
+                  if str(meta.get("mode", "")).startswith("--start") else ""))
     out.append(f"- machine: {meta.get('cpus', '?')} CPU(s), {meta.get('platform', '?')}, "
                f"Python {meta.get('python', '?')}")
     out.append(f"- each load step: {meta.get('duration', '?')} s; client: "
@@ -1390,26 +1481,28 @@ def render_report(results) -> str:
         out += [f"Skipped — {crash['skipped']}.", ""]
     elif crash:
         ops_c = crash.get("ops", {})
-        out.append(f"Load: {ops_c.get('purchase')} purchase + {ops_c.get('info')} info workers, each paced at "
-                   f"≤ {crash.get('rate_per_worker', 0):.0f} req/s, {crash.get('duration_s', 0):.1f} s, "
-                   f"client timeout {crash.get('client_timeout_s', '?')} s. "
+        out.append(f"Load: {ops_c.get('purchase')} purchase + {ops_c.get('info')} info workers, all on the same "
+                   f"bench book, each paced at ≤ {crash.get('rate_per_worker', 0):.0f} req/s, "
+                   f"{crash.get('duration_s', 0):.1f} s, client timeout {crash.get('client_timeout_s', '?')} s. "
                    "Failover time: from a kill to the completion of the first successful write (purchase) "
                    "sent after it.")
         out.append("")
-        out.append("| killed | replica | pid | at t (s) | failover (s) | errors in next 5 s "
-                   "| max latency in next 5 s (ms) | after the run |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        out.append("| killed | replica | pid killed | at t (s) | failover (s) | errors in next 5 s "
+                   "| max latency in next 5 s (ms) | that replica at the end |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---|")
         for k in crash.get("kills", []):
             if "t" not in k:
                 out.append(f"| {k.get('service')} | — | {k.get('pid', '—')} | — | — | — | — | {k.get('error')} |")
                 continue
-            after = k.get("after")
-            after_s = (f"port {k.get('port')}: pid {after.get('pid')}, {after.get('role')}, {after.get('status')}"
-                       if after else f"port {k.get('port')}: not answering")
             fo = k.get("failover_s")
-            out.append(f"| {k['service']} primary | {k.get('replica', '—')} | {k.get('pid')} | {k['t']:.2f} | "
+            out.append(f"| {k['service']} primary | {replica_name(k)} | {k.get('pid')} | {k['t']:.2f} | "
                        f"{'not seen' if fo is None else f'{fo:.3f}'} | {k.get('errors_5s', '—')} | "
-                       f"{_ms(k.get('max_latency_ms_5s'))} | {after_s} |")
+                       f"{_ms(k.get('max_latency_ms_5s'))} | {_after_text(k)} |")
+        out.append("")
+        out.append("Replica names are bazar-cluster's (catalog-1…3, order-1…3). Last column: the killed "
+                   "replica's `GET /health` at the end of the experiment. bazar-cluster's process monitor "
+                   "restarts a process that dies, so a new pid there means the replica came back; the role is "
+                   "the one it reported then.")
         out.append("")
         tot = crash.get("total") or {}
         out.append(f"Whole run: {tot.get('n', 0)} successful requests, {tot.get('errors', 0)} errors "
@@ -1417,26 +1510,61 @@ def render_report(results) -> str:
         out.append("")
         if plots.get("crash"):
             out += [f"![crash]({plots['crash']})", ""]
+        out += crash_reading(crash)
     else:
         out += ["Not run.", ""]
 
     # 4. LRU
     lru = results.get("lru") or {}
-    out += ["## 4. LRU hit rate vs cache size (zipf keys)", ""]
+    out += ["## 4. LRU hit rate vs cache size (simulated requests)", ""]
     if "skipped" in lru:
         out += [f"Skipped — {lru['skipped']}.", ""]
     elif lru:
-        out.append(f"In-process replay of a zipf trace (s = {lru.get('s')}, {lru.get('keys')} book ids, "
-                   f"{lru.get('trace_len')} requests, seed {lru.get('seed')}, cold start included) through "
-                   f"{lru.get('source')}; on a miss the entry is put.")
+        pts = lru.get("points", [])
+        cross = lru_crosscheck(lru)
+        out.append(f"In-process replay of {lru.get('trace_len')} requests for {lru.get('keys')} book ids (seed "
+                   f"{lru.get('seed')}) through {lru.get('source')}, starting from an empty cache; on a miss the "
+                   f"book is put in the cache. The requests follow a zipf law with s = {lru.get('s')}: the k-th "
+                   f"most requested book is asked for {_zipf_ratio(lru.get('s'))} as often as the most requested "
+                   "one, so a few books get most of the requests.")
         if lru.get("note"):
             out.append(f"Note: {lru['note']}.")
         out.append("")
-        out.append("| cache size | hit rate | reference LRU | top-k mass (ideal static cache) | evictions |")
-        out.append("|---:|---:|---:|---:|---:|")
-        for p in lru.get("points", []):
-            out.append(f"| {p['capacity']} | {p['hit_rate']:.3f} | {p['ref_hit_rate']:.3f} | {p['top_k_mass']:.3f} | "
-                       f"{'—' if p.get('evictions') is None else p['evictions']} |")
+        head = "| cache size (N entries) | hit rate |"
+        sep = "|---:|---:|"
+        if cross == "differs":
+            head += " textbook LRU (cross-check) |"
+            sep += "---:|"
+        out.append(head + " best possible: share of requests to the N most requested books | evictions |")
+        out.append(sep + "---:|---:|")
+        for p in pts:
+            row = f"| {p['capacity']} | {p['hit_rate']:.3f} |"
+            if cross == "differs":
+                row += f" {_rate(p.get('ref_hit_rate'))} |"
+            ev = "—" if p.get("evictions") is None else p["evictions"]
+            out.append(row + f" {_rate(p.get('top_k_mass'))} | {ev} |")
+        out.append("")
+        out.append("*Hit rate*: the share of requests answered from the cache. *Best possible*: the share of "
+                   "requests that go to the N most requested books (from the zipf law above): a cache that always "
+                   "held exactly those books would hit that often, and when requests are drawn independently, as "
+                   "here, no cache of N entries that cannot see future requests can expect more. LRU stays below "
+                   "it: it also keeps books that were requested only once, recently, and the first request for "
+                   "each book misses. *Evictions*: entries pushed out to make room.")
+        full = [p for p in pts if isinstance(lru.get("keys"), int) and p["capacity"] >= lru["keys"]
+                and p.get("evictions") == 0]
+        if full:
+            p = full[0]
+            out.append(f"At N = {p['capacity']} every book fits and nothing is evicted: the gap to the best "
+                       f"possible ({_rate(p.get('top_k_mass'))} vs {p['hit_rate']:.3f}) is only the first request "
+                       "of each book, which misses in a cache that starts empty.")
+        if cross == "same":
+            out.append("Cross-check: the same requests replayed through a textbook LRU (an `OrderedDict` in "
+                       "bench.py) give exactly the same hit rate at every size, so bazar.cache.LRUCache evicts "
+                       "the least recently used entry, as it should.")
+        elif cross == "differs":
+            out.append("The *textbook LRU* column replays the same requests through a plain `OrderedDict` LRU in "
+                       "bench.py. It should equal the hit rate; a difference means bazar.cache.LRUCache does not "
+                       "evict in least-recently-used order.")
         out.append("")
         if plots.get("lru"):
             out += [f"![lru]({plots['lru']})", ""]
@@ -1447,11 +1575,27 @@ def render_report(results) -> str:
     tp = results.get("throughput") or {}
     out += ["## 5. Throughput vs connections (cached GET /bazar/info)", ""]
     if tp:
-        out.append("| conns " + STATS_HEAD + CPU_HEAD)
-        out.append("|---:" + STATS_SEP + CPU_SEP)
-        for c, st in sorted(tp.items(), key=lambda kv: int(kv[0])):
-            out.append(_stats_row([c], st, cpu=True))
+        items = sorted(tp.items(), key=lambda kv: int(kv[0]))
+        in_ops = dig(ops, "on", "info") or {}
+        shared = [c for c, st in items if in_ops.get(c) == st]
+        extra = [(c, st) for c, st in items if in_ops.get(c) != st]
+        if shared:
+            out.append(f"The numbers at {', '.join(shared)} connections are the cached info rows of "
+                       "section 1; they are not repeated here.")
+        if extra:
+            out.append("Measurements not in section 1:")
+            out.append("")
+            out.append("| conns " + STATS_HEAD + CPU_HEAD)
+            out.append("|---:" + STATS_SEP + CPU_SEP)
+            for c, st in extra:
+                out.append(_stats_row([c], st, cpu=True))
         out.append("")
+        (c0, st0), (c1, st1) = items[0], items[-1]
+        if len(items) > 1 and st0.get("rps") and st1.get("rps"):
+            out.append(f"From {c0} to {c1} connections, throughput goes from {_rps(st0['rps'])} to "
+                       f"{_rps(st1['rps'])} req/s (×{st1['rps'] / st0['rps']:.1f}) and p50 latency from "
+                       f"{_ms(st0.get('p50_ms'))} to {_ms(st1.get('p50_ms'))} ms.")
+            out.append("")
         if plots.get("throughput"):
             out += [f"![throughput]({plots['throughput']})", ""]
     else:
@@ -1483,17 +1627,18 @@ def render_report(results) -> str:
     return "\n".join(out)
 
 
-def write_plots(results, out_dir) -> dict:
-    """PNG plots into out_dir; returns {name: filename}.  Needs matplotlib."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made: dict[str, str] = {}
-    ops = results.get("ops") or {}
+    return plt
 
-    # latency + throughput by op and cache
+
+def fig_latency(results):
+    """Latency at 1 connection and throughput at 16, by op and cache; None without data."""
+    ops = results.get("ops") or {}
     rows = []
     for op in OPS:
         for cache in ("on", "off"):
@@ -1501,128 +1646,168 @@ def write_plots(results, out_dir) -> dict:
             st16 = dig(ops, cache, op, "16")
             if st1 or st16:
                 rows.append((f"{op}\ncache {cache}", st1 or {}, st16 or {}))
-    if rows:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        x = range(len(rows))
-        for j, (key, lab) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
-            ax1.bar([i + (j - 1) * 0.27 for i in x], [r[1].get(key) or 0 for r in rows], width=0.27, label=lab)
-        ax1.set_xticks(list(x), [r[0] for r in rows], fontsize=8)
-        ax1.set_ylabel("latency (ms), 1 connection")
-        ax1.set_yscale("log")
-        ax1.legend()
-        ax1.set_title("latency at 1 connection")
-        ax2.bar(list(x), [r[2].get("rps") or 0 for r in rows], color="tab:green")
-        ax2.set_xticks(list(x), [r[0] for r in rows], fontsize=8)
-        ax2.set_ylabel("req/s")
-        ax2.set_title("throughput at 16 connections")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "latency.png"), dpi=100)
-        plt.close(fig)
-        made["latency"] = "latency.png"
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(rows))
+    for j, (key, lab) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
+        ax1.bar([i + (j - 1) * 0.27 for i in x], [r[1].get(key) or 0 for r in rows], width=0.27, label=lab)
+    ax1.set_xticks(list(x), [r[0] for r in rows], fontsize=8)
+    ax1.set_ylabel("latency (ms), 1 connection")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title("latency at 1 connection")
+    ax2.bar(list(x), [r[2].get("rps") or 0 for r in rows], color="tab:green")
+    ax2.set_xticks(list(x), [r[0] for r in rows], fontsize=8)
+    ax2.set_ylabel("req/s")
+    ax2.set_title("throughput at 16 connections")
+    fig.tight_layout()
+    return fig
 
+
+def fig_invalidation(results):
     inv = results.get("invalidation") or {}
-    if inv.get("write"):
-        labels = ["write (PUT)", "1st read", "reread"]
-        sts = [inv.get("write") or {}, inv.get("miss_read") or {}, inv.get("hit_read") or {}]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for j, (key, lab) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
-            ax.bar([i + (j - 1) * 0.27 for i in range(3)], [s.get(key) or 0 for s in sts], width=0.27, label=lab)
-        ax.set_xticks(range(3), labels)
-        ax.set_yscale("log")
-        ax.set_ylabel("latency (ms)")
-        ax.set_title("invalidation: write, first read after it, repeated read")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "invalidation.png"), dpi=100)
-        plt.close(fig)
-        made["invalidation"] = "invalidation.png"
+    if not inv.get("write"):
+        return None
+    plt = _pyplot()
+    labels = ["write (PUT)", "1st read", "reread"]
+    sts = [inv.get("write") or {}, inv.get("miss_read") or {}, inv.get("hit_read") or {}]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, (key, lab) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
+        ax.bar([i + (j - 1) * 0.27 for i in range(3)], [s.get(key) or 0 for s in sts], width=0.27, label=lab)
+    ax.set_xticks(range(3), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("invalidation: write, first read after it, repeated read")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
+
+def fig_crash(results):
+    """Latency and successes/errors over time, kills marked, failovers shaded."""
     crash = results.get("crash") or {}
     samples = crash.get("samples") or []
-    if samples:
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
-        colors = {"purchase": "tab:blue", "info": "tab:orange"}
-        for op, color in colors.items():
-            pts = [(s[0], s[1]) for s in samples if s[2] == op and s[3]]
-            if pts:
-                ax1.scatter([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], s=3, color=color, label=f"{op} ok")
-            bad = [(s[0], s[1]) for s in samples if s[2] == op and not s[3]]
-            if bad:
-                ax1.scatter([p[0] for p in bad], [max(p[1], 1e-3) for p in bad], s=12, marker="x", color="red",
-                            label=f"{op} error" if op == "purchase" else None)
-        ax1.set_yscale("log")
-        ax1.set_ylabel("latency (ms)")
-        ax1.legend(loc="upper right", fontsize=8)
-        end = max(s[0] for s in samples)
-        width = 0.25
-        nb = max(1, int(end / width))  # whole bins only: the last partial one would dip
-        okb = [0] * nb
-        errb = [0] * nb
-        for s in samples:
-            b = int(s[0] / width)
-            if b < nb:
-                (okb if s[3] else errb)[b] += 1
-        xs = [i * width for i in range(nb)]
-        ax2.plot(xs, [v / width for v in okb], color="tab:green", label="successes/s")
-        ax2.bar(xs, [v / width for v in errb], width=width, color="red", alpha=0.6, align="edge", label="errors/s")
-        ax2.set_ylabel("per second")
-        ax2.set_xlabel("time since load start (s)")
-        ax2.legend(loc="upper right", fontsize=8)
-        for k in crash.get("kills", []):
-            if "t" in k:
-                for ax in (ax1, ax2):
-                    ax.axvline(k["t"], color="black", linestyle="--", linewidth=1)
-                ax1.annotate(f"kill {k['service']} primary", (k["t"], 1), xycoords=("data", "axes fraction"),
-                             xytext=(3, -12), textcoords="offset points", fontsize=8)
-        ax1.set_title("purchase + info load while the primaries are killed")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "crash.png"), dpi=100)
-        plt.close(fig)
-        made["crash"] = "crash.png"
+    if not samples:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    colors = {"purchase": "tab:blue", "info": "tab:orange"}
+    for op, color in colors.items():
+        pts = [(s[0], s[1]) for s in samples if s[2] == op and s[3]]
+        if pts:
+            ax1.scatter([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], s=3, color=color, label=f"{op} ok")
+        bad = [(s[0], s[1]) for s in samples if s[2] == op and not s[3]]
+        if bad:
+            ax1.scatter([p[0] for p in bad], [max(p[1], 1e-3) for p in bad], s=12, marker="x", color="red",
+                        label=f"{op} error" if op == "purchase" else None)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("latency (ms)")
+    end = max(s[0] for s in samples)
+    width = 0.25
+    nb = max(1, int(end / width))  # whole bins only: the last partial one would dip
+    okb = [0] * nb
+    errb = [0] * nb
+    for s in samples:
+        b = int(s[0] / width)
+        if b < nb:
+            (okb if s[3] else errb)[b] += 1
+    xs = [i * width for i in range(nb)]
+    ax2.plot(xs, [v / width for v in okb], color="tab:green", label="successes/s")
+    ax2.bar(xs, [v / width for v in errb], width=width, color="red", alpha=0.6, align="edge", label="errors/s")
+    ax2.set_ylabel("per second")
+    ax2.set_xlabel("time since load start (s)")
+    for k in crash.get("kills", []):
+        if "t" in k:
+            for ax in (ax1, ax2):
+                ax.axvline(k["t"], color="black", linestyle="--", linewidth=1)
+            ax1.annotate(f"kill {k['service']} primary", (k["t"], 1), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12), textcoords="offset points", fontsize=8)
+    med_in, med_out = info_latency_split(crash)
+    info_hits = med_in is not None and med_out is not None and med_in < med_out  # see crash_reading
+    for i, (a, b) in enumerate(failover_windows(crash)):
+        for ax in (ax1, ax2):
+            ax.axvspan(a, b, color="grey", alpha=0.15, linewidth=0,
+                       label="failover: purchases wait" if i == 0 and ax is ax1 else None)
+        ax1.annotate("purchases wait;\ninfo served\nfrom the cache" if info_hits else "purchases wait",
+                     ((a + b) / 2, 0.55), xycoords=("data", "axes fraction"), ha="center", va="center",
+                     fontsize=8, color="dimgrey")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    ax1.set_title("purchase + info load on one book while the primaries are killed")
+    fig.tight_layout()
+    return fig
 
+
+def fig_lru(results):
     lru = results.get("lru") or {}
     lru_pts = lru.get("points") or []
-    if lru_pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        caps = [p["capacity"] for p in lru_pts]
-        ax.plot(caps, [p["hit_rate"] for p in lru_pts], marker="o", label=lru.get("source", "LRU"))
-        ax.plot(caps, [p["ref_hit_rate"] for p in lru_pts], linestyle=":", marker=".", label="reference LRU")
-        ax.plot(caps, [p["top_k_mass"] for p in lru_pts], linestyle="--", color="grey",
-                label="top-k mass (ideal static)")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel(f"cache size (entries; {lru.get('keys')} keys)")
-        ax.set_ylabel("hit rate")
-        ax.set_title(f"LRU hit rate, zipf s={lru.get('s')}")
-        ax.legend(fontsize=8)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "lru.png"), dpi=100)
-        plt.close(fig)
-        made["lru"] = "lru.png"
+    if not lru_pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    caps = [p["capacity"] for p in lru_pts]
+    ax.plot(caps, [p["hit_rate"] for p in lru_pts], marker="o", label=lru.get("source", "LRU"))
+    if lru_crosscheck(lru) == "differs":
+        ax.plot(caps, [p["ref_hit_rate"] for p in lru_pts], linestyle=":", marker=".", label="textbook LRU")
+    ax.plot(caps, [p["top_k_mass"] for p in lru_pts], linestyle="--", color="grey",
+            label="best possible: share of requests\nto the N most requested books")
+    ax.set_xscale("log")
+    ax.set_xticks(caps, [str(c) for c in caps], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"cache size N (entries; {lru.get('keys')} books)")
+    ax.set_ylabel("hit rate")
+    ax.set_title(f"LRU hit rate vs cache size, zipf s={lru.get('s')}")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
 
+
+def fig_throughput(results):
+    """Cached info req/s and latency vs connections; both y axes start at 0."""
     tp = results.get("throughput") or {}
-    if tp:
-        items = sorted(tp.items(), key=lambda kv: int(kv[0]))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        cs = [int(c) for c, _ in items]
-        ax.plot(cs, [st.get("rps") or 0 for _, st in items], marker="o", color="tab:green", label="req/s")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.set_xlabel("connections")
-        ax.set_ylabel("req/s")
-        ax2 = ax.twinx()
-        ax2.plot(cs, [st.get("p50_ms") or 0 for _, st in items], marker="s", color="tab:purple", label="p50 ms")
-        ax2.plot(cs, [st.get("p99_ms") or 0 for _, st in items], marker="^", color="tab:red", label="p99 ms")
-        ax2.set_ylabel("latency (ms)")
-        ax.set_title("cached GET /bazar/info: throughput vs connections")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=100)
+    if not tp:
+        return None
+    plt = _pyplot()
+    items = sorted(tp.items(), key=lambda kv: int(kv[0]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cs = [int(c) for c, _ in items]
+    ax.plot(cs, [st.get("rps") or 0 for _, st in items], marker="o", color="tab:green", label="req/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel("connections")
+    ax.set_ylabel("req/s")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(cs, [st.get("p50_ms") or 0 for _, st in items], marker="s", color="tab:purple", label="p50 ms")
+    ax2.plot(cs, [st.get("p99_ms") or 0 for _, st in items], marker="^", color="tab:red", label="p99 ms")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_ylim(bottom=0)
+    ax.set_title("cached GET /bazar/info: throughput vs connections")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = (("latency", fig_latency), ("invalidation", fig_invalidation), ("crash", fig_crash),
+           ("lru", fig_lru), ("throughput", fig_throughput))
+
+
+def write_plots(results, out_dir) -> dict:
+    """PNG plots into out_dir; returns {name: filename}.  Needs matplotlib."""
+    plt = _pyplot()
+    made: dict[str, str] = {}
+    for name, make in FIGURES:
+        fig = make(results)
+        if fig is None:
+            continue
+        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=100)
         plt.close(fig)
-        made["throughput"] = "throughput.png"
+        made[name] = f"{name}.png"
     return made
 
 
@@ -1651,7 +1836,11 @@ def parse_args(argv=None):
                    help="front end of a running cluster started with --cache-size 0 (for the cache-off column)")
     p.add_argument("--start", action="store_true",
                    help="start throw-away clusters (cache on and cache off) on free ports, and stop them at the end")
-    p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default ./bench-out; with --report-only, the directory of its file)")
+    p.add_argument("--report-only", metavar="RESULTS_JSON", default=None,
+                   help="measure nothing: rewrite report.md and the plots from an existing results.json "
+                        "(its numbers are used as they are)")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds per load step (default 2.0, 0.5 with --quick)")
     p.add_argument("--quick", action="store_true", help="short smoke run (~20-30 s with --start)")
@@ -1663,6 +1852,10 @@ def parse_args(argv=None):
     p.add_argument("--no-crash", action="store_true", help="skip the crash experiment")
     p.add_argument("--no-plots", action="store_true", help="write the report without PNG plots")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = (os.path.dirname(os.path.abspath(args.report_only)) if args.report_only else "bench-out")
+    if args.report_only and args.start:
+        p.error("--report-only measures nothing: it cannot be combined with --start")
     if args.duration is None:
         args.duration = 0.5 if args.quick else 2.0
     if not 0 < args.duration <= 60:
@@ -1820,8 +2013,50 @@ def run(args, results) -> None:
                 shutil.rmtree(tmp_root, ignore_errors=True)
 
 
+def write_outputs(results, out_dir, plots=True) -> None:
+    """The plots (unless plots=False or matplotlib is missing) and report.md into out_dir.
+    Notes about plotting go into results["meta"]["notes"]; results["plots"] lists the PNGs."""
+    os.makedirs(out_dir, exist_ok=True)
+    results["plots"] = {}
+    if plots:
+        try:
+            results["plots"] = write_plots(results, out_dir)
+        except ImportError:
+            results.setdefault("meta", {}).setdefault("notes", []).append(
+                "matplotlib not installed: no plots (pip install 'bazar[bench]')")
+        except Exception as e:
+            results.setdefault("meta", {}).setdefault("notes", []).append(
+                f"plotting failed: {type(e).__name__}: {e}")
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_report(results))
+
+
+def report_only(path, out_dir, plots=True) -> int:
+    """Rewrite report.md and the plots from an existing results.json, measuring nothing.
+    The results file itself is left as it is (copied, unchanged, when out_dir is elsewhere)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        log(f"error: cannot read {path}: {e}")
+        return 1
+    if not isinstance(results, dict):
+        log(f"error: {path} does not hold a bazar-bench results object")
+        return 1
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, "results.json")
+    if not (os.path.exists(target) and os.path.samefile(path, target)):
+        shutil.copyfile(path, target)
+    write_outputs(results, out_dir, plots=plots)
+    log(f"report rewritten from {path} into {os.path.join(out_dir, 'report.md')}")
+    print(targets_text(evaluate_targets(results)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args.report_only, args.out, plots=not args.no_plots)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     results = {
@@ -1859,19 +2094,9 @@ def main(argv=None) -> int:
         results["meta"]["notes"].append(f"error: {type(e).__name__}: {e}")
         rc = 1
     results["meta"]["total_s"] = time.monotonic() - t0
-    os.makedirs(args.out, exist_ok=True)
-    results["plots"] = {}
-    if not args.no_plots:
-        try:
-            results["plots"] = write_plots(results, args.out)
-        except ImportError:
-            results["meta"]["notes"].append("matplotlib not installed: no plots (pip install 'bazar[bench]')")
-        except Exception as e:
-            results["meta"]["notes"].append(f"plotting failed: {type(e).__name__}: {e}")
+    write_outputs(results, args.out, plots=not args.no_plots)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(render_report(results))
     log(f"report written to {os.path.join(args.out, 'report.md')}")
     print(targets_text(evaluate_targets(results)))
     return rc

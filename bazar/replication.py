@@ -365,10 +365,11 @@ class Replica:
             return await self.forward_write(op, hops)
         done = self.store.recorded(op)  # §6.3: applied before: its recorded outcome
         if done is None:
-            # A leader within its lease holds every acknowledged write: an operation its
-            # state refuses (unknown id, out of stock) is answered now, as a read of
-            # that state, and leaves no entry in the log.
-            self.store.validate(op, refuse=(404, 409) if self.serving else ())
+            # A leader within its lease holds every acknowledged write: an operation on
+            # an id its state does not hold is answered 404 now, as a read of that
+            # state, and leaves no entry in the log. (A 409, out of stock, is logged: a
+            # purchase repeated with its key must get the same answer after a restock.)
+            self.store.validate(op, refuse=(404,) if self.serving else ())
             try:
                 index, term = self.core.propose(op)
             except NotLeader:
@@ -392,13 +393,19 @@ class Replica:
         return done
 
     def leader_url(self) -> str:
+        self._catch_up()
         leader = self.leader
         if leader is None or leader == self.replica_id or leader not in self.others:
             raise HTTPError(503, f"no {self.service} primary is known yet; retry",
                             {b"Retry-After": b"1"})
+        if self.core.elapsed > 2 * self.core.heartbeat_ticks + 1:
+            # its heartbeats stopped: it may be paused, dead or cut off, and a forwarded
+            # write would only wait on it; the caller tries elsewhere, or again soon
+            raise HTTPError(503, f"the {self.service} primary has not been heard from lately; retry",
+                            {b"Retry-After": b"1"})
         return self.others[leader]
 
-    async def forward(self, path: str, body: Any, hops: int, timeout: float = 10.0) -> tuple[int, Any]:
+    async def forward(self, path: str, body: Any, hops: int, timeout: float = 2.0) -> tuple[int, Any]:
         """Pass a write to the primary (any replica may receive one)."""
         if hops >= 2:
             raise HTTPError(503, f"no {self.service} primary is known yet; retry")

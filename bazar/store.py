@@ -271,7 +271,7 @@ class Store:
         """Refuse (OpError 400) an operation that could never apply, whatever the state
         (a missing field, a value the tables refuse), before it takes a log entry: a
         trial run on the current state, always taken back. Errors with a status in
-        `refuse` (404, 409) are refused too: the caller knows this state is current
+        `refuse` (404) are refused too: the caller knows this state is current
         (a leader within its lease), so the refusal is a read of it and needs no entry."""
         self._begin()
         self.db.execute("SAVEPOINT trial")

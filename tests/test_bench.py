@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import http.server
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -408,9 +410,10 @@ def test_render_report_markdown():
     assert "| uncached info p50, 1 conn | ≤ 0.8 ms | 0.900 ms | **FAIL** |" in md
     assert "| purchase | on | 16 | 1000 | 280 | 60.500 | 55.000 | 110 | 165 | 275 | 3 | 35% | 98% |" in md
     assert "| info | on | 1 | 1000 | 5,000 | 0.165 | 0.150 | 0.300 | 0.450 | 0.750 | 0 | — | — |" in md
-    assert "| catalog primary | 1 | 42 | 2.00 | 1.234 | 7 | 1500 | port 5101: pid 99, backup, ok |" in md
+    assert ("| catalog primary | catalog-1 | 42 | 2.00 | 1.234 | 7 | 1500 | restarted, new pid 99; backup, ok |"
+            in md)
     assert "no primary found via /health" in md
-    assert "| 100 | 0.570 | 0.570 | 0.690 | — |" in md
+    assert "| 100 | 0.570 | 0.690 | — |" in md
     assert "**61.5 MB with 10000 entries**" in md
     assert "![latency](latency.png)" in md and "![crash](crash.png)" in md
     assert "![lru]" not in md  # no plot listed, none linked
@@ -445,3 +448,191 @@ def test_write_plots(tmp_path):
     for name in made.values():
         data = (tmp_path / name).read_bytes()
         assert data.startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------- report wording and regeneration
+
+COMMITTED = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bench"
+
+
+def _section(md, number):
+    """The text of report section `number` (from its heading to the next one)."""
+    start = md.index(f"## {number}. ")
+    end = md.find("\n## ", start + 1)
+    return md[start:] if end < 0 else md[start:end]
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_report_lru_in_plain_words_with_cross_check_sentence():
+    md = bench.render_report(fixed_results())
+    lru = _section(md, 4)
+    assert "top-k" not in md and "reference LRU" not in md
+    assert "best possible: share of requests to the N most requested books" in lru
+    assert "| 10 | 0.200 | 0.390 | 100 |" in lru  # no column repeating the hit rate
+    assert "Cross-check" in lru and "exactly the same hit rate" in lru
+    assert "1/k as often" in lru
+
+
+def test_report_lru_shows_the_textbook_column_only_when_it_differs():
+    res = fixed_results()
+    res["lru"]["points"][0]["ref_hit_rate"] = 0.25
+    lru = _section(bench.render_report(res), 4)
+    assert "textbook LRU (cross-check)" in lru
+    assert "| 10 | 0.200 | 0.250 | 0.390 | 100 |" in lru
+    assert "exactly the same hit rate" not in lru
+    # a replay that fell back to the textbook LRU itself has nothing to cross-check
+    res["lru"]["source"] = "reference OrderedDict LRU (bench.py)"
+    lru = _section(bench.render_report(res), 4)
+    assert "textbook LRU (cross-check)" not in lru and "Cross-check" not in lru
+
+
+def test_report_lru_explains_the_gap_when_everything_fits():
+    res = fixed_results()
+    res["lru"]["points"].append({"capacity": 1000, "hit_rate": 0.98, "ref_hit_rate": 0.98, "top_k_mass": 1.0,
+                                 "evictions": 0})
+    lru = _section(bench.render_report(res), 4)
+    assert "At N = 1000 every book fits" in lru and "(1.000 vs 0.980)" in lru
+    assert "every book fits" not in _section(bench.render_report(fixed_results()), 4)
+
+
+def test_report_throughput_section_shows_only_rows_section_1_lacks():
+    md = bench.render_report(fixed_results())
+    sweep = _section(md, 5)
+    rows = _table_rows(sweep)
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["4", "64"]  # header, then 4 and 64 only
+    assert "1, 16 connections are the cached info rows of section 1" in sweep
+    assert "from 5,000 to 9,000 req/s" in sweep
+    # when section 1 already holds every sweep point, section 5 has no table at all
+    res = fixed_results()
+    res["ops"]["on"]["info"].update(res["throughput"])
+    sweep = _section(bench.render_report(res), 5)
+    assert _table_rows(sweep) == []
+    assert "1, 4, 16, 64 connections are the cached info rows of section 1" in sweep
+
+
+def _crash_with_info(inside_ms, outside_ms):
+    res = fixed_results()
+    res["crash"]["samples"] = (
+        [[0.5 + i * 0.01, outside_ms, "info", True, 200] for i in range(20)]
+        + [[2.1 + i * 0.01, inside_ms, "info", True, 200] for i in range(20)]
+        + [[2.0, 1234.0, "purchase", True, 200], [4.0, 8.0, "purchase", True, 200]])
+    return res
+
+
+def test_report_crash_names_replicas_and_explains_faster_info_reads():
+    res = _crash_with_info(inside_ms=0.1, outside_ms=1.5)
+    assert bench.info_latency_split(res["crash"]) == (pytest.approx(0.1), pytest.approx(1.5))
+    crash = _section(bench.render_report(res), 3)
+    assert "port 5101" not in crash and "catalog-1" in crash
+    assert "process monitor restarts a process that dies" in crash
+    assert "*faster*" in crash and "drops its cached info entry" in crash
+    assert "0.100 ms inside the shaded spans, 1.500 ms outside them" in crash
+    assert "(2 × 150 = 300 req/s)" in crash
+    # the explanation is only given when the data show it
+    crash = _section(bench.render_report(_crash_with_info(inside_ms=2.0, outside_ms=1.5)), 3)
+    assert "*faster*" not in crash and "2.000 ms inside the shaded spans" in crash
+
+
+def test_report_crash_falls_back_to_the_port_without_a_replica_id():
+    res = fixed_results()
+    del res["crash"]["kills"][0]["replica"]
+    assert "| catalog primary | port 5101 |" in bench.render_report(res)
+
+
+def test_report_explains_the_random_ports_of_started_clusters():
+    md = bench.render_report(fixed_results())
+    assert "free loopback ports picked for this run" in md.splitlines()[3]
+    res = fixed_results()
+    res["meta"]["mode"] = "existing cluster"
+    assert "free loopback ports" not in bench.render_report(res)
+
+
+def test_throughput_figure_axes_start_at_zero():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    fig = bench.fig_throughput(fixed_results())  # req/s 5000..9500: autoscale alone would start near 4800
+    try:
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            assert ax.get_ylim()[0] == 0
+        assert fig.axes[0].get_ylim()[1] >= 9500
+    finally:
+        plt.close(fig)
+    assert bench.fig_throughput({"throughput": {}}) is None
+
+
+def test_crash_figure_shades_failovers_and_says_why_info_is_fast():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    for inside, outside, want in ((0.1, 1.5, "purchases wait;\ninfo served\nfrom the cache"),
+                                  (2.0, 1.5, "purchases wait")):
+        fig = bench.fig_crash(_crash_with_info(inside, outside))
+        try:
+            texts = [t.get_text() for t in fig.axes[0].texts]
+            assert want in texts
+            if inside > outside:
+                assert not any("cache" in t for t in texts)
+            labels = fig.axes[0].get_legend_handles_labels()[1]
+            assert "failover: purchases wait" in labels
+        finally:
+            plt.close(fig)
+
+
+def test_report_only_rewrites_the_report_without_measuring(tmp_path, monkeypatch):
+    def no_measuring(*a, **kw):
+        raise AssertionError("--report-only must not measure")
+
+    monkeypatch.setattr(bench, "run", no_measuring)
+    src = tmp_path / "run"
+    src.mkdir()
+    res = fixed_results()
+    raw = json.dumps(res, indent=1)
+    (src / "results.json").write_text(raw)
+    out = tmp_path / "out"
+    assert bench.main(["--report-only", str(src / "results.json"), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert md == bench.render_report(res | {"plots": {}})
+    assert "| cached info throughput, 16 conns | ≥ 9000 req/s | 9,500 req/s | **PASS** |" in md
+    assert (out / "results.json").read_text() == raw  # copied, numbers untouched
+    assert (src / "results.json").read_text() == raw
+    assert not list(out.glob("*.png"))
+    # without --out: next to the results file, which stays as it was
+    assert bench.main(["--report-only", str(src / "results.json"), "--no-plots"]) == 0
+    assert (src / "report.md").read_text() == md
+    assert (src / "results.json").read_text() == raw
+
+
+def test_report_only_with_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "results.json").write_text(json.dumps(fixed_results()))
+    assert bench.main(["--report-only", str(tmp_path / "results.json")]) == 0
+    md = (tmp_path / "report.md").read_text()
+    for name in ("latency", "invalidation", "crash", "lru", "throughput"):
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"![{name}]({name}.png)" in md
+
+
+def test_report_only_errors(tmp_path):
+    assert bench.main(["--report-only", str(tmp_path / "missing.json"), "--no-plots"]) == 1
+    (tmp_path / "list.json").write_text("[]")
+    assert bench.main(["--report-only", str(tmp_path / "list.json"), "--no-plots"]) == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--report-only", "x.json", "--start"])
+
+
+@pytest.mark.skipif(not (COMMITTED / "results.json").exists(), reason="no committed benchmark results")
+def test_committed_report_is_what_the_generator_makes_of_the_committed_results():
+    res = json.loads((COMMITTED / "results.json").read_text())
+    md = bench.render_report(res)
+    assert (COMMITTED / "report.md").read_text() == md, "regenerate: bazar-bench --report-only docs/bench/results.json"
+    for jargon in ("top-k", "reference LRU", "ideal static"):
+        assert jargon not in md
+    rows = [r for r in _table_rows(md) if not r.startswith("| target |")]
+    body = [r for r in rows if not any(r.startswith(h) for h in ("| op |", "| step |", "| killed |", "| cache size"))]
+    assert len(body) == len(set(body)), "a table row appears twice"
+    assert "| 1 | 13999 |" not in _section(md, 5)

@@ -539,13 +539,19 @@ def test_info_all_demands_a_replica_as_new_as_our_own_writes() -> None:
 
 
 def test_refused_input_leaves_no_entry_in_any_log(shop: Shop) -> None:
-    """Bad or refused requests change nothing, not even the logs: an unknown book, a
-    sold-out book, a bad quantity, an admin write to an unknown book."""
+    """Bad input changes nothing, not even the logs: an unknown book, a bad quantity,
+    an admin write to an unknown book. A purchase refused for want of stock takes one
+    catalog entry (its refusal, so that repeating its key gives 409 again) and no
+    order entry."""
     before = (shop.catalog_store.last_index(), shop.order_store.last_index())
     error(shop.api("POST", "/bazar/purchase/99"), 404)
-    error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 9}), 409)  # 8 in stock
     error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 0}), 400)
     error(shop.api("PUT", "/bazar/update_price/99", json={"price": 3.0}, admin=True), 404)
     error(shop.api("POST", "/bazar/restock/99", json={"quantity": 3}, admin=True), 404)
     assert (shop.catalog_store.last_index(), shop.order_store.last_index()) == before
-    assert stock(shop, 2) == 8 and shop.orders() == []
+    headers = {"Idempotency-Key": "too-many"}
+    error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 9}, headers=headers), 409)  # 8 in stock
+    assert (shop.catalog_store.last_index(), shop.order_store.last_index()) == (before[0] + 1, before[1])
+    ok(shop.api("POST", "/bazar/restock/2", json={"quantity": 5}, admin=True))
+    error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 9}, headers=headers), 409)  # its outcome
+    assert stock(shop, 2) == 13 and shop.orders() == []

@@ -12,7 +12,7 @@ from treq.client import HTTPClient
 from treq.response import _Response
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -66,11 +66,19 @@ class PeerClient(HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
+class QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    """No "Starting factory" / "Stopping factory" log line for every connection (they
+    drowned the logs and made a stop that logs from a signal handler likelier to hang)."""
+
+    noisy = False
+
+
 def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
+    pool._factory = QuietClientFactory  # type: ignore[attr-defined]
     agent: Any = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 2), pool=pool)
     return PeerClient(agent), pool
 

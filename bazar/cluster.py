@@ -4,6 +4,12 @@ Each replica and front end is its own twistd process under a
 `twisted.runner.procmon.ProcessMonitor`, which restarts any that dies. Children learn
 the supervisor's pid and stop by themselves if it disappears, so stopping the
 cluster (SIGTERM, Ctrl-C, even kill -9 of the supervisor) leaves no orphans.
+
+One store per data directory: the supervisor holds an exclusive lock on
+`<data>/bazar-cluster.lock` for its whole life, and checks that its ports are free, before
+it starts anything; a second start on the same directory or ports exits at once with
+one line on stderr and touches nothing. Once the first front end answers `/ready`
+with 200, it prints one line with the store's URL.
 """
 
 from __future__ import annotations
@@ -12,15 +18,21 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 from typing import Any
 
+import treq
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
+from twisted.web.client import HTTPConnectionPool
 
-from bazar.service import BazarOptions, env_name
+from bazar.client import QuietClientFactory
+from bazar.service import BazarOptions, env_name, hold_directory, refuse_to_start
 
 log = Logger()
 
@@ -127,6 +139,48 @@ class Options(BazarOptions):
         self["order-ports"] = tuple(ports(self["order-ports"]))
 
 
+def ports_in_use(host: str, wanted: list[int]) -> list[int]:
+    busy = []
+    for port in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+class ReadyLine:
+    """Prints one line when the store answers: the first front end's /ready is 200."""
+
+    def __init__(self, url: str, reactor: Any):
+        self.url = url
+        self.reactor = reactor
+        self.done = False
+        self.asking = False
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.pool._factory = QuietClientFactory  # type: ignore[attr-defined]
+
+    def check(self) -> None:
+        if not self.done and not self.asking:
+            self.asking = True
+            ensureDeferred(self._ask()).addBoth(self._asked)
+
+    def _asked(self, _: Any) -> None:
+        self.asking = False
+
+    async def _ask(self) -> None:
+        try:
+            response = await treq.get(self.url + "/ready", timeout=1.0, pool=self.pool)
+            await treq.content(response)
+        except Exception:
+            return
+        if response.code == 200 and not self.done:
+            self.done = True
+            print(f"bazar-cluster: ready at {self.url}", flush=True)
+
+
 def makeService(options: usage.Options) -> MultiService:
     from twisted.internet import reactor
 
@@ -137,9 +191,13 @@ def makeService(options: usage.Options) -> MultiService:
 
     data = os.path.abspath(options["data"])
     os.makedirs(os.path.join(data, "logs"), exist_ok=True)
-    values = load_secrets(data, options)
+    hold_directory(data, "bazar-cluster")
     topology = default_topology(options["frontends"], options["frontend-port"],
                                 options["catalog-ports"], options["order-ports"])
+    busy = ports_in_use(options["host"], [p["port"] for p in topology])
+    if busy:
+        refuse_to_start("bazar-cluster", f"port(s) {', '.join(map(str, busy))} on {options['host']} already in use")
+    values = load_secrets(data, options)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAZAR_")}
     env.update(BAZAR_ADMIN_TOKEN=values["admin_token"], BAZAR_CLUSTER_SECRET=values["cluster_secret"],
                BAZAR_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
@@ -153,4 +211,8 @@ def makeService(options: usage.Options) -> MultiService:
              n=len(topology), data=data, logs=os.path.join(data, "logs"))
     parent = MultiService()
     monitor.setServiceParent(parent)
+    front = next(p for p in topology if p["service"] == "frontend")
+    host = options["host"] if options["host"] not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+    ready = ReadyLine(f"http://{host}:{front['port']}", reactor)
+    TimerService(0.5, ready.check).setServiceParent(parent)
     return parent

@@ -4,6 +4,8 @@ that ends a child process whose supervisor is gone."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import socket
 import sys
@@ -439,6 +441,30 @@ def json_logger() -> Any:
     return jsonFileLogObserver(sys.stdout)
 
 
+def refuse_to_start(who: str, why: str) -> None:
+    """One clear line on stderr, a non-zero exit, nothing started."""
+    print(f"{who}: {why}; not starting", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def hold_directory(directory: str, who: str) -> int:
+    """An exclusive lock (flock) on `<directory>/<who>.lock` for the life of this
+    process (it goes with the process, even after kill -9): one store per directory.
+    A second taker refuses to start."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, f"{who}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            refuse_to_start(who, f"{directory} is in use by another {who}")
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class ReplicaProcess:
     """What a catalog or order replica process is made of, before its app is added:
     the store, the Replica, one HTTP pool, the election tick, start/stop hooks and
@@ -461,6 +487,7 @@ class ReplicaProcess:
         self.secret = secret_of(options, "cluster-secret")
         self.admin_token = secret_of(options, "admin-token")
         data = options["data"] or os.path.join("bazar-data", f"{service}-{replica_id}")
+        hold_directory(data, f"bazar-{service}")
         self.parent = MultiService()
         self.http, self.pool = make_http(reactor)
         self.replica = Replica(service=service, replica_id=replica_id, peers=peers,

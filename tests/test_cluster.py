@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -534,3 +535,31 @@ def test_restart_on_the_same_data_keeps_data_and_generated_secrets(stopped_clust
     r = call("POST", second.front + "/bazar/purchase/2")
     assert r.status == 200 and r.json["order"]["id"] > s["order"]["id"]
     second.stop()
+
+
+def test_the_store_says_when_it_is_ready(cluster: Cluster) -> None:
+    def said() -> bool:
+        with open(os.path.join(cluster.data, "cluster.out"), errors="replace") as f:
+            return f"bazar-cluster: ready at {cluster.front}" in f.read()
+    wait_until(said, 10, "the ready line")
+
+
+@pytest.mark.parametrize("clash", ["data", "ports"])
+def test_a_second_start_refuses_at_once_and_disturbs_nothing(cluster: Cluster, tmp_path: Any, clash: str) -> None:
+    """A second bazar-cluster on the same data directory (other ports), or on the same
+    ports (another directory): non-zero exit within 5 s, one line on stderr, and the
+    running store goes on as it was (same primaries, same epochs)."""
+    before = {name: (h["role"], h["epoch"]) for name, h in cluster.healths().items() if h and "epoch" in h}
+    if clash == "data":
+        argv = Cluster(data=cluster.data).argv()  # other, free ports
+    else:
+        argv = [str(tmp_path / "other") if a == cluster.data else a for a in cluster.argv()]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=30, cwd=str(tmp_path))
+    assert time.monotonic() - started < 5
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bazar-cluster: ") and "not starting" in lines[0], lines
+    time.sleep(1.0)
+    after = {name: (h["role"], h["epoch"]) for name, h in cluster.healths().items() if h and "epoch" in h}
+    assert after == before

@@ -267,3 +267,16 @@ def test_the_id_flag_from_the_hostname(monkeypatch: pytest.MonkeyPatch, kind: st
         parse(kind)
     monkeypatch.setenv("BAZAR_ID_FROM_HOSTNAME", "0")
     assert parse(kind)["id"] == 1
+
+
+def test_one_process_per_data_directory(tmp_path: Any, capsys: Any) -> None:
+    from bazar.service import hold_directory
+
+    fd = hold_directory(str(tmp_path / "catalog-1"), "bazar-catalog")
+    with pytest.raises(SystemExit) as refused:
+        hold_directory(str(tmp_path / "catalog-1"), "bazar-catalog")
+    assert refused.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bazar-catalog: {tmp_path / 'catalog-1'} is in use by another bazar-catalog; not starting"]
+    os.close(fd)  # the holder is gone (as after its exit, even kill -9): the directory is free again
+    os.close(hold_directory(str(tmp_path / "catalog-1"), "bazar-catalog"))

@@ -143,7 +143,7 @@ class Publisher:
         if self.redis is not None:
             epoch = self.epoch()
             signed_message = {**message, "epoch": epoch,
-                              "sig": signature(self.secret or "", outcome.seq, message["keys"], epoch)}
+                              "sig": signature(self.secret or "", outcome.seq, list(outcome.keys), epoch)}
             d = self.redis.publish(CHANNEL, dumps(signed_message).decode())
             d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
 

@@ -804,7 +804,7 @@ class World:
         every order replica; none answered 409 is; every sale on every catalog replica
         is exactly one order, for the same book, quantity and price, and every order
         was a sale."""
-        sales = {}
+        sales: dict[str, tuple[Any, ...]] = {}
         for node in self.replicas("catalog"):
             assert node.replica is not None
             rows = node.replica.store.db.execute("SELECT key, book_id, quantity, price FROM sales")

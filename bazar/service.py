@@ -154,7 +154,9 @@ REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Larg
 SINGLE_HEADERS = frozenset({b"authorization", b"x-bazar-secret", b"idempotency-key", b"content-length",
                             b"transfer-encoding", b"host", b"content-type", b"x-bazar-hops"})
 MAX_CONNECTIONS = 4096  # open connections one process accepts; beyond them: 503 and close
-IDLE_TIMEOUT = 10  # seconds a kept-alive connection may stay silent
+# seconds a kept-alive connection may stay silent; beyond HEADER_DEADLINE, so that a
+# silent new connection gets its JSON 408 first
+IDLE_TIMEOUT = 15
 
 
 class LimitedChunks(_ChunkedTransferDecoder):

@@ -32,7 +32,7 @@ from twisted.runner.procmon import ProcessMonitor
 from twisted.web.client import HTTPConnectionPool
 
 from bazar.client import QuietClientFactory
-from bazar.service import BazarOptions, env_name, hold_directory, refuse_to_start
+from bazar.service import BazarOptions, env_name, hold_directory, refuse_to_start, safe_signals
 
 log = Logger()
 
@@ -188,6 +188,7 @@ def makeService(options: usage.Options) -> MultiService:
     # shell does for background jobs): Twisted only installs its SIGINT handler over
     # Python's default one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    safe_signals(reactor)  # and once running, handlers that only hand off (no logging in them)
 
     data = os.path.abspath(options["data"])
     os.makedirs(os.path.join(data, "logs"), exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable
@@ -420,12 +421,57 @@ class Hooks(Service):
         return None
 
 
+def stop_from_signal(reactor: Any) -> Callable[[int, Any], None]:
+    """A SIGTERM/SIGINT handler that only asks the reactor to stop. Twisted's own logs
+    "Received SIGTERM" from inside the handler: a signal that lands while the same
+    thread holds the log lock then deadlocks the process for ever (Twisted #7736).
+    `callFromThread` only appends to a queue and writes a byte to the waker's pipe."""
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(_stop_once, reactor)
+
+    return handler
+
+
+def _stop_once(reactor: Any) -> None:
+    if reactor.running:
+        log.info("stopping on a signal")
+        reactor.stop()
+
+
+def safe_signals(reactor: Any) -> None:
+    """Once the reactor runs (after twistd installed its handlers), replace its
+    SIGTERM and SIGINT handlers with ones that do nothing but hand off."""
+    def install() -> None:
+        handler = stop_from_signal(reactor)
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    reactor.callWhenRunning(install)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM when the parent dies (PR_SET_PDEATHSIG), whatever this process's
+    event loop is doing; the parent watch below is the portable fallback."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def watch_parent(parent: MultiService, reactor: Any) -> None:
-    """Under bazar-cluster, stop when the supervisor is gone (even after its kill -9),
-    so no replica is ever left behind as an orphan."""
+    """Stop on SIGTERM/SIGINT without logging in the handler, and, under
+    bazar-cluster, stop when the supervisor is gone (even after its kill -9), so no
+    replica is ever left behind as an orphan."""
+    safe_signals(reactor)
     expected = os.environ.get("BAZAR_PARENT_PID")
     if not expected or not expected.isdigit():
         return
+    die_with_parent()
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before the line above
 
     def check() -> None:
         if os.getppid() != int(expected) and reactor.running:

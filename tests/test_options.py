@@ -280,3 +280,38 @@ def test_one_process_per_data_directory(tmp_path: Any, capsys: Any) -> None:
     assert err == [f"bazar-catalog: {tmp_path / 'catalog-1'} is in use by another bazar-catalog; not starting"]
     os.close(fd)  # the holder is gone (as after its exit, even kill -9): the directory is free again
     os.close(hold_directory(str(tmp_path / "catalog-1"), "bazar-catalog"))
+
+
+def test_the_signal_handler_only_hands_off() -> None:
+    """Twisted #7736: logging inside a signal handler can deadlock on the log lock. Ours
+    only queues the stop for the reactor's thread; the stop (and its log line) runs there."""
+    from twisted.logger import globalLogPublisher
+
+    from bazar.service import stop_from_signal
+
+    class Reactor:
+        running = True
+
+        def __init__(self) -> None:
+            self.queued: list[Any] = []
+            self.stopped = 0
+
+        def callFromThread(self, f: Any, *args: Any) -> None:
+            self.queued.append((f, args))
+
+        def stop(self) -> None:
+            self.stopped += 1
+
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = Reactor()
+        handler = stop_from_signal(reactor)
+        handler(15, None)
+        handler(15, None)
+        assert events == [] and reactor.stopped == 0 and len(reactor.queued) == 2
+        f, args = reactor.queued[0]
+        f(*args)
+        assert reactor.stopped == 1 and any("stopping on a signal" in str(e.get("log_format")) for e in events)
+    finally:
+        globalLogPublisher.removeObserver(events.append)

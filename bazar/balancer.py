@@ -47,7 +47,7 @@ class ReplicaState:
 
 class ReplicaSet:
     def __init__(self, service: str, urls: list[str], http: HTTPClient, clock: Clock,
-                 secret: str | None, timeout: float = 2.0, write_budget: float = 10.0):
+                 secret: str | None, timeout: float = 2.0, write_budget: float = 10.0, read_budget: float = 2.0):
         self.service = service
         self.replicas = [ReplicaState(url) for url in urls]
         self.http = http
@@ -55,6 +55,7 @@ class ReplicaSet:
         self.secret = secret
         self.timeout = timeout
         self.write_budget = write_budget
+        self.read_budget = read_budget
         self._turn = count()
         self.listeners: list[Any] = []
 
@@ -123,9 +124,26 @@ class ReplicaSet:
     async def read(self, path: str, min_seq: int = 0,
                    headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
         """GET `path` from a live replica whose state is at least `min_seq`:
-        (status, raw body, the replica's seq). A replica that refuses the connection
-        is skipped and the read retried on the next one; a replica with every slot
-        taken is passed over, and waited for only when no other one could answer."""
+        (status, raw body, the replica's seq). No replica may be able to answer for a
+        moment (the backups learn of a commit with the next heartbeat, a primary
+        renews its lease, a new one is being elected): the read is tried again, a few
+        milliseconds later, until the read budget is spent."""
+        deadline = self.clock.seconds() + self.read_budget
+        attempt = 0
+        while True:
+            answer = await self._read_once(path, min_seq, headers)
+            if answer is not None:
+                return answer
+            attempt += 1
+            if self.clock.seconds() >= deadline:
+                raise HTTPError(503, f"no {self.service} replica is available; retry shortly")
+            await sleep(self.clock, min(0.01 * attempt, 0.1))
+
+    async def _read_once(self, path: str, min_seq: int,
+                         headers: dict[bytes, bytes] | None) -> tuple[int, bytes, int] | None:
+        """One round over the replicas. A replica that refuses the connection is
+        skipped and the read tried on the next one; a replica with every slot taken is
+        passed over, and waited for only when no other one could answer."""
         busy: list[ReplicaState] = []
 
         def attempts() -> Iterator[tuple[ReplicaState, bool]]:
@@ -152,7 +170,7 @@ class ReplicaSet:
             if status in RETRYABLE or seq < floor:
                 continue
             return status, body, seq
-        raise HTTPError(503, f"no {self.service} replica is available; retry shortly")
+        return None
 
     # -- writes ---------------------------------------------------------------
     async def post(self, path: str, body: Any) -> tuple[int, Any]:

@@ -116,7 +116,7 @@ class Replica:
     @property
     def serving(self) -> bool:
         """May this replica answer reads (and an order primary settle orders)?"""
-        self._catch_up()
+        self._current()
         core = self.core
         if core.role == raft.LEADER:
             return core.lease_valid() and core.committed_in_term() and self.store.applied >= core.commit
@@ -212,6 +212,16 @@ class Replica:
 
     def tick(self) -> None:
         self._catch_up()
+
+    def _current(self) -> None:
+        """Bring the replica up to now before it answers: the ticks it missed, and on a
+        leader the entries that acknowledgements stepped in this turn have committed
+        (they are applied one reactor turn later otherwise, and a read or a write
+        arriving in between must neither find the leader unable to serve nor miss an
+        outcome that is already decided)."""
+        self._catch_up()
+        if self.core.role == raft.LEADER and self.store.applied < self.core.commit and not self._processing:
+            self._process()
 
     # -- the ready() loop -------------------------------------------------------------
     def _changed(self) -> None:
@@ -360,7 +370,7 @@ class Replica:
     # -- writes -----------------------------------------------------------------------
     async def submit(self, op: dict[str, Any], hops: int = 0) -> Outcome:
         """Apply a write through the leader and return its outcome once committed."""
-        self._catch_up()
+        self._current()
         if not self.is_primary:
             return await self.forward_write(op, hops)
         done = self.store.recorded(op)  # §6.3: applied before: its recorded outcome

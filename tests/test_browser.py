@@ -20,6 +20,8 @@ from procs import TOKEN, Cluster, call, get_json, wait_until
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -76,6 +78,15 @@ def heading(driver: Any) -> str:
     return str(driver.find_element(By.TAG_NAME, "h2").text)
 
 
+def navigate(driver: Any, act: Callable[[], Any]) -> None:
+    """Do what leaves the page (a click, a submit) and wait for the next page: `click`
+    returns before the browser has left, and an element read then is the old page's."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    act()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def test_browse_search_buy_and_see_the_confirmation(cluster: Cluster, browser: Any, tmp_path: Any) -> None:
     browser.get(cluster.front + "/")
     assert heading(browser) == "Catalogue"
@@ -83,17 +94,17 @@ def test_browse_search_buy_and_see_the_confirmation(cluster: Cluster, browser: A
     screenshot(browser, "storefront.png", str(tmp_path))
     box = browser.find_element(By.NAME, "topic")
     box.send_keys("distributed systems")
-    box.submit()
+    navigate(browser, box.submit)
     assert heading(browser) == "Books on “distributed systems”"
     titles = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#results a")]
     assert titles == ["How to get a good grade in DOS in 40 minutes a day.", "RPCs for Noobs."]
-    browser.find_element(By.LINK_TEXT, "RPCs for Noobs.").click()
+    navigate(browser, browser.find_element(By.LINK_TEXT, "RPCs for Noobs.").click)
     assert heading(browser) == "RPCs for Noobs."
     before = stock(cluster, 1)
     quantity = browser.find_element(By.NAME, "quantity")
     quantity.clear()
     quantity.send_keys("2")
-    browser.find_element(By.ID, "buy").click()
+    navigate(browser, browser.find_element(By.ID, "buy").click)
     assert heading(browser) == "Thank you: order confirmed"
     number = re.search(r"Order (\d+) is confirmed", browser.find_element(By.ID, "confirmation").text)
     assert number
@@ -113,7 +124,7 @@ def test_one_form_submitted_three_times_buys_once(cluster: Cluster, browser: Any
                                            fetch(form.action, {method: 'POST', body})]);
         return answers.map(a => a.status);""")
     assert sent == [200, 200]
-    browser.find_element(By.ID, "buy").click()
+    navigate(browser, browser.find_element(By.ID, "buy").click)
     assert heading(browser) == "Thank you: order confirmed"
     assert stock(cluster, 3) == before - 1
     assert len(orders_of(cluster, 3)) == bought_before + 1
@@ -126,7 +137,7 @@ def test_out_of_stock_page(cluster: Cluster, browser: Any) -> None:
     quantity = browser.find_element(By.NAME, "quantity")
     quantity.clear()
     quantity.send_keys(str(left + 1))
-    browser.find_element(By.ID, "buy").click()
+    navigate(browser, browser.find_element(By.ID, "buy").click)
     assert heading(browser) == "Out of stock"
     assert stock(cluster, 2) == left
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from memory import SECRET, Cluster, restock, rid, update_price, url_of
 from twisted.internet.defer import ensureDeferred
 
+from bazar import raft
 from bazar.replication import BACKUP, OK, PRIMARY, RECOVERING
 from bazar.web import HTTPError
 
@@ -184,6 +185,45 @@ def test_a_cut_off_follower_stops_serving_reads(cluster: Cluster) -> None:
     assert cluster[lonely].status == RECOVERING
     r = cluster.http("GET", url_of(cluster.port(lonely)) + "/books/1")
     assert r.code == 503 and r.header("Retry-After") is not None
+
+
+def committed_by_acknowledgements(primary: Any, op: dict[str, Any]) -> int:
+    """Propose `op` on the leader's core and step its followers' acknowledgements in,
+    as `_exchange` does when their answers arrive: the entry is committed, and it is
+    applied one reactor turn later (not yet)."""
+    index, term = primary.core.propose(op)
+    primary.store.flush()
+    primary.core.persisted(index)
+    for peer in primary.core.peers:
+        primary.core.step(raft.AppendReply(term, peer, primary.replica_id, True, index))
+    assert primary.core.commit == index > primary.store.applied
+    return int(index)
+
+
+def test_a_primary_serves_reads_between_a_commit_and_its_apply_turn(cluster: Cluster) -> None:
+    """A read that arrives in the same turn as the acknowledgement that commits an
+    entry finds the primary serving, with the entry applied (it once answered 503
+    "not caught up": with no backup there yet either, the front end's read failed)."""
+    primary = cluster.elect()
+    settled(cluster)
+    index = committed_by_acknowledgements(primary, restock(1, 2))
+    assert primary.serving and primary.store.applied == index
+    r = cluster.http("GET", url_of(cluster.port(primary.replica_id)) + "/books/1")
+    assert r.code == 200 and int(r.header("X-Bazar-Seq")) >= index and r.json()["quantity"] == 62
+
+
+def test_a_retried_sale_committed_this_turn_gets_its_outcome_not_a_400(cluster: Cluster) -> None:
+    """A retry of a request whose entry an acknowledgement has just committed is
+    answered with that entry's outcome: the entry is applied before the retry is
+    looked up (a trial run of a sale already applied broke the sales table's key: 400)."""
+    primary = cluster.elect()
+    settled(cluster)
+    sale = {"op": "sell", "rid": rid(), "key": "k-1", "id": 1, "quantity": 1,
+            "created": "2026-01-01T00:00:00.000+00:00", "created_ts": 0.0}
+    index = committed_by_acknowledgements(primary, sale)
+    outcome = cluster.do(primary.submit(dict(sale)))
+    assert outcome.seq == index and outcome.result["sale"]["key"] == "k-1"
+    assert quantity(cluster, primary.replica_id, 1) == 59  # one copy sold, once
 
 
 # -- a primary cut off, paused or dead -----------------------------------------------------

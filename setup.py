@@ -8,7 +8,7 @@ setup(
     # package_dir {"": "."} makes `pip install -e` add the checkout to sys.path (a static
     # .pth), which is what lets Twisted find twisted/plugins/bazar_plugins.py.
     package_dir={"": "."},
-    packages=["bazar", "bazar.sim", "twisted.plugins"],
+    packages=["bazar", "bazar.http", "bazar.pages", "bazar.replication", "bazar.sim", "twisted.plugins"],
     package_data={"bazar": ["openapi.json"], "twisted.plugins": ["bazar_plugins.py"]},
     install_requires=[
         "twisted>=24.7.0",

@@ -6,26 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import count
-from typing import Any
+from typing import Any, Callable
 
 from attrs import define, field
 from treq.client import HTTPClient
 from twisted.internet.defer import DeferredList, DeferredSemaphore, TimeoutError, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from bazar.client import Clock, Unreachable, call, error_of
-from bazar.replication import sleep
-from bazar.store import Outcome
-from bazar.web import HTTPError
+from bazar.errors import Unavailable
+from bazar.http.client import Unreachable, call, error_of
+from bazar.replication.replica import WRITE_PATH
+from bazar.replication.store import Outcome
+from bazar.settings import ClientTiming
 
 log = Logger()
 
 RETRYABLE = (502, 503, 504)
-# Requests in flight to one replica at a time: a replica that stops answering
-# promptly gets at most this many waiting on it (connections, memory, sockets),
-# while the others keep serving.
-MAX_IN_FLIGHT = 32
-ATTEMPT = 1.0  # seconds one write attempt may take before it is sent again (elsewhere, if the primary changed)
 
 
 class Busy(Exception):
@@ -42,22 +40,24 @@ class ReplicaState:
     last_seq: int = 0
     # the replica's last /health answer, for the cluster page (kept while it is down)
     health: dict[str, Any] = field(factory=dict, repr=False, eq=False)
-    slots: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(MAX_IN_FLIGHT), repr=False, eq=False)
+    # Requests in flight to this replica: one that stops answering promptly gets at
+    # most this many waiting on it (connections, memory, sockets), while the others
+    # keep serving.
+    slots: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(ClientTiming().max_in_flight),
+                                     repr=False, eq=False)
 
 
 class ReplicaSet:
-    def __init__(self, service: str, urls: list[str], http: HTTPClient, clock: Clock,
-                 secret: str | None, timeout: float = 2.0, write_budget: float = 10.0, read_budget: float = 2.0):
+    def __init__(self, service: str, urls: list[str] | tuple[str, ...], http: HTTPClient, clock: IReactorTime,
+                 secret: str | None, timing: ClientTiming = ClientTiming()):
         self.service = service
-        self.replicas = [ReplicaState(url) for url in urls]
+        self.timing = timing
+        self.replicas = [ReplicaState(url, slots=DeferredSemaphore(timing.max_in_flight)) for url in urls]
         self.http = http
         self.clock = clock
         self.secret = secret
-        self.timeout = timeout
-        self.write_budget = write_budget
-        self.read_budget = read_budget
         self._turn = count()
-        self.listeners: list[Any] = []
+        self.listeners: list[Callable[[ReplicaState | None], None]] = []
 
     # -- health ---------------------------------------------------------------
     async def poll(self) -> None:
@@ -70,7 +70,8 @@ class ReplicaSet:
         try:
             # a healthy replica answers in milliseconds; a paused one must not hold up a
             # write that is looking for the new primary
-            status, health, _ = await call(self.http, self.clock, "GET", replica.url + "/health", timeout=0.5)
+            status, health, _ = await call(self.http, self.clock, "GET", replica.url + "/health",
+                                           timeout=self.timing.health_timeout)
         except Unreachable:
             replica.alive = replica.ok = replica.primary = False
             return
@@ -93,7 +94,7 @@ class ReplicaSet:
 
     async def _call(self, replica: ReplicaState, method: str, path: str, *, timeout: float, wait: bool = True,
                     **kw: Any) -> tuple[int, Any, Any]:
-        """`call` within the replica's MAX_IN_FLIGHT slots. Uncontended this is one
+        """`call` within the replica's slots (`ClientTiming.max_in_flight`). Uncontended this is one
         acquire and one release; a full replica raises Busy at once (not `wait`) or
         after waiting, the wait counting against `timeout`."""
         slots = replica.slots
@@ -102,7 +103,7 @@ class ReplicaSet:
         acquired = slots.acquire()
         if not acquired.called:
             started = self.clock.seconds()
-            acquired.addTimeout(timeout, self.clock)  # type: ignore[arg-type]
+            acquired.addTimeout(timeout, self.clock)
             try:
                 await acquired
             except TimeoutError:
@@ -128,7 +129,7 @@ class ReplicaSet:
         moment (the backups learn of a commit with the next heartbeat, a primary
         renews its lease, a new one is being elected): the read is tried again, a few
         milliseconds later, until the read budget is spent."""
-        deadline = self.clock.seconds() + self.read_budget
+        deadline = self.clock.seconds() + self.timing.read_budget
         attempt = 0
         while True:
             answer = await self._read_once(path, min_seq, headers)
@@ -136,8 +137,8 @@ class ReplicaSet:
                 return answer
             attempt += 1
             if self.clock.seconds() >= deadline:
-                raise HTTPError(503, f"no {self.service} replica is available; retry shortly")
-            await sleep(self.clock, min(0.01 * attempt, 0.1))
+                raise Unavailable(f"no {self.service} replica is available; retry shortly")
+            await deferLater(self.clock, min(0.01 * attempt, 0.1))
 
     async def _read_once(self, path: str, min_seq: int,
                          headers: dict[bytes, bytes] | None) -> tuple[int, bytes, int] | None:
@@ -157,8 +158,8 @@ class ReplicaSet:
             # newest state seen on the healthy ones.
             floor = min_seq if replica.ok else max(min_seq, self.high_water())
             try:
-                status, body, hdrs = await self._call(replica, "GET", path, headers=headers, timeout=self.timeout,
-                                                      parse=False, wait=wait)
+                status, body, hdrs = await self._call(replica, "GET", path, headers=headers,
+                                                      timeout=self.timing.timeout, parse=False, wait=wait)
             except Busy:
                 busy.append(replica)
                 continue
@@ -177,7 +178,7 @@ class ReplicaSet:
         """POST to the primary (or, not knowing it, any live replica, which forwards),
         retrying through a failover until the write budget is spent. Only for
         requests that are idempotent by their request id."""
-        deadline = self.clock.seconds() + self.write_budget
+        deadline = self.clock.seconds() + self.timing.write_budget
         attempt = 0
         tried: set[str] = set()  # replicas that could not take the write since the last health check
         polling: Any = None
@@ -185,11 +186,11 @@ class ReplicaSet:
             target = self.primary_state() or self._another(tried)
             if target is not None:
                 try:
-                    # a primary that does not answer within ATTEMPT may be paused or cut off: ask again
+                    # a primary that does not answer within one attempt may be paused or cut off: ask again
                     # (the request is idempotent), maybe elsewhere, rather than wait out the whole budget
                     left = max(deadline - self.clock.seconds(), 0.001)
                     status, parsed, _ = await self._call(target, "POST", path, body=body, secret=self.secret,
-                                                         timeout=min(left, ATTEMPT))
+                                                         timeout=min(left, self.timing.attempt))
                     if status not in RETRYABLE:
                         return status, parsed
                     # it cannot take writes now (not primary any more, or no primary known to it):
@@ -203,12 +204,12 @@ class ReplicaSet:
                     tried.add(target.url)
             attempt += 1
             if self.clock.seconds() >= deadline:
-                raise HTTPError(503, f"the {self.service} service has no reachable primary; retry shortly")
+                raise Unavailable(f"the {self.service} service has no reachable primary; retry shortly")
             if polling is None or polling.called:
                 # the health check runs alongside: one replica that does not answer must not hold up the next try
                 polling = ensureDeferred(self.poll())
                 polling.addCallback(lambda _: tried.clear())
-            await sleep(self.clock, min(0.05 * attempt, 0.15))  # a new primary is used within 0.15 s
+            await deferLater(self.clock, min(0.05 * attempt, 0.15))  # a new primary is used within 0.15 s
 
     def _another(self, tried: set[str]) -> ReplicaState | None:
         """A live replica not yet tried (any replica forwards a write to its primary)."""
@@ -216,7 +217,7 @@ class ReplicaSet:
         return candidates[0] if candidates else next((r for r in self.read_order() if r.alive), None)
 
     async def write(self, op: dict[str, Any]) -> Outcome:
-        status, parsed = await self.post("/internal/write", {"op": op})
+        status, parsed = await self.post(WRITE_PATH, {"op": op})
         if status != 200:
             raise error_of(status, parsed)
-        return Outcome(parsed["result"], int(parsed["seq"]), tuple(parsed["keys"]), bool(parsed["new"]))
+        return Outcome.from_json(parsed)

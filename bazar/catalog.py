@@ -6,25 +6,35 @@ found again (the order service records every sale as an order, see bazar.order).
 
 from __future__ import annotations
 
+import os
+import random
 import sqlite3
 from typing import Any
 
+from attrs import define, field
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
-from twisted.python import usage
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
 
-from bazar.books import BOOK_FIELDS, SEED_BOOKS, Book
-from bazar.replication import Replica, install_routes
-from bazar.service import ReplicaOptions
-from bazar.store import OpError, Store
-from bazar.web import HTTPError, JsonApp, dumps, parse_id, require_secret
+from bazar.codec import dumps
+from bazar.config import ReplicaOptions, parse_redis, parse_urls
+from bazar.errors import Invalid, NotFound, OutOfStock
+from bazar.http.app import JsonApp
+from bazar.http.client import make_http
+from bazar.http.request import parse_id, require_secret
+from bazar.invalidation import Publisher
+from bazar.ops import CATALOG_OPS, AddBook, Decrement, Op, Restock, Sell, UpdatePrice, operation_from_json
+from bazar.process import Node, serve
+from bazar.records import BOOK_FIELDS, SALE_FIELDS, SEED_BOOKS, Book, Sale, info_key, search_key
+from bazar.replication.replica import Replica
+from bazar.replication.routes import install_routes
+from bazar.replication.store import Store
+from bazar.settings import CatalogSettings
 
 BOOK_COLUMNS = ", ".join(BOOK_FIELDS)
-SALE_COLUMNS = ("key", "seq", "book_id", "title", "quantity", "price", "created", "created_ts")
+SALE_COLUMNS = ", ".join(SALE_FIELDS)
 SALES_PAGE = 500
-
-
-def book_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    return Book.from_row(row).to_json()
 
 
 class CatalogMachine:
@@ -47,42 +57,48 @@ class CatalogMachine:
                            [(i, *book) for i, book in enumerate(SEED_BOOKS)])
             db.execute("INSERT INTO meta (key, value) VALUES ('seeded', 1)")
 
-    def _book(self, db: sqlite3.Connection, book_id: int) -> tuple[Any, ...]:
+    def parse(self, data: Any) -> Op:
+        return operation_from_json(data, CATALOG_OPS, "catalog")
+
+    def _book(self, db: sqlite3.Connection, book_id: int) -> Book:
         row = db.execute(f"SELECT {BOOK_COLUMNS} FROM books WHERE id = ?", (book_id,)).fetchone()
         if row is None:
-            raise OpError(404, f"no book with id {book_id}")
-        return tuple(row)
+            raise NotFound(f"no book with id {book_id}")
+        return Book.from_row(row)
 
-    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
-        kind = op["op"]
-        if kind == "add_book":
+    def apply(self, db: sqlite3.Connection, op: Op, seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+        if isinstance(op, AddBook):
             (book_id,) = db.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM books").fetchone()
             db.execute("INSERT INTO books (id, title, topic, price, quantity, version) VALUES (?, ?, ?, ?, ?, ?)",
-                       (book_id, str(op["title"]), str(op["topic"]), float(op["price"]), int(op["quantity"]), seq))
-            return book_json(self._book(db, book_id)), (f"info:{book_id}", f"search:{op['topic']}")
-        book_id = int(op["id"])
-        book = self._book(db, book_id)
-        if kind == "update_price":
-            db.execute("UPDATE books SET price = ?, version = ? WHERE id = ?", (float(op["price"]), seq, book_id))
-        elif kind == "restock":
-            db.execute("UPDATE books SET quantity = quantity + ?, version = ? WHERE id = ?",
-                       (int(op["quantity"]), seq, book_id))
-        elif kind in ("decrement", "sell"):
-            quantity = int(op["quantity"])
-            if quantity < 1:
-                raise OpError(400, "quantity must be positive")
-            if book[4] < quantity:
-                raise OpError(409, f"book {book_id} is out of stock ({book[4]} left, {quantity} asked)")
-            db.execute("UPDATE books SET quantity = quantity - ?, version = ? WHERE id = ?", (quantity, seq, book_id))
-            if kind == "sell":
-                sale = (str(op["key"]), seq, book_id, book[1], quantity, book[3], str(op["created"]),
-                        float(op["created_ts"]))
-                db.execute(f"INSERT INTO sales ({', '.join(SALE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sale)
-                return {"book": book_json(self._book(db, book_id)), "sale": dict(zip(SALE_COLUMNS, sale))}, \
-                    (f"info:{book_id}",)
+                       (book_id, op.title, op.topic, op.price, op.quantity, seq))
+            return self._book(db, book_id).to_json(), (info_key(book_id), search_key(op.topic))
+        if isinstance(op, UpdatePrice):
+            self._book(db, op.id)
+            db.execute("UPDATE books SET price = ?, version = ? WHERE id = ?", (op.price, seq, op.id))
+        elif isinstance(op, Restock):
+            self._book(db, op.id)
+            db.execute("UPDATE books SET quantity = quantity + ?, version = ? WHERE id = ?", (op.quantity, seq, op.id))
+        elif isinstance(op, (Sell, Decrement)):
+            book = self._take(db, op.id, op.quantity, seq)
+            if isinstance(op, Sell):
+                sale = Sale(key=op.key, seq=seq, book_id=op.id, title=book.title, quantity=op.quantity,
+                            price=book.price, created=op.created, created_ts=op.created_ts)
+                db.execute(f"INSERT INTO sales ({SALE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sale.row())
+                return {"book": self._book(db, op.id).to_json(), "sale": sale.to_json()}, (info_key(op.id),)
+            return self._book(db, op.id).to_json(), (info_key(op.id),)
         else:
-            raise OpError(400, f"unknown catalog operation {kind!r}")
-        return book_json(self._book(db, book_id)), (f"info:{book_id}",)
+            raise Invalid(f"unknown catalog operation {op.kind!r}")
+        return self._book(db, op.id).to_json(), (info_key(op.id),)
+
+    def _take(self, db: sqlite3.Connection, book_id: int, quantity: int, seq: int) -> Book:
+        """Take `quantity` copies of a book (the book as it was), or OutOfStock."""
+        book = self._book(db, book_id)
+        if quantity < 1:
+            raise Invalid("quantity must be positive")
+        if book.quantity < quantity:
+            raise OutOfStock(f"book {book_id} is out of stock ({book.quantity} left, {quantity} asked)")
+        db.execute("UPDATE books SET quantity = quantity - ?, version = ? WHERE id = ?", (quantity, seq, book_id))
+        return book
 
 
 class CatalogReads:
@@ -92,11 +108,11 @@ class CatalogReads:
         self.db = store.db
 
     def all(self) -> list[dict[str, Any]]:
-        return [book_json(r) for r in self.db.execute(f"SELECT {BOOK_COLUMNS} FROM books ORDER BY id")]
+        return [Book.from_row(r).to_json() for r in self.db.execute(f"SELECT {BOOK_COLUMNS} FROM books ORDER BY id")]
 
     def one(self, book_id: int) -> dict[str, Any] | None:
         row = self.db.execute(f"SELECT {BOOK_COLUMNS} FROM books WHERE id = ?", (book_id,)).fetchone()
-        return book_json(row) if row else None
+        return Book.from_row(row).to_json() if row else None
 
     def topic(self, topic: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT id, title FROM books WHERE topic = ? ORDER BY id", (topic,))
@@ -104,26 +120,29 @@ class CatalogReads:
 
     def sales(self, after: int, limit: int = SALES_PAGE) -> list[dict[str, Any]]:
         """Sales recorded at log indexes above `after`, oldest first."""
-        rows = self.db.execute(f"SELECT {', '.join(SALE_COLUMNS)} FROM sales WHERE seq > ? ORDER BY seq LIMIT ?",
+        rows = self.db.execute(f"SELECT {SALE_COLUMNS} FROM sales WHERE seq > ? ORDER BY seq LIMIT ?",
                                (after, limit))
-        return [dict(zip(SALE_COLUMNS, r)) for r in rows]
+        return [Sale.from_row(r).to_json() for r in rows]
 
 
-def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
+SALES_PATH = "/internal/sales"
+
+
+def catalog_app(replica: Replica) -> JsonApp:
     api = JsonApp("catalog")
     reads = CatalogReads(replica.store)
 
-    def seq_header(request: Any) -> None:
+    def seq_header(request: IRequest) -> None:
         replica.require_serving()
         request.setHeader(b"X-Bazar-Seq", str(replica.store.applied).encode())
         request.setHeader(b"X-Bazar-Status", replica.status.encode())
 
     @api.route("/health", "GET", "health")
-    def health(request: Any) -> dict[str, Any]:
+    def health(request: IRequest) -> dict[str, Any]:
         return replica.health()
 
     @api.route("/books", "GET", "books")
-    def books(request: Any) -> bytes:
+    def books(request: IRequest) -> bytes:
         seq_header(request)
         topic = request.args.get(b"topic")
         if topic is not None:
@@ -135,15 +154,15 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
         return dumps(reads.all())
 
     @api.route("/books/<string:book_id>", "GET", "book")
-    def book(request: Any, book_id: str) -> bytes:
+    def book(request: IRequest, book_id: str) -> bytes:
         seq_header(request)
         found = reads.one(parse_id(book_id))
         if found is None:
-            raise HTTPError(404, f"no book with id {book_id}")
+            raise NotFound(f"no book with id {book_id}")
         return dumps(found)
 
-    def book_hit(request: Any, rest: bytes) -> bytes | None:
-        """GET /books/{id} for an existing book without Klein's routing (the front
+    def book_hit(request: IRequest, rest: bytes) -> bytes | None:
+        """GET /books/{id} of an existing book, without Klein's routing (the front
         end's cache misses land here); anything else goes the normal way."""
         if not rest.isdigit() or len(rest) > 18 or not replica.serving:
             return None
@@ -153,24 +172,47 @@ def catalog_app(replica: Replica, secret: str | None) -> JsonApp:
         seq_header(request)
         return dumps(found)
 
-    api.shortcut(b"GET", b"/books/", "book", book_hit)
+    api.fast("GET", "/books/", "book", book_hit)
 
-    @api.route("/internal/sales", "GET", "sales")
-    def sales(request: Any) -> bytes:
+    @api.rpc(SALES_PATH, "GET", "sales")
+    def sales(request: IRequest) -> bytes:
         """Committed sales after `?after=` (a log index): the order primary records
         each as an order (its sweep finds those a crash left unrecorded)."""
-        require_secret(request, secret)
+        require_secret(request, replica.secret)
         seq_header(request)
         after = (request.args.get(b"after") or [b"0"])[0]
         if not after.isdigit() or len(after) > 18:
-            raise HTTPError(400, "after must be a log index")
+            raise Invalid("after must be a log index")
         return dumps({"sales": reads.sales(int(after)), "seq": replica.store.applied})
 
-    install_routes(api, replica, secret)
+    install_routes(api, replica)
     return api
 
 
+@define
+class CatalogNode(Node):
+    replica: Replica = field(kw_only=True)
+    publisher: Publisher = field(kw_only=True)
+    app: JsonApp = field(kw_only=True)
+
+
+def build_catalog(settings: CatalogSettings, *, store: Store, clock: IReactorTime, http: HTTPClient,
+                  rng: random.Random | None = None) -> CatalogNode:
+    """A catalog replica: its Raft replica over `store`, the publisher of its
+    invalidations, its app."""
+    replica = Replica(settings.replica, store=store, http=http, clock=clock, rng=rng)
+    publisher = Publisher(http=http, clock=clock, secret=settings.replica.secret, frontends=settings.frontends,
+                          redis_url=settings.redis, epoch=lambda: replica.epoch, push_delay=settings.push_delay)
+    replica.on_commit = publisher.committed
+    app = catalog_app(replica)
+    return CatalogNode(app.resource(), on_start=[replica.start, publisher.start],
+                       on_stop=[replica.stop, publisher.stop],
+                       periodic=[(replica.tick_seconds, replica.tick, "the election clock")],
+                       replica=replica, publisher=publisher, app=app)
+
+
 class Options(ReplicaOptions):
+    service = "catalog"
     optParameters = [
         ["port", None, 5101, "Port to listen on.", int],
         ["id", None, 1, "This replica's id (one of the ids in --peers).", int],
@@ -180,16 +222,16 @@ class Options(ReplicaOptions):
         ["redis", None, None, "Redis URL to publish invalidations on, e.g. redis://127.0.0.1:6379."],
     ]
 
+    def postOptions(self) -> None:
+        super().postOptions()
+        self.settings = CatalogSettings(replica=self.replica_settings(), frontends=tuple(parse_urls(self["frontends"])),
+                                        redis=parse_redis(self["redis"]))
 
-def makeService(options: usage.Options) -> MultiService:
-    from bazar.invalidation import Publisher
-    from bazar.service import ReplicaProcess, parse_urls
 
-    process = ReplicaProcess(options, "catalog", CatalogMachine(), "catalog.db")
-    publisher = Publisher(http=process.http, clock=process.reactor, secret=process.secret,
-                          frontends=parse_urls(options["frontends"]), redis_url=options["redis"],
-                          epoch=lambda: process.replica.epoch)
-    process.replica.on_commit = publisher.committed
-    process.on_start.append(publisher.start)
-    process.on_stop.append(publisher.stop)
-    return process.serve(catalog_app(process.replica, process.secret).resource())
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    store = Store(os.path.join(options.data_directory(), "catalog.db"), CatalogMachine())
+    http, pool = make_http(reactor)
+    node = build_catalog(options.settings, store=store, clock=reactor, http=http)
+    return serve(node, reactor, options["host"], options["port"], pool)

@@ -23,7 +23,7 @@ import urllib.request
 from typing import Any, Sequence
 from urllib.parse import quote
 
-from bazar.books import SEED_BOOKS
+from bazar.records import SEED_BOOKS
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 

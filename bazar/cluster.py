@@ -23,7 +23,6 @@ import sys
 from typing import Any
 
 import treq
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
@@ -31,8 +30,9 @@ from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
 from twisted.web.client import HTTPConnectionPool
 
-from bazar.client import QuietClientFactory
-from bazar.service import BazarOptions, env_name, hold_directory, refuse_to_start, safe_signals
+from bazar.config import BazarOptions, env_name
+from bazar.http.client import TRANSPORT_FAILURES, QuietClientFactory
+from bazar.lifecycle import every, hold_directory, refuse_to_start, safe_signals
 
 log = Logger()
 
@@ -160,7 +160,7 @@ class ReadyLine:
         self.done = False
         self.asking = False
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.pool._factory = QuietClientFactory  # type: ignore[attr-defined]
+        self.pool._factory = QuietClientFactory
 
     def check(self) -> None:
         if not self.done and not self.asking:
@@ -174,15 +174,16 @@ class ReadyLine:
         try:
             response = await treq.get(self.url + "/ready", timeout=1.0, pool=self.pool)
             await treq.content(response)
-        except Exception:
-            return
+        except TRANSPORT_FAILURES:
+            return  # not listening yet
         if response.code == 200 and not self.done:
             self.done = True
             print(f"bazar-cluster: ready at {self.url}", flush=True)
 
 
-def makeService(options: usage.Options) -> MultiService:
-    from twisted.internet import reactor
+def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
 
     # Ctrl-C must stop the store even when we were started with SIGINT ignored (as a
     # shell does for background jobs): Twisted only installs its SIGINT handler over
@@ -215,5 +216,5 @@ def makeService(options: usage.Options) -> MultiService:
     front = next(p for p in topology if p["service"] == "frontend")
     host = options["host"] if options["host"] not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
     ready = ReadyLine(f"http://{host}:{front['port']}", reactor)
-    TimerService(0.5, ready.check).setServiceParent(parent)
+    every(0.5, ready.check, "the readiness check").setServiceParent(parent)
     return parent

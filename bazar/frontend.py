@@ -4,22 +4,42 @@ search, round robin over live replicas, writes through the primaries."""
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any, Callable
 from urllib.parse import quote
 
-from twisted.application.internet import TimerService
+from attrs import define, field
+from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
+from twisted.web.iweb import IRequest
 
-from bazar.balancer import ReplicaSet
-from bazar.books import parse_idempotency_key, parse_new_book, parse_price, parse_purchase, parse_restock
+from bazar.balancer import ReplicaSet, ReplicaState
 from bazar.cache import LRUCache
-from bazar.client import error_of
-from bazar.invalidation import InvalidationStream, Refused, announcement
-from bazar.service import BazarOptions
-from bazar.web import HTTPError, JsonApp, Raw, dumps, loads, parse_id, read_object, require_admin, require_secret
+from bazar.config import BazarOptions, parse_redis, parse_urls, secret_of
+from bazar.errors import Invalid, Unavailable
+from bazar.http.app import JsonApp, Raw
+from bazar.http.client import error_of, make_http, passthrough
+from bazar.http.request import parse_id, read_object, require_admin, require_secret
+from bazar.invalidation import PUSH_PATH, Announcement, InvalidationStream, Refused, subscribe
+from bazar.ops import AddBook, Restock, UpdatePrice, new_rid
+from bazar.order import PURCHASE_PATH, Purchased, PurchaseRequest
+from bazar.pages.clusterpage import install_cluster_page
+from bazar.pages.storefront import install_storefront
+from bazar.process import Node, serve
+from bazar.records import (
+    info_key,
+    parse_idempotency_key,
+    parse_new_book,
+    parse_price,
+    parse_purchase,
+    parse_restock,
+    search_key,
+)
+from bazar.settings import FrontendSettings
 
 OPENAPI = os.path.join(os.path.dirname(__file__), "openapi.json")
 
@@ -36,7 +56,7 @@ class Frontend:
         self.order_floor = 0
         catalog.listeners.append(self._catalog_polled)
 
-    def _catalog_polled(self, primary: Any) -> None:
+    def _catalog_polled(self, primary: ReplicaState | None) -> None:
         if primary is not None:
             self.stream.observe_primary(primary.last_seq)
         self.stream.confirm(max(self.catalog.high_water(), primary.last_seq if primary is not None else 0))
@@ -57,10 +77,10 @@ class Frontend:
         return status, body
 
     async def info(self, book_id: int) -> tuple[int, bytes]:
-        return await self.cached_read(f"info:{book_id}", f"/books/{book_id}")
+        return await self.cached_read(info_key(book_id), f"/books/{book_id}")
 
     async def search(self, topic: str) -> tuple[int, bytes]:
-        return await self.cached_read(f"search:{topic}", "/books?topic=" + quote(topic, safe=""))
+        return await self.cached_read(search_key(topic), "/books?topic=" + quote(topic, safe=""))
 
     async def all_books(self) -> tuple[int, bytes]:
         # no replica older than any write this front end made or heard of
@@ -68,24 +88,25 @@ class Frontend:
         return status, body
 
     # -- writes ---------------------------------------------------------------
-    async def catalog_write(self, op: dict[str, Any]) -> dict[str, Any]:
-        op.setdefault("rid", "fe:" + uuid.uuid4().hex)  # a storefront form brings its own: sent twice, done once
-        outcome = await self.catalog.write(op)
-        self.stream.written(outcome.seq, list(outcome.keys))  # read-your-writes
+    async def catalog_write(self, op: AddBook | UpdatePrice | Restock) -> dict[str, Any]:
+        outcome = await self.catalog.write(op.to_json())
+        self.stream.written(outcome.seq, outcome.keys)  # read-your-writes
         return outcome.result
 
     async def purchase(self, book_id: int, quantity: int, key: str | None) -> dict[str, Any]:
         # Without a client key, make one: the retries below must never buy twice.
-        key = "client:" + key if key is not None else "fe:" + uuid.uuid4().hex
-        status, answer = await self.order.post("/internal/purchase",
-                                               {"book_id": book_id, "quantity": quantity, "key": key})
-        if status != 200 or not isinstance(answer, dict) or "order" not in answer:
-            raise error_of(status if status != 200 else 502, answer)
-        catalog = answer.get("catalog") or {}
-        self.stream.written(int(catalog.get("seq", 0)), [str(k) for k in catalog.get("keys", [])])
+        key = "client:" + key if key is not None else new_rid()
+        status, answer = await self.order.post(PURCHASE_PATH, PurchaseRequest(book_id, quantity, key).to_json())
+        if status != 200:
+            raise error_of(status, answer)
+        try:
+            purchased = Purchased.from_json(answer)
+        except Invalid:
+            raise Unavailable("the order service answered a purchase with something malformed") from None
+        self.stream.written(purchased.catalog_seq, purchased.catalog_keys)
         # read-your-writes for orders: no order replica older than this purchase
-        self.order_floor = max(self.order_floor, int(answer.get("seq", 0)))
-        return {"order": answer["order"]}
+        self.order_floor = max(self.order_floor, purchased.seq)
+        return {"order": purchased.order}
 
     async def orders(self) -> tuple[int, bytes]:
         headers = {b"Authorization": b"Bearer " + (self.admin_token or "").encode()}
@@ -93,144 +114,126 @@ class Frontend:
         return status, body
 
 
-def passthrough(status: int, body: bytes) -> tuple[int, bytes]:
-    """A replica's answer as ours: JSON bodies unchanged, anything else made JSON."""
-    if status >= 400:
-        try:
-            parsed = loads(body)
-        except Exception:
-            parsed = None
-        raise error_of(status, parsed)
-    return status, body
-
-
 def frontend_app(fe: Frontend) -> JsonApp:
     api = JsonApp("frontend")
     token = fe.admin_token
 
     @api.route("/health", "GET", "health")
-    def health(request: Any) -> dict[str, Any]:
+    def health(request: IRequest) -> dict[str, Any]:
         def view(rs: ReplicaSet) -> list[dict[str, Any]]:
             return [{"url": r.url, "alive": r.alive, "ok": r.ok, "primary": r.primary, "last_seq": r.last_seq}
                     for r in rs.replicas]
         primary = fe.catalog.primary_state()
         return {"service": "frontend", "replica": 0, "pid": os.getpid(), "role": "frontend", "status": "ok",
-                # CLI.md: every /health has epoch and last_seq (here: the catalog's, as this front end sees it)
+                # like every /health, epoch and last_seq (here: the catalog's, as this front end sees it)
                 "epoch": primary.epoch if primary is not None else 0, "last_seq": fe.stream.upto or 0,
                 "catalog": view(fe.catalog), "order": view(fe.order), "cache": fe.cache.stats(),
                 "cache_bypass": fe.cache.bypass}
 
     @api.route("/ready", "GET", "ready")
-    def ready(request: Any) -> dict[str, Any]:
+    def ready(request: IRequest) -> dict[str, Any]:
         # What a load balancer needs before sending clients here: a primary for every
         # write, and (with Redis) the invalidations that keep the cache honest.
         missing = [rs.service for rs in (fe.catalog, fe.order) if rs.primary_state() is None]
         if missing:
-            raise HTTPError(503, f"no {' or '.join(missing)} primary known", {b"Retry-After": b"1"})
+            raise Unavailable(f"no {' or '.join(missing)} primary known")
         if fe.stream.channel_down:
-            raise HTTPError(503, "the invalidation channel (Redis) is not subscribed", {b"Retry-After": b"1"})
+            raise Unavailable("the invalidation channel (Redis) is not subscribed")
         return {"ready": True, "service": "frontend"}
 
     @api.route("/bazar/info/all", "GET", "info_all")
-    async def info_all(request: Any) -> tuple[int, bytes]:
+    async def info_all(request: IRequest) -> tuple[int, bytes]:
         return passthrough(*await fe.all_books())
 
     @api.route("/bazar/info/<string:book_id>", "GET", "info")
-    async def info(request: Any, book_id: str) -> tuple[int, bytes]:
+    async def info(request: IRequest, book_id: str) -> tuple[int, bytes]:
         return passthrough(*await fe.info(parse_id(book_id)))
 
+    def info_hit(request: IRequest, rest: bytes) -> bytes | None:
+        """GET /bazar/info/{id} answered from the cache without Klein's routing; a
+        miss (or anything unusual) goes the normal way."""
+        if not rest.isdigit() or len(rest) > 18:
+            return None
+        hit: bytes | None = fe.cache.hit(info_key(int(rest)))
+        return hit
+
+    api.fast("GET", "/bazar/info/", "info", info_hit)
+
     @api.route("/bazar/search/<text:topic>", "GET", "search")
-    async def search(request: Any, topic: str) -> tuple[int, bytes]:
+    async def search(request: IRequest, topic: str) -> tuple[int, bytes]:
         return passthrough(*await fe.search(topic))
 
     @api.route("/bazar/purchase/<string:book_id>", "POST", "purchase")
-    async def purchase(request: Any, book_id: str) -> dict[str, Any]:
+    async def purchase(request: IRequest, book_id: str) -> dict[str, Any]:
         ident = parse_id(book_id)
         quantity = parse_purchase(read_object(request, optional=True))
         key = parse_idempotency_key(request.getHeader(b"Idempotency-Key"))
         return await fe.purchase(ident, quantity, key)
 
     @api.route("/bazar/update_price/<string:book_id>", "PUT", "update_price")
-    async def update_price(request: Any, book_id: str) -> dict[str, Any]:
+    async def update_price(request: IRequest, book_id: str) -> dict[str, Any]:
         require_admin(request, token)
         ident = parse_id(book_id)
         price = parse_price(read_object(request) or {})
-        return await fe.catalog_write({"op": "update_price", "id": ident, "price": price})
+        return await fe.catalog_write(UpdatePrice(rid=new_rid(), id=ident, price=price))
 
     @api.route("/bazar/restock/<string:book_id>", "POST", "restock")
-    async def restock(request: Any, book_id: str) -> dict[str, Any]:
+    async def restock(request: IRequest, book_id: str) -> dict[str, Any]:
         require_admin(request, token)
         ident = parse_id(book_id)
         quantity = parse_restock(read_object(request) or {})
-        return await fe.catalog_write({"op": "restock", "id": ident, "quantity": quantity})
+        return await fe.catalog_write(Restock(rid=new_rid(), id=ident, quantity=quantity))
 
     @api.route("/bazar/books", "POST", "add_book")
-    async def add_book(request: Any) -> tuple[int, dict[str, Any]]:
+    async def add_book(request: IRequest) -> tuple[int, dict[str, Any]]:
         require_admin(request, token)
         new = parse_new_book(read_object(request) or {})
-        book = await fe.catalog_write({"op": "add_book", "title": new.title, "topic": new.topic,
-                                       "price": new.price, "quantity": new.quantity})
+        book = await fe.catalog_write(AddBook(rid=new_rid(), title=new.title, topic=new.topic, price=new.price,
+                                              quantity=new.quantity))
         return 201, book
 
     @api.route("/bazar/orders", "GET", "orders")
-    async def orders(request: Any) -> tuple[int, bytes]:
+    async def orders(request: IRequest) -> tuple[int, bytes]:
         require_admin(request, token)
         return passthrough(*await fe.orders())
 
     @api.route("/bazar/cache/<string:book_id>", "DELETE", "cache_drop")
-    def cache_drop(request: Any, book_id: str) -> dict[str, Any]:
+    def cache_drop(request: IRequest, book_id: str) -> dict[str, Any]:
         require_admin(request, token)
         ident = parse_id(book_id)
-        return {"dropped": fe.cache.drop(f"info:{ident}"), "id": ident}
+        return {"dropped": fe.cache.drop(info_key(ident)), "id": ident}
 
     @api.route("/bazar/cache", "GET", "cache")
-    def cache_stats(request: Any) -> dict[str, int]:
+    def cache_stats(request: IRequest) -> dict[str, int]:
         return fe.cache.stats()
-
-    def info_hit(request: Any, rest: bytes) -> bytes | None:
-        """GET /bazar/info/{id} answered from the cache without Klein's routing; a
-        miss (or anything unusual) goes the normal way."""
-        if not rest.isdigit() or len(rest) > 18:
-            return None
-        return fe.cache.hit(f"info:{int(rest)}")  # type: ignore[no-any-return]
-
-    api.shortcut(b"GET", b"/bazar/info/", "info", info_hit)
-    # purchases too skip Klein's routing (the same handler, the same answers)
-    api.shortcut(b"POST", b"/bazar/purchase/", "purchase",
-                 lambda request, rest: purchase(request, rest.decode()) if rest.isdigit() and len(rest) <= 18
-                 else None)
 
     with open(OPENAPI, "rb") as f:
         spec = f.read()
 
     @api.route("/openapi.json", "GET", "openapi")
-    def openapi(request: Any) -> Raw:
+    def openapi(request: IRequest) -> Raw:
         return Raw(spec, b"application/json")
 
-    @api.route("/internal/invalidate", "POST", "invalidate")
-    def invalidate(request: Any) -> dict[str, Any]:
+    @api.rpc(PUSH_PATH, "POST", "invalidate")
+    def invalidate(request: IRequest) -> dict[str, Any]:
         require_secret(request, fe.secret)
         body = read_object(request) or {}
         messages = body.get("messages")
         if not isinstance(messages, list):
-            raise HTTPError(400, "expected {\"messages\": [{\"seq\", \"keys\"}, ...]}")
+            raise Invalid("expected {\"messages\": [{\"seq\", \"keys\"}, ...]}")
         try:
-            announced = [announcement(message) for message in messages]
+            announced = [Announcement.from_json(message) for message in messages]
         except Refused:
-            raise HTTPError(400, "each message needs an integer seq and a list of keys") from None
-        for seq, keys in announced:
-            fe.stream.receive(seq, keys)
+            raise Invalid("each message needs an integer seq and a list of keys") from None
+        for announcement in announced:
+            fe.stream.receive(announcement.seq, announcement.keys)
         return {"ok": True, "upto": fe.stream.upto}
-
-    from prometheus_client import Gauge
 
     def figure(name: str) -> Callable[[], float]:
         return lambda: float(fe.cache.stats()[name])
 
     for name in ("hits", "misses", "evictions", "size"):
         Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry).set_function(figure(name))
-
-    from prometheus_client.core import CounterMetricFamily
 
     class Dropped:
         """Invalidation messages not taken (unsigned, forged, malformed, oversized, or
@@ -243,14 +246,45 @@ def frontend_app(fe: Frontend) -> JsonApp:
                 family.add_metric([reason], n)
             yield family
 
-    api.registry.register(Dropped())  # type: ignore[arg-type]
+    api.registry.register(Dropped())
 
-    # the browser pages: storefront at / and the live cluster page (imported here: they import this module)
-    from bazar.clusterpage import install_cluster_page
-    from bazar.storefront import install_storefront
+    # the browser pages: storefront at / and the live cluster page
     install_storefront(api, fe)
     install_cluster_page(api, fe)
     return api
+
+
+@define
+class FrontendNode(Node):
+    frontend: Frontend = field(kw_only=True)
+    app: JsonApp = field(kw_only=True)
+
+
+def build_frontend(settings: FrontendSettings, *, clock: IReactorTime, http: HTTPClient,
+                   reactor: Any = None) -> FrontendNode:
+    """A front end: the replica sets of both services, the cache and its invalidation
+    stream, its app; with a Redis URL (and a `reactor` to connect with), the
+    subscription to the invalidation channel once it starts."""
+    catalog = ReplicaSet("catalog", settings.catalog, http, clock, settings.secret, settings.catalog_client)
+    order = ReplicaSet("order", settings.order, http, clock, settings.secret, settings.order_client)
+    cache = LRUCache(settings.cache_size)
+    stream = InvalidationStream(cache, clock, grace=settings.invalidation_grace, secret=settings.secret)
+    fe = Frontend(catalog=catalog, order=order, cache=cache, stream=stream, admin_token=settings.admin_token,
+                  secret=settings.secret)
+    app = frontend_app(fe)
+    subscriber: list[Any] = []
+
+    def start() -> None:
+        if settings.redis:
+            subscriber.append(subscribe(reactor, settings.redis, stream))
+
+    def stop() -> None:
+        for factory in subscriber:
+            factory.disconnect()
+
+    return FrontendNode(app.resource(), on_start=[start], on_stop=[stop],
+                        periodic=[(settings.poll_every, lambda: ensureDeferred(fe.poll()), "the health check")],
+                        frontend=fe, app=app)
 
 
 class Options(BazarOptions):
@@ -265,40 +299,15 @@ class Options(BazarOptions):
     def postOptions(self) -> None:
         if self["cache-size"] < 0:
             raise usage.UsageError("--cache-size must be 0 or more")
+        self.settings = FrontendSettings(catalog=tuple(parse_urls(self["catalog"])),
+                                         order=tuple(parse_urls(self["order"])), cache_size=self["cache-size"],
+                                         redis=parse_redis(self["redis"]), secret=secret_of(self, "cluster-secret"),
+                                         admin_token=secret_of(self, "admin-token"))
 
 
-def makeService(options: usage.Options) -> MultiService:
-    from twisted.internet import reactor
-
-    from bazar.client import make_http
-    from bazar.invalidation import subscribe
-    from bazar.service import Hooks, listen, parse_urls, secret_of, watch_parent
-
-    secret = secret_of(options, "cluster-secret")
-    parent = MultiService()
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
     http, pool = make_http(reactor)
-    catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), http, reactor, secret)
-    order = ReplicaSet("order", parse_urls(options["order"]), http, reactor, secret, write_budget=15.0)
-    cache = LRUCache(options["cache-size"])
-    stream = InvalidationStream(cache, reactor, secret=secret)
-    fe = Frontend(catalog=catalog, order=order, cache=cache, stream=stream,
-                  admin_token=secret_of(options, "admin-token"), secret=secret)
-    listen(parent, reactor, frontend_app(fe).resource(), options["host"], options["port"])
-    TimerService(0.25, lambda: ensureDeferred(fe.poll())).setServiceParent(parent)
-    subscriber: list[Any] = []
-
-    def start() -> None:
-        if options["redis"]:
-            subscriber.append(subscribe(reactor, options["redis"], stream))
-
-    def stop() -> Any:
-        for factory in subscriber:
-            factory.disconnect()
-        return pool.closeCachedConnections()
-
-    Hooks(on_start=start, on_stop=stop).setServiceParent(parent)
-    watch_parent(parent, reactor)
-    return parent
-
-
-__all__ = ["Frontend", "frontend_app", "Options", "makeService", "dumps"]
+    node = build_frontend(options.settings, clock=reactor, http=http, reactor=reactor)
+    return serve(node, reactor, options["host"], options["port"], pool)

@@ -20,26 +20,29 @@ import hashlib
 import hmac
 import os
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 import txredisapi
+from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from bazar.cache import LRUCache
-from bazar.client import Clock, call
-from bazar.replication import sleep
-from bazar.store import Outcome
-from bazar.web import dumps, loads
+from bazar.codec import JSONDecodeError, dumps, loads
+from bazar.http.client import Unreachable, call
+from bazar.replication.store import Outcome
 
 log = Logger()
 
 CHANNEL = "bazar:invalidations"
+PUSH_PATH = "/internal/invalidate"
 MAX_QUEUE = 10_000
-PUSH_DELAY = 0.001  # seconds between a commit and its push to the front ends
 MAX_MESSAGE = 64 * 1024  # bytes of one Redis message
 MAX_KEYS = 1_000  # keys in one announcement
 MAX_KEY = 300  # characters of one cache key
@@ -54,35 +57,51 @@ def signature(secret: str, seq: int, keys: list[str], epoch: int) -> str:
     return hmac.new(secret.encode(), dumps([seq, keys, epoch]), hashlib.sha256).hexdigest()
 
 
-def announcement(data: Any) -> tuple[int, list[str]]:
-    """(seq, keys) of one announcement, or Refused: seq a non-negative integer,
-    keys a list of at most MAX_KEYS strings of at most MAX_KEY characters."""
-    if not isinstance(data, dict):
-        raise Refused("not an object")
-    seq, keys = data.get("seq"), data.get("keys")
-    if type(seq) is not int or not 0 <= seq < MAX_SEQ:
-        raise Refused("seq is not a log index")
-    if not isinstance(keys, list) or len(keys) > MAX_KEYS \
-            or not all(isinstance(k, str) and len(k) <= MAX_KEY for k in keys):
-        raise Refused("keys are not a list of cache keys")
-    return seq, keys
+@frozen
+class Announcement:
+    """A committed catalog write, as the front ends hear of it: its log index and the
+    cache keys it changed."""
+
+    seq: int
+    keys: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "keys": list(self.keys)}
+
+    def signed_json(self, secret: str, epoch: int) -> dict[str, Any]:
+        """The form published on Redis, signed with the cluster secret."""
+        return {**self.to_json(), "epoch": epoch, "sig": signature(secret, self.seq, list(self.keys), epoch)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Announcement:
+        """Or Refused: seq a non-negative integer, keys a list of at most MAX_KEYS
+        strings of at most MAX_KEY characters."""
+        if not isinstance(data, dict):
+            raise Refused("not an object")
+        seq, keys = data.get("seq"), data.get("keys")
+        if type(seq) is not int or not 0 <= seq < MAX_SEQ:
+            raise Refused("seq is not a log index")
+        if not isinstance(keys, list) or len(keys) > MAX_KEYS \
+                or not all(isinstance(k, str) and len(k) <= MAX_KEY for k in keys):
+            raise Refused("keys are not a list of cache keys")
+        return cls(seq, tuple(keys))
 
 
-def signed(raw: bytes, secret: str | None) -> tuple[int, list[str]]:
-    """(seq, keys) of a Redis message, or Refused: too large, not JSON, malformed, or
-    not signed with this cluster's secret."""
+def signed(raw: bytes, secret: str | None) -> Announcement:
+    """The announcement of a Redis message, or Refused: too large, not JSON, malformed,
+    or not signed with this cluster's secret."""
     if len(raw) > MAX_MESSAGE:
         raise Refused("oversized")
     try:
         data = loads(raw)
-    except Exception:
+    except JSONDecodeError:
         raise Refused("not JSON") from None
-    seq, keys = announcement(data)
+    announced = Announcement.from_json(data)
     epoch, sig = data.get("epoch"), data.get("sig")
     if not secret or type(epoch) is not int or not isinstance(sig, str) \
-            or not hmac.compare_digest(sig, signature(secret, seq, keys, epoch)):
+            or not hmac.compare_digest(sig, signature(secret, announced.seq, list(announced.keys), epoch)):
         raise Refused("bad signature")
-    return seq, keys
+    return announced
 
 
 def redis_address(url: str) -> tuple[str, int]:
@@ -104,13 +123,15 @@ def redis_credentials(url: str) -> tuple[str | None, str | None]:
 class Publisher:
     """Catalog side: announce committed writes to every front end."""
 
-    def __init__(self, *, http: HTTPClient, clock: Clock, secret: str | None,
-                 frontends: list[str], redis_url: str | None, epoch: Callable[[], int] = lambda: 0):
+    def __init__(self, *, http: HTTPClient, clock: IReactorTime, secret: str | None,
+                 frontends: list[str] | tuple[str, ...], redis_url: str | None,
+                 epoch: Callable[[], int] = lambda: 0, push_delay: float = 0.001):
         self.epoch = epoch
+        self.push_delay = push_delay
         self.http = http
         self.clock = clock
         self.secret = secret
-        self.queues: dict[str, list[dict[str, Any]]] = {url: [] for url in frontends}
+        self.queues: dict[str, list[dict[str, Any]]] = {url: [] for url in frontends}  # announcements, as JSON
         self.sending: set[str] = set()
         self.redis_url = redis_url
         self.redis: Any = None
@@ -130,7 +151,8 @@ class Publisher:
         return None
 
     def committed(self, outcome: Outcome) -> None:
-        message = {"seq": outcome.seq, "keys": list(outcome.keys)}
+        announced = Announcement(outcome.seq, outcome.keys)
+        message = announced.to_json()
         for url, queue in self.queues.items():
             queue.append(message)
             if len(queue) > MAX_QUEUE:
@@ -139,12 +161,9 @@ class Publisher:
                 self.sending.add(url)
                 # a moment later: the write's own answer leaves first, and the writes of
                 # that moment travel together
-                self.clock.callLater(PUSH_DELAY, self._start_drain, url)
+                self.clock.callLater(self.push_delay, self._start_drain, url)
         if self.redis is not None:
-            epoch = self.epoch()
-            signed_message = {**message, "epoch": epoch,
-                              "sig": signature(self.secret or "", outcome.seq, list(outcome.keys), epoch)}
-            d = self.redis.publish(CHANNEL, dumps(signed_message).decode())
+            d = self.redis.publish(CHANNEL, dumps(announced.signed_json(self.secret or "", self.epoch())).decode())
             d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
 
     def _start_drain(self, url: str) -> None:
@@ -157,9 +176,9 @@ class Publisher:
             while queue and self.running:
                 batch = queue[:1000]
                 try:
-                    status, _, _ = await call(self.http, self.clock, "POST", url + "/internal/invalidate",
+                    status, _, _ = await call(self.http, self.clock, "POST", url + PUSH_PATH,
                                               body={"messages": batch}, secret=self.secret, timeout=1.0)
-                except Exception:
+                except Unreachable:
                     status = 0
                 if status == 200:
                     failures = 0
@@ -169,7 +188,7 @@ class Publisher:
                 if failures >= 3:
                     del queue[: len(batch)]  # the front end is away; it will notice the gap
                     failures = 0
-                await sleep(self.clock, 0.25)
+                await deferLater(self.clock, 0.25)
         finally:
             self.sending.discard(url)
 
@@ -183,7 +202,7 @@ class InvalidationStream:
     an announcement was lost: the cache is flushed.
     """
 
-    def __init__(self, cache: LRUCache, clock: Clock, grace: float = 1.0, secret: str | None = None):
+    def __init__(self, cache: LRUCache, clock: IReactorTime, grace: float = 1.0, secret: str | None = None):
         self.secret = secret
         self.dropped: Counter[str] = Counter()  # messages not taken, by reason
         self.confirmed: int | None = None  # the highest seq a catalog replica has reported
@@ -200,7 +219,7 @@ class InvalidationStream:
         self.channel_down = False  # a required Redis subscription is not (yet) in place
         cache.bypass = True  # until the first look at the catalog gives a baseline
 
-    def receive(self, seq: int, keys: list[str]) -> None:
+    def receive(self, seq: int, keys: Iterable[str]) -> None:
         self.newest = max(self.newest, seq)
         for key in keys:
             self.cache.invalidate(key, seq)
@@ -216,7 +235,7 @@ class InvalidationStream:
         else:
             self.gap_since = None
 
-    def written(self, seq: int, keys: list[str]) -> None:
+    def written(self, seq: int, keys: Iterable[str]) -> None:
         """A write made through this front end: drop its keys before answering."""
         self.newest = max(self.newest, seq)
         for key in keys:
@@ -229,11 +248,11 @@ class InvalidationStream:
 
     def redis_message(self, raw: bytes) -> None:
         try:
-            seq, keys = signed(raw, self.secret)
+            announced = signed(raw, self.secret)
         except Refused as why:
             self.drop(str(why))
             return
-        self.receive(seq, keys)
+        self.receive(announced.seq, announced.keys)
 
     def confirm(self, high_water: int) -> None:
         """Called with the highest seq the catalog replicas report, on every health
@@ -307,7 +326,7 @@ class InvalidationStream:
         self.cache.bypass = self.upto is None
 
 
-class InvalidationSubscriber(txredisapi.SubscriberProtocol):
+class InvalidationSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]  # (txredisapi is untyped)
     """Subscribes on every (re)connection; tells the stream when the link is lost."""
 
     def connectionMade(self) -> Any:
@@ -325,7 +344,7 @@ class InvalidationSubscriber(txredisapi.SubscriberProtocol):
         self.factory.on_lost()
 
 
-class SubscriberFactory(txredisapi.SubscriberFactory):
+class SubscriberFactory(txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = InvalidationSubscriber
 
     def __init__(self, on_message: Callable[[bytes], None], on_subscribed: Callable[[], None],

@@ -2,68 +2,120 @@
 
 A purchase is two replicated writes, each committed before the next starts:
 
-1. `sell` (catalog), request id `sale:{key}`: the catalog takes the copies and, in
+1. `Sell` (catalog), request id `sale:{key}`: the catalog takes the copies and, in
    the same entry, records the sale (book, quantity, title and price, keyed by the
    purchase's Idempotency-Key; the front end makes one up when the client gave
    none). Out of stock or an unknown book: refused, nothing is sold.
-2. `record` (order service), request id `order:{key}`: the sale becomes an order,
-   confirmed, with the next order id. Only then is the purchase answered 200.
+2. `RecordOrder` (order service), request id `order:{key}`: the sale becomes an
+   order, confirmed, with the next order id. Only then is the purchase answered 200.
 
 The sale is the first durable record of a purchase, and everything the order needs
 is in it. If any process dies between the two steps, the sale waits in the catalog:
 a retry with the same key finds it (both steps are idempotent by their request ids)
-and the order primary's sweep records every sale older than SETTLE_AFTER that has no
-order yet. So a copy taken from the stock always ends up in exactly one confirmed
+and the order primary's sweep records every sale older than `settle_after` that has
+no order yet. So a copy taken from the stock always ends up in exactly one confirmed
 order, and a confirmed order always took its copy (docs/replication.md).
 """
 
 from __future__ import annotations
 
+import os
+import random
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.application.internet import TimerService
+from attrs import define, field, frozen
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python import usage
+from twisted.web.iweb import IRequest
 
 from bazar.balancer import ReplicaSet
-from bazar.books import ORDER_FIELDS, Order
-from bazar.catalog import SALES_PAGE
-from bazar.client import Clock
-from bazar.replication import Replica, hop_count, install_routes
-from bazar.service import ReplicaOptions
-from bazar.store import OpError, Outcome
-from bazar.web import SECRET_HEADER, HTTPError, JsonApp, dumps, loads, read_object, require_admin, require_secret
+from bazar.catalog import SALES_PAGE, SALES_PATH
+from bazar.codec import dumps, loads
+from bazar.config import ReplicaOptions, parse_urls
+from bazar.errors import Invalid, NotFound
+from bazar.http.app import JsonApp
+from bazar.http.client import make_http
+from bazar.http.request import SECRET_HEADER, read_object, require_admin, require_secret
+from bazar.ops import ORDER_OPS, Op, RecordOrder, Sell, operation_from_json
+from bazar.process import Node, serve
+from bazar.records import ORDER_FIELDS, Order, Sale
+from bazar.replication.replica import Replica
+from bazar.replication.routes import hop_count, install_routes
+from bazar.replication.store import Outcome, Store
+from bazar.settings import OrderSettings
 
 log = Logger()
 
 ORDER_COLUMNS = ", ".join(ORDER_FIELDS + ("idem", "sale_seq"))
-SETTLE_AFTER = 2.0  # seconds a sale may be left to its own purchase before the sweep records it
 SWEEP_PAGES = 20  # pages of sales one sweep may go through
+PURCHASE_PATH = "/internal/purchase"
 
 
-def order_json(row: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
+def order_json(record: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
     """The public order: from a row, or from a full record (with idem, ...)."""
-    if isinstance(row, dict):
-        row = tuple(row[k] for k in ORDER_FIELDS)
-    return Order.from_row(row).to_json()
+    if isinstance(record, dict):
+        record = tuple(record[k] for k in ORDER_FIELDS)
+    return Order.from_row(record).to_json()
 
 
-def order_record(row: tuple[Any, ...]) -> dict[str, Any]:
-    names = ORDER_COLUMNS.split(", ")
-    return dict(zip(names, row))
-
-
-def record_op(sale: dict[str, Any]) -> dict[str, Any]:
+def record_op(sale: Sale) -> RecordOrder:
     """The order write for a committed sale: the same operation whoever makes it (the
     purchase or the sweep), so the two meet in one request id."""
-    key = str(sale["key"])
-    return {"op": "record", "rid": f"order:{key}", "idem": key, "book_id": int(sale["book_id"]),
-            "quantity": int(sale["quantity"]), "title": str(sale["title"]), "price": float(sale["price"]),
-            "sale_seq": int(sale["seq"]), "created": str(sale["created"]), "created_ts": float(sale["created_ts"])}
+    return RecordOrder(rid=f"order:{sale.key}", idem=sale.key, book_id=sale.book_id, quantity=sale.quantity,
+                       title=sale.title, price=sale.price, sale_seq=sale.seq, created=sale.created,
+                       created_ts=sale.created_ts)
+
+
+@frozen
+class PurchaseRequest:
+    """`POST /internal/purchase`: what the front end asks the order primary to buy."""
+
+    book_id: int
+    quantity: int
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"book_id": self.book_id, "quantity": self.quantity, "key": self.key}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> PurchaseRequest:
+        book_id, quantity, key = body.get("book_id"), body.get("quantity"), body.get("key")
+        if type(book_id) is not int or type(quantity) is not int or not isinstance(key, str):
+            raise Invalid("a purchase needs book_id, quantity and key")
+        return cls(book_id, quantity, key)
+
+
+@frozen
+class Purchased:
+    """The answer to a purchase: the order, and the two log positions the front end
+    needs to read its own writes (the catalog's sale, with the cache keys it changed;
+    the order's index)."""
+
+    order: dict[str, Any]
+    catalog_seq: int
+    catalog_keys: tuple[str, ...]
+    seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"order": self.order, "catalog": {"seq": self.catalog_seq, "keys": list(self.catalog_keys)},
+                "seq": self.seq}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Purchased:
+        try:
+            order, catalog, seq = data["order"], data["catalog"], data["seq"]
+            catalog_seq, keys = catalog["seq"], catalog["keys"]
+        except (KeyError, TypeError):
+            raise Invalid("a malformed purchase answer") from None
+        if not isinstance(order, dict) or type(seq) is not int or type(catalog_seq) is not int \
+                or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise Invalid("a malformed purchase answer")
+        return cls(order, catalog_seq, tuple(keys), seq)
 
 
 class OrderMachine:
@@ -75,59 +127,60 @@ class OrderMachine:
                    "total REAL NOT NULL, created TEXT NOT NULL, idem TEXT NOT NULL UNIQUE, "
                    "sale_seq INTEGER NOT NULL, created_ts REAL NOT NULL)")
 
+    def parse(self, data: Any) -> Op:
+        return operation_from_json(data, ORDER_OPS, "order")
+
     def _order(self, db: sqlite3.Connection, order_id: int) -> dict[str, Any]:
         row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?", (order_id,)).fetchone()
         if row is None:
-            raise OpError(404, f"no order with id {order_id}")
-        return order_record(tuple(row))
+            raise NotFound(f"no order with id {order_id}")
+        return dict(zip(ORDER_COLUMNS.split(", "), row))
 
-    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
-        if op["op"] != "record":
-            raise OpError(400, f"unknown order operation {op['op']!r}")
-        idem = str(op["idem"])
-        row = db.execute("SELECT id FROM orders WHERE idem = ?", (idem,)).fetchone()
+    def apply(self, db: sqlite3.Connection, op: Op, seq: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+        if not isinstance(op, RecordOrder):
+            raise Invalid(f"unknown order operation {op.kind!r}")
+        row = db.execute("SELECT id FROM orders WHERE idem = ?", (op.idem,)).fetchone()
         if row is not None:
             return self._order(db, row[0]), ()
-        quantity, price = int(op["quantity"]), float(op["price"])
-        if quantity < 1:
-            raise OpError(400, "quantity must be positive")
+        if op.quantity < 1:
+            raise Invalid("quantity must be positive")
         (order_id,) = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM orders").fetchone()
         db.execute("INSERT INTO orders (id, book_id, title, quantity, price, total, created, idem, sale_seq, "
                    "created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (order_id, int(op["book_id"]), str(op["title"]), quantity, price, round(price * quantity, 2),
-                    str(op["created"]), idem, int(op["sale_seq"]), float(op["created_ts"])))
+                   (order_id, op.book_id, op.title, op.quantity, op.price, round(op.price * op.quantity, 2),
+                    op.created, op.idem, op.sale_seq, op.created_ts))
         return self._order(db, order_id), ()
 
 
 class Purchases:
     """The purchase flow and the sweep; run on the order primary."""
 
-    def __init__(self, replica: Replica, catalog: ReplicaSet, clock: Clock, secret: str | None = None):
+    def __init__(self, replica: Replica, catalog: ReplicaSet, clock: IReactorTime, settle_after: float = 2.0):
         self.replica = replica
         self.catalog = catalog
         self.clock = clock
-        self.secret = secret
+        self.secret = replica.secret
+        self.settle_after = settle_after
         self.swept = 0  # every sale at a catalog index up to this one is recorded (as far as this primary knows)
         self.sweeping = False
 
-    async def purchase(self, book_id: int, quantity: int, key: str) -> dict[str, Any]:
+    async def purchase(self, request: PurchaseRequest) -> Purchased:
         now = self.clock.seconds()
         created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
-        sold = await self.catalog.write({"op": "sell", "rid": f"sale:{key}", "key": key, "id": book_id,
-                                         "quantity": quantity, "created": created, "created_ts": now})
-        sale = sold.result["sale"]
-        done = await self.record(sale)
-        return {"order": order_json(done.result), "catalog": {"seq": sold.seq, "keys": list(sold.keys)},
-                "seq": done.seq}
+        key = request.key
+        sold = await self.catalog.write(Sell(rid=f"sale:{key}", key=key, id=request.book_id,
+                                             quantity=request.quantity, created=created, created_ts=now).to_json())
+        done = await self.record(Sale.from_json(sold.result["sale"]))
+        return Purchased(order_json(done.result), sold.seq, sold.keys, done.seq)
 
-    async def record(self, sale: dict[str, Any]) -> Outcome:
+    async def record(self, sale: Sale) -> Outcome:
         """The order of a committed sale (made once, whoever asks first)."""
-        return await self.replica.submit(record_op(sale))
+        return await self.replica.submit(record_op(sale).to_json())
 
     def elected(self) -> None:
         """This replica just became primary: look at every sale once, soon."""
         self.swept = 0
-        self.clock.callLater(SETTLE_AFTER, self.sweep)
+        self.clock.callLater(self.settle_after, self.sweep)
 
     def recorded(self, key: str) -> bool:
         return self.replica.store.db.execute("SELECT 1 FROM orders WHERE idem = ?", (key,)).fetchone() is not None
@@ -141,66 +194,86 @@ class Purchases:
         ensureDeferred(self._sweep()).addErrback(
             lambda f: log.info("sweep stopped: {why}", why=f.getErrorMessage())).addBoth(self._swept)
 
-    def _swept(self, _: Any) -> None:
+    def _swept(self, _: object) -> None:
         self.sweeping = False
 
     async def _sweep(self) -> None:
         headers = {SECRET_HEADER: (self.secret or "").encode()}
         for _ in range(SWEEP_PAGES):
-            status, body, _seq = await self.catalog.read(f"/internal/sales?after={self.swept}", headers=headers)
+            status, body, _seq = await self.catalog.read(f"{SALES_PATH}?after={self.swept}", headers=headers)
             if status != 200:
                 return
-            sales = loads(body)["sales"]
-            cutoff = self.clock.seconds() - SETTLE_AFTER
+            sales = [Sale.from_json(sale) for sale in loads(body)["sales"]]
+            cutoff = self.clock.seconds() - self.settle_after
             for sale in sales:
-                if not self.recorded(str(sale["key"])):
-                    if float(sale["created_ts"]) > cutoff:
+                if not self.recorded(sale.key):
+                    if sale.created_ts > cutoff:
                         return  # its own purchase is probably still at work: next time
                     if not self.replica.is_primary or not self.replica.serving:
                         return
-                    log.info("recording sale {key} (catalog index {seq}) as an order", key=sale["key"],
-                             seq=sale["seq"])
+                    log.info("recording sale {key} (catalog index {seq}) as an order", key=sale.key, seq=sale.seq)
                     await self.record(sale)
-                self.swept = max(self.swept, int(sale["seq"]))
+                self.swept = max(self.swept, sale.seq)
             if len(sales) < SALES_PAGE:
                 return
 
 
-def order_app(replica: Replica, purchases: Purchases, secret: str | None, admin_token: str | None) -> JsonApp:
+def order_app(replica: Replica, purchases: Purchases) -> JsonApp:
     api = JsonApp("order")
+    admin_token = replica.settings.admin_token
 
     @api.route("/health", "GET", "health")
-    def health(request: Any) -> dict[str, Any]:
+    def health(request: IRequest) -> dict[str, Any]:
         return replica.health()
 
     @api.route("/orders", "GET", "orders")
-    def orders(request: Any) -> bytes:
+    def orders(request: IRequest) -> bytes:
         require_admin(request, admin_token)
         replica.require_serving()
         request.setHeader(b"X-Bazar-Seq", str(replica.store.applied).encode())
         rows = replica.store.db.execute(f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY id")
         return dumps([order_json(tuple(r)) for r in rows])
 
-    @api.route("/internal/purchase", "POST", "purchase")
-    async def purchase(request: Any) -> Any:
-        require_secret(request, secret)
+    @api.rpc(PURCHASE_PATH, "POST", "purchase")
+    async def purchase(request: IRequest) -> Any:
+        require_secret(request, replica.secret)
         body = read_object(request) or {}
-        try:
-            book_id, quantity, key = int(body["book_id"]), int(body["quantity"]), str(body["key"])
-        except (KeyError, TypeError, ValueError):
-            raise HTTPError(400, "a purchase needs book_id, quantity and key") from None
+        wanted = PurchaseRequest.from_json(body)
         if not replica.is_primary:
-            status, answer = await replica.forward("/internal/purchase", body, hop_count(request))
-            return status, answer
-        return await purchases.purchase(book_id, quantity, key)
+            return await replica.forward(PURCHASE_PATH, body, hop_count(request))
+        return (await purchases.purchase(wanted)).to_json()
 
-    api.shortcut(b"POST", b"/internal/purchase", "purchase",
-                 lambda request, rest: None if rest else purchase(request))
-    install_routes(api, replica, secret)
+    install_routes(api, replica)
     return api
 
 
+@define
+class OrderNode(Node):
+    replica: Replica = field(kw_only=True)
+    purchases: Purchases = field(kw_only=True)
+    catalog: ReplicaSet = field(kw_only=True)
+    app: JsonApp = field(kw_only=True)
+
+
+def build_order(settings: OrderSettings, *, store: Store, clock: IReactorTime, http: HTTPClient,
+                rng: random.Random | None = None) -> OrderNode:
+    """An order replica: its Raft replica over `store`, the catalog it sells from, the
+    purchase flow and its sweep, its app."""
+    replica = Replica(settings.replica, store=store, http=http, clock=clock, rng=rng)
+    catalog = ReplicaSet("catalog", settings.catalog, http, clock, settings.replica.secret, settings.catalog_client)
+    purchases = Purchases(replica, catalog, clock, settings.settle_after)
+    replica.on_primary = purchases.elected
+    app = order_app(replica, purchases)
+    return OrderNode(app.resource(), on_start=[replica.start], on_stop=[replica.stop],
+                     periodic=[(replica.tick_seconds, replica.tick, "the election clock"),
+                               (settings.catalog_poll, lambda: ensureDeferred(catalog.poll()),
+                                "the catalog's health check"),
+                               (settings.sweep_every, purchases.sweep, "the sweep")],
+                     replica=replica, purchases=purchases, catalog=catalog, app=app)
+
+
 class Options(ReplicaOptions):
+    service = "order"
     optParameters = [
         ["port", None, 5201, "Port to listen on.", int],
         ["id", None, 1, "This replica's id (one of the ids in --peers).", int],
@@ -209,16 +282,15 @@ class Options(ReplicaOptions):
         ["catalog", None, "http://127.0.0.1:5101", "Catalog replicas: http://h:p,..."],
     ]
 
+    def postOptions(self) -> None:
+        super().postOptions()
+        self.settings = OrderSettings(replica=self.replica_settings(), catalog=tuple(parse_urls(self["catalog"])))
 
-def makeService(options: usage.Options) -> MultiService:
-    from bazar.service import ReplicaProcess, parse_urls
 
-    process = ReplicaProcess(options, "order", OrderMachine(), "orders.db")
-    reactor = process.reactor
-    catalog = ReplicaSet("catalog", parse_urls(options["catalog"]), process.http, reactor, process.secret,
-                         write_budget=8.0)
-    purchases = Purchases(process.replica, catalog, reactor, process.secret)
-    process.replica.on_primary = purchases.elected
-    TimerService(0.5, lambda: ensureDeferred(catalog.poll())).setServiceParent(process.parent)
-    TimerService(1.0, purchases.sweep).setServiceParent(process.parent)
-    return process.serve(order_app(process.replica, purchases, process.secret, process.admin_token).resource())
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    store = Store(os.path.join(options.data_directory(), "orders.db"), OrderMachine())
+    http, pool = make_http(reactor)
+    node = build_order(options.settings, store=store, clock=reactor, http=http)
+    return serve(node, reactor, options["host"], options["port"], pool)

@@ -24,13 +24,13 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 
-from bazar.balancer import ReplicaSet
-from bazar.cache import LRUCache
-from bazar.catalog import CatalogMachine, catalog_app
-from bazar.frontend import Frontend, frontend_app
-from bazar.invalidation import InvalidationStream, Publisher
-from bazar.order import OrderMachine, Purchases, order_app
-from bazar.replication import Replica
+from bazar.catalog import CatalogMachine, build_catalog, catalog_app
+from bazar.frontend import build_frontend
+from bazar.http.app import JsonApp
+from bazar.order import OrderMachine, build_order
+from bazar.replication.replica import Replica
+from bazar.replication.store import Store
+from bazar.settings import CatalogSettings, FrontendSettings, OrderSettings, RaftTiming, ReplicaSettings
 from bazar.sim.network import (
     HOST,
     Driver,
@@ -43,8 +43,6 @@ from bazar.sim.network import (
     result_of,
     url_of,
 )
-from bazar.store import Store
-from bazar.web import JsonApp
 
 __all__ = ["HOST", "SECRET", "TOKEN", "Cluster", "Driver", "Gate", "Network", "Response", "Router", "Shop", "SimClock",
            "body_producer", "restock", "result_of", "rid", "update_price", "url_of"]
@@ -65,8 +63,8 @@ class Cluster(Driver):
         self.base_port = base_port
         self.ids = list(range(1, n + 1))
         self.peers = {i: url_of(base_port + i) for i in self.ids}
-        self.replica_kw = replica_kw
-        self.make_app = app or (lambda r: catalog_app(r, SECRET))
+        self.timing = RaftTiming(**replica_kw)
+        self.make_app = app or catalog_app
         self.replicas: dict[int, Replica] = {}
         self.alive: set[int] = set()
         self.tickers.append(self._tick)
@@ -89,9 +87,9 @@ class Cluster(Driver):
                 if os.path.exists(self.path(i) + suffix):
                     os.remove(self.path(i) + suffix)
         store = Store(self.path(i), self.machine())
-        replica = Replica(service=self.service, replica_id=i, peers=self.peers, store=store,
-                          http=self.network.client(self.port(i)), clock=self.clock, secret=SECRET,
-                          **self.replica_kw)
+        settings = ReplicaSettings(service=self.service, replica_id=i, peers=self.peers, secret=SECRET,
+                                   admin_token=TOKEN, timing=self.timing)
+        replica = Replica(settings, store=store, http=self.network.client(self.port(i)), clock=self.clock)
         self.replicas[i] = replica
         self.network.add(self.port(i), self.make_app(replica).resource())
         if start:
@@ -193,32 +191,31 @@ class Shop(Driver):
         net = self.network
         self.catalog_store = Store(os.path.join(root, "catalog.sqlite3"), CatalogMachine())
         self.order_store = Store(os.path.join(root, "orders.sqlite3"), OrderMachine())
-        self.publisher = Publisher(http=net.client(CATALOG_PORT), clock=self.clock, secret=SECRET,
-                                   frontends=[url_of(FRONTEND_PORT)], redis_url=None)
-        self.catalog = Replica(service="catalog", replica_id=1, peers={1: url_of(CATALOG_PORT)},
-                               store=self.catalog_store, http=net.client(CATALOG_PORT), clock=self.clock,
-                               secret=SECRET, on_commit=self.publisher.committed)
-        net.add(CATALOG_PORT, catalog_app(self.catalog, SECRET).resource())
-        self.order = Replica(service="order", replica_id=1, peers={1: url_of(ORDER_PORT)},
-                             store=self.order_store, http=net.client(ORDER_PORT), clock=self.clock, secret=SECRET)
-        order_catalog = ReplicaSet("catalog", [url_of(CATALOG_PORT)], net.client(ORDER_PORT), self.clock, SECRET)
-        self.purchases = Purchases(self.order, order_catalog, self.clock, SECRET)
-        net.add(ORDER_PORT, order_app(self.order, self.purchases, SECRET, admin_token).resource())
-        http = net.client(FRONTEND_PORT)
-        self.cache = LRUCache(cache_size)
-        self.stream = InvalidationStream(self.cache, self.clock)
-        self.fe = Frontend(catalog=ReplicaSet("catalog", [url_of(CATALOG_PORT)], http, self.clock, SECRET),
-                           order=ReplicaSet("order", [url_of(ORDER_PORT)], http, self.clock, SECRET),
-                           cache=self.cache, stream=self.stream, admin_token=admin_token, secret=SECRET)
-        self.app = frontend_app(self.fe)
-        net.add(FRONTEND_PORT, self.app.resource())
-        self.catalog.start()
-        self.order.start()
-        self.publisher.start()
+        catalog_settings = ReplicaSettings(service="catalog", replica_id=1, peers={1: url_of(CATALOG_PORT)},
+                                           secret=SECRET, admin_token=admin_token)
+        catalog = build_catalog(CatalogSettings(replica=catalog_settings, frontends=(url_of(FRONTEND_PORT),)),
+                                store=self.catalog_store, clock=self.clock, http=net.client(CATALOG_PORT))
+        order_settings = ReplicaSettings(service="order", replica_id=1, peers={1: url_of(ORDER_PORT)},
+                                         secret=SECRET, admin_token=admin_token)
+        order = build_order(OrderSettings(replica=order_settings, catalog=(url_of(CATALOG_PORT),)),
+                            store=self.order_store, clock=self.clock, http=net.client(ORDER_PORT))
+        front = build_frontend(FrontendSettings(catalog=(url_of(CATALOG_PORT),), order=(url_of(ORDER_PORT),),
+                                                cache_size=cache_size, secret=SECRET, admin_token=admin_token),
+                               clock=self.clock, http=net.client(FRONTEND_PORT))
+        self.nodes = (catalog, order, front)
+        self.catalog, self.publisher = catalog.replica, catalog.publisher
+        self.order, self.purchases = order.replica, order.purchases
+        self.fe, self.app = front.frontend, front.app
+        self.cache, self.stream = self.fe.cache, self.fe.stream
+        for port, node in ((CATALOG_PORT, catalog), (ORDER_PORT, order), (FRONTEND_PORT, front)):
+            net.add(port, node.resource)
+        catalog.start()
+        order.start()
         self.poll()
-        # the periodic health checks of production (TimerServices there), on our clock
+        # the periodic health checks of production (TimerServices there), on our clock; the
+        # replicas' ticks are left out: a single replica is its own primary for good
         self.loops = [LoopingCall(lambda: ensureDeferred(self.fe.poll())),
-                      LoopingCall(lambda: ensureDeferred(order_catalog.poll()))]
+                      LoopingCall(lambda: ensureDeferred(order.catalog.poll()))]
         for loop, every in zip(self.loops, (0.25, 0.5)):
             loop.clock = self.clock
             loop.start(every, now=False)
@@ -244,8 +241,7 @@ class Shop(Driver):
     def close(self) -> None:
         for loop in self.loops:
             loop.stop()
-        self.publisher.stop()
-        self.catalog.stop()
-        self.order.stop()
+        for node in self.nodes:
+            node.stop()
         self.catalog_store.close()
         self.order_store.close()

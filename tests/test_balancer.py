@@ -9,7 +9,8 @@ from twisted.internet import defer, task
 from twisted.web.http_headers import Headers
 
 from bazar import balancer
-from bazar.web import HTTPError
+from bazar.errors import Unavailable
+from bazar.settings import ClientTiming
 
 
 def replicas_answering(monkeypatch: pytest.MonkeyPatch, clock: task.Clock,
@@ -21,7 +22,7 @@ def replicas_answering(monkeypatch: pytest.MonkeyPatch, clock: task.Clock,
 
     monkeypatch.setattr(balancer, "call", fake_call)
     replicas = balancer.ReplicaSet("catalog", ["http://a", "http://b"], http=None, clock=clock,  # type: ignore[arg-type]
-                                   secret=None, read_budget=2.0)
+                                   secret=None, timing=ClientTiming(read_budget=2.0))
     for r in replicas.replicas:
         r.alive = r.ok = True
     return replicas
@@ -53,4 +54,4 @@ def test_a_read_no_replica_can_serve_is_503_once_its_budget_is_spent(monkeypatch
     clock.pump([0.05] * 39)
     assert not failures  # still trying within the budget (2 s)
     clock.pump([0.05] * 4)
-    assert len(failures) == 1 and isinstance(failures[0].value, HTTPError) and failures[0].value.status == 503
+    assert len(failures) == 1 and isinstance(failures[0].value, Unavailable)

@@ -374,7 +374,7 @@ def test_dockerfile_has_a_healthcheck_on_health() -> None:
 def test_dockerfile_shows_how_to_run_a_service() -> None:
     assert "--pidfile=" in DOCKERFILE.read_text()
     assert [name for name, _ in final_stage()].count("CMD") == 1
-    assert "--logger=bazar.service.json_logger" in DOCKERFILE.read_text()
+    assert "--logger=bazar.lifecycle.json_logger" in DOCKERFILE.read_text()
 
 
 def test_json_logger_writes_one_json_event_per_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -382,7 +382,7 @@ def test_json_logger_writes_one_json_event_per_line(capsys: pytest.CaptureFixtur
 
     from twisted.logger import Logger
 
-    from bazar.service import json_logger
+    from bazar.lifecycle import json_logger
 
     observer = json_logger()
     Logger(observer=observer, namespace="bazar.test").info("applied {seq}", seq=7)

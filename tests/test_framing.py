@@ -1,4 +1,4 @@
-"""HTTP framing at the edge (bazar.service.GuardedChannel, QuietSite), in memory: a
+"""HTTP framing at the edge (bazar.http.server: GuardedChannel, QuietSite), in memory: a
 request that two parsers could read two ways is refused, not guessed at."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from bazar.service import QuietSite
-from bazar.web import JsonApp, read_object
+from bazar.http.app import JsonApp
+from bazar.http.request import read_object
+from bazar.http.server import QuietSite
 
 
 def site(max_connections: int = 100) -> QuietSite:

@@ -16,9 +16,7 @@ from hypothesis import strategies as st
 from memory import CATALOG_PORT, FRONTEND_PORT, ORDER_PORT, SECRET, TOKEN, Response, Shop, restock, update_price, url_of
 from procs import ADMIN_CALLS
 
-from bazar.books import SEED_BOOKS
-from bazar.invalidation import PUSH_DELAY
-from bazar.order import SETTLE_AFTER
+from bazar.records import SEED_BOOKS
 
 BOOK_FIELDS = {"id", "title", "topic", "price", "quantity"}
 ORDER_FIELDS = {"id", "book_id", "title", "quantity", "price", "total", "created"}
@@ -170,7 +168,7 @@ def test_a_sale_whose_order_was_never_recorded_is_recorded_by_the_sweep(shop: Sh
     shop.purchases.sweep()  # too young: its own purchase may still be at work
     shop.run(0.5)
     assert shop.orders() == []
-    shop.run(SETTLE_AFTER)
+    shop.run(shop.purchases.settle_after)
     shop.purchases.sweep()
     shop.run(0.5)
     (order,) = confirmed(shop)
@@ -373,7 +371,7 @@ def test_a_read_that_overlaps_a_write_does_not_fill_the_cache_with_old_data(shop
     shop.network.flush()
     assert len(shop.network.parked) == 1  # the catalog read the book at the old price
     shop.do(shop.catalog.submit(update_price(1, 5.0)))  # a write elsewhere, announced at once
-    shop.run(PUSH_DELAY)
+    shop.run(shop.publisher.push_delay)
     assert shop.stream.upto == shop.catalog_store.last_seq
     shop.network.release(CATALOG_PORT)
     first = shop.wait(reply)

@@ -525,7 +525,8 @@ def test_a_slow_replica_holds_at_most_max_in_flight_calls(monkeypatch: pytest.Mo
     from twisted.web.http_headers import Headers
 
     from bazar import balancer
-    from bazar.web import HTTPError
+    from bazar.errors import Unavailable
+    from bazar.settings import ClientTiming
 
     clock = task.Clock()
     hanging: list[defer.Deferred[Any]] = []
@@ -548,12 +549,12 @@ def test_a_slow_replica_holds_at_most_max_in_flight_calls(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(balancer, "call", fake_call)
     replicas = balancer.ReplicaSet("catalog", ["http://slow", "http://fast"], http=None, clock=clock,  # type: ignore[arg-type]
-                                   secret=None, timeout=2.0)
+                                   secret=None, timing=ClientTiming(timeout=2.0))
     for r in replicas.replicas:
         r.alive = r.ok = True
     reads = [defer.ensureDeferred(replicas.read("/books")) for _ in range(200)]
     done = [d for d in reads if d.called]
-    assert most["http://slow"] == balancer.MAX_IN_FLIGHT == 32
+    assert most["http://slow"] == ClientTiming().max_in_flight == 32
     assert len(hanging) == 32 and len(done) == 200 - 32  # the rest were served by the fast replica
     # now every replica is saturated: a read waits for a slot, then gives up with a 503
     slow.add("http://fast")
@@ -566,7 +567,7 @@ def test_a_slow_replica_holds_at_most_max_in_flight_calls(monkeypatch: pytest.Mo
     failures: list[Any] = []
     for d in waiting:
         d.addErrback(failures.append)
-    assert len(failures) == 8 and all(isinstance(f.value, HTTPError) and f.value.status == 503 for f in failures)
+    assert len(failures) == 8 and all(isinstance(f.value, Unavailable) for f in failures)
     # the hung calls finishing frees every slot
     for d in hanging:
         d.callback((200, b"[]", Headers({b"X-Bazar-Seq": [b"0"]})))

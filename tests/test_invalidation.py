@@ -12,8 +12,10 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from bazar.cache import LRUCache
+from bazar.http.app import JsonApp
+from bazar.http.request import read_object, require_secret
 from bazar.invalidation import (
-    PUSH_DELAY,
+    Announcement,
     InvalidationStream,
     InvalidationSubscriber,
     Publisher,
@@ -24,8 +26,7 @@ from bazar.invalidation import (
     signature,
     signed,
 )
-from bazar.store import Outcome
-from bazar.web import JsonApp, read_object, require_secret
+from bazar.replication.store import Outcome
 
 
 def stream_at(upto: int = 0, grace: float = 1.0) -> tuple[InvalidationStream, LRUCache, Clock]:
@@ -234,7 +235,7 @@ def test_the_publisher_signs_what_it_publishes() -> None:
     publisher.committed(Outcome({}, 12, ("info:3",), new=True))
     ((channel, message),) = published
     assert channel == "bazar:invalidations"
-    assert signed(message.encode(), SECRET_KEY) == (12, ["info:3"])
+    assert signed(message.encode(), SECRET_KEY) == Announcement(12, ("info:3",))
     assert json.loads(message)["epoch"] == 7
     with pytest.raises(Refused):
         signed(message.encode(), "another store")
@@ -323,7 +324,7 @@ def push() -> tuple[Driver, Receiver, Publisher]:
 def test_every_commit_is_pushed_in_order(push: tuple[Driver, Receiver, Publisher]) -> None:
     driver, receiver, publisher = push
     publisher.committed(outcome(1, "info:1"))
-    driver.clock.advance(PUSH_DELAY)  # the first push leaves; the next ones wait behind it
+    driver.clock.advance(publisher.push_delay)  # the first push leaves; the next ones wait behind it
     for seq in range(2, 8):
         publisher.committed(outcome(seq, f"info:{seq}"))
     driver.until(lambda: receiver.seqs() == list(range(1, 8)))
@@ -353,11 +354,6 @@ def test_a_stopped_publisher_sends_nothing(push: tuple[Driver, Receiver, Publish
 
 
 def test_newest_tracks_own_writes_and_announcements() -> None:
-    from twisted.internet.task import Clock
-
-    from bazar.cache import LRUCache
-    from bazar.invalidation import InvalidationStream
-
     stream = InvalidationStream(LRUCache(4), Clock())
     assert stream.newest == 0
     stream.written(7, ["info:1"])

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from bazar.cluster import default_topology
-from bazar.service import id_from_hostname, parse_peers, parse_urls
+from bazar.config import id_from_hostname, parse_peers, parse_urls
 
 pytestmark = pytest.mark.k8s
 

@@ -13,7 +13,7 @@ import pytest
 from twisted.python import usage
 
 from bazar import catalog, cluster, frontend, order
-from bazar.service import env_name, id_from_hostname, parse_peers, parse_urls
+from bazar.config import env_name, id_from_hostname, parse_peers, parse_urls
 
 PLUGINS = {"catalog": catalog.Options, "order": order.Options, "frontend": frontend.Options,
            "cluster": cluster.Options}
@@ -270,7 +270,7 @@ def test_the_id_flag_from_the_hostname(monkeypatch: pytest.MonkeyPatch, kind: st
 
 
 def test_one_process_per_data_directory(tmp_path: Any, capsys: Any) -> None:
-    from bazar.service import hold_directory
+    from bazar.lifecycle import hold_directory
 
     fd = hold_directory(str(tmp_path / "catalog-1"), "bazar-catalog")
     with pytest.raises(SystemExit) as refused:
@@ -287,7 +287,7 @@ def test_the_signal_handler_only_hands_off() -> None:
     only queues the stop for the reactor's thread; the stop (and its log line) runs there."""
     from twisted.logger import globalLogPublisher
 
-    from bazar.service import stop_from_signal
+    from bazar.lifecycle import stop_from_signal
 
     class Reactor:
         running = True

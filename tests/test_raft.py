@@ -1,4 +1,4 @@
-"""bazar.raft, the consensus core without I/O: each rule on its own, then thousands of
+"""bazar.replication.raft, the consensus core without I/O: each rule on its own, then thousands of
 random schedules (loss, duplication, reordering, partitions, crashes, disk loss) over
 an in-memory message bus, checked against Raft's safety properties (§3.6.3):
 election safety, log matching, leader completeness and state machine safety."""
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bazar.raft import (
+from bazar.replication.raft import (
     CANDIDATE,
     FOLLOWER,
     LEADER,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from memory import CATALOG_PORT, ORDER_PORT, Cluster, Response, Shop, restock, url_of
 
-from bazar.replication import OK
+from bazar.replication.replica import OK
 
 
 @pytest.fixture(autouse=True)

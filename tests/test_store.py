@@ -1,4 +1,4 @@
-"""bazar.store: one replica's SQLite file (the Raft log, the hard state and the
+"""bazar.replication.store: one replica's SQLite file (the Raft log, the hard state and the
 state machine's tables), on real files."""
 
 from __future__ import annotations
@@ -8,16 +8,19 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from attrs import evolve, frozen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bazar.books import SEED_BOOKS
 from bazar.catalog import CatalogMachine
+from bazar.errors import Invalid, OutOfStock
+from bazar.ops import Op
 from bazar.order import OrderMachine, record_op
-from bazar.store import Entry, OpError, Outcome, Store, fingerprint
+from bazar.records import SEED_BOOKS, Sale
+from bazar.replication.store import Entry, Outcome, Store, fingerprint
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ def test_writes_are_one_transaction_that_flush_commits(tmp_path: Path) -> None:
 
     # a second turn, never flushed: more entries (one applied), a new term and vote, voter
     store.append([Entry(3, 2, decrement("c", 1, 1)), Entry(4, 2, restock("d", 3, 3))])
-    assert store.apply(Entry(3, 2, decrement("c", 1, 1))).status == 200
+    assert store.apply(Entry(3, 2, decrement("c", 1, 1))).failed is None
     store.set_hard_state(2, 3)
     store.set_voter()
     assert quantity(store, 1) == 64 and store.applied == 3
@@ -274,8 +277,8 @@ def test_apply_runs_committed_entries_in_order(tmp_path: Path) -> None:
     store.append(entries)
     first, second, third, fourth = (store.apply(e) for e in entries)
     assert first == Outcome({"id": 1, "title": SEED_BOOKS[1][0], "topic": SEED_BOOKS[1][1], "price": 22.35,
-                             "quantity": 65}, 1, ("info:1",), new=True, status=200)
-    assert first.error is None
+                             "quantity": 65}, 1, ("info:1",), new=True)
+    assert first.error() is None
     assert (second.result["price"], second.seq, second.keys) == (12.5, 2, ("info:4",))
     assert third.result == {"id": 7, "title": "T", "topic": "fresh", "price": 1.0, "quantity": 2}
     assert (third.seq, third.keys) == (3, ("info:7", "search:fresh"))
@@ -301,80 +304,81 @@ def test_a_no_op_entry_only_advances_applied(tmp_path: Path) -> None:
     feed(store, restock("a"))
     before = tables(store)
     outcome = feed1(store, None, term=2)
-    assert outcome == Outcome({}, 2, (), new=False, status=200)
+    assert outcome == Outcome({}, 2, (), new=False)
     assert tables(store) == before
     assert store.applied == 2
     store.close()
 
 
 FAILING = [
-    (decrement("x", 2, 9), 409, "out of stock"),   # 8 in stock
-    (decrement("x", 99, 1), 404, "no book"),
-    (restock("x", 99), 404, "no book"),
-    ({"op": "update_price", "rid": "x", "id": 123, "price": 1.0}, 404, "no book"),
-    ({"op": "teleport", "rid": "x", "id": 1}, 400, "unknown catalog operation"),
-    ({"rid": "x", "id": 1}, 400, "KeyError"),                           # no op at all
-    ({"op": "restock", "rid": "x", "id": 1}, 400, "KeyError"),          # no quantity
-    ({"op": "restock", "rid": "x", "id": "one", "quantity": 1}, 400, "ValueError"),
-    ({"op": "decrement", "rid": "x", "id": 1, "quantity": "lots"}, 400, "ValueError"),
-    ({"op": "decrement", "rid": "x", "id": 1, "quantity": 0}, 400, "positive"),
-    ({"op": "restock", "rid": "x", "id": [1], "quantity": 1}, 400, "TypeError"),
-    # values the tables refuse: a constraint, NaN (stored as NULL), integers beyond 64 bits
-    ({"op": "restock", "rid": "x", "id": 1, "quantity": -1000}, 400, "IntegrityError"),
-    (add_book("x", "t", -1), 400, "IntegrityError"),
-    ({"op": "update_price", "rid": "x", "id": 1, "price": "nan"}, 400, "IntegrityError"),
-    ({"op": "restock", "rid": "x", "id": 1, "quantity": 2**63}, 400, "OverflowError"),
-    ({"op": "restock", "rid": "x", "id": 2**63, "quantity": 1}, 400, "OverflowError"),
+    (decrement("x", 2, 9), "OutOfStock", "out of stock"),   # 8 in stock
+    (decrement("x", 99, 1), "NotFound", "no book"),
+    (restock("x", 99), "NotFound", "no book"),
+    ({"op": "update_price", "rid": "x", "id": 123, "price": 1.0}, "NotFound", "no book"),
+    ({"op": "teleport", "rid": "x", "id": 1}, "Invalid", "unknown catalog operation"),
+    ({"rid": "x", "id": 1}, "Invalid", "unknown catalog operation"),            # no op at all
+    ({"op": "restock", "rid": "x", "id": 1}, "Invalid", "no 'quantity'"),
+    ({"op": "restock", "rid": "x", "id": "one", "quantity": 1}, "Invalid", "'id' is not an integer"),
+    ({"op": "decrement", "rid": "x", "id": 1, "quantity": "lots"}, "Invalid", "'quantity' is not an integer"),
+    ({"op": "decrement", "rid": "x", "id": 1, "quantity": 0}, "Invalid", "positive"),
+    ({"op": "restock", "rid": "x", "id": [1], "quantity": 1}, "Invalid", "'id' is not an integer"),
+    ({"op": "update_price", "rid": "x", "id": 1, "price": "nan"}, "Invalid", "'price' is not a number"),
+    # values the tables refuse: a constraint, integers beyond 64 bits
+    ({"op": "restock", "rid": "x", "id": 1, "quantity": -1000}, "Invalid", "IntegrityError"),
+    (add_book("x", "t", -1), "Invalid", "IntegrityError"),
+    ({"op": "restock", "rid": "x", "id": 1, "quantity": 2**63}, "Invalid", "OverflowError"),
+    ({"op": "restock", "rid": "x", "id": 2**63, "quantity": 1}, "Invalid", "OverflowError"),
 ]
 
 
-@pytest.mark.parametrize("op, status, message", FAILING)
+@pytest.mark.parametrize("op, kind, message", FAILING)
 def test_failed_operations_are_outcomes_that_change_no_table(
-        tmp_path: Path, op: dict[str, Any], status: int, message: str) -> None:
+        tmp_path: Path, op: dict[str, Any], kind: str, message: str) -> None:
     store = catalog(tmp_path)
     feed(store, restock("warm-up"))
     store.flush()
     before = tables(store)
     failed = feed1(store, op)
-    assert (failed.status, failed.seq, failed.keys, failed.new) == (status, 2, (), True)
-    assert failed.error is not None and message in failed.error
-    assert failed.result == {"error": failed.error}
+    assert (failed.failed, failed.seq, failed.keys, failed.new) == (kind, 2, (), True)
+    error = failed.error()
+    assert error is not None and error.kind == kind and message in error.message
+    assert failed.result == {"error": error.message}
     assert store.applied == 2
-    recorded = list(store.db.execute("SELECT rid, seq, status FROM requests WHERE rid = 'x'"))
-    if status == 400:
+    recorded = list(store.db.execute("SELECT rid, seq, outcome FROM requests WHERE rid = 'x'"))
+    if kind == "Invalid":
         # not recorded: the request id stays free, and the same malformed op fails again
         assert tables(store) == before and recorded == []
-        assert feed1(store, op) == Outcome(failed.result, 3, (), new=True, status=400)
+        assert feed1(store, op) == Outcome(failed.result, 3, (), new=True, failed="Invalid")
         reused = feed1(store, restock("x"))
-        assert (reused.status, reused.new) == (200, True)
+        assert (reused.failed, reused.new) == (None, True)
     else:
         # recorded: a retry gets the same failure (even once it would succeed), and the id
         # cannot be reused for another operation
-        assert tables(store)[:-1] == before[:-1] and recorded == [("x", 2, status)]
+        assert tables(store)[:-1] == before[:-1] and recorded == [("x", 2, kind)]
         feed(store, restock("more", 2, 100))
-        assert feed1(store, op) == Outcome(failed.result, 2, (), new=False, status=status)
+        assert feed1(store, op) == Outcome(failed.result, 2, (), new=False, failed=kind)
         conflict = feed1(store, restock("x"))
-        assert (conflict.status, conflict.new) == (409, False)
+        assert (conflict.failed, conflict.new) == ("Conflict", False)
     store = reopen(store)  # what was (not) recorded survives a restart
-    if status == 400:
+    if kind == "Invalid":
         assert store.recorded(restock("x")) == Outcome(reused.result, 4, ("info:1",), new=False)
     else:
-        assert store.recorded(op) == Outcome(failed.result, 2, (), new=False, status=status)
+        assert store.recorded(op) == Outcome(failed.result, 2, (), new=False, failed=kind)
     store.close()
 
 
-@pytest.mark.parametrize("op, status, message", FAILING)
+@pytest.mark.parametrize("op, kind, message", FAILING)
 def test_validate_refuses_malformed_operations_and_changes_nothing(
-        tmp_path: Path, op: dict[str, Any], status: int, message: str) -> None:
+        tmp_path: Path, op: dict[str, Any], kind: str, message: str) -> None:
     store = catalog(tmp_path)
     feed(store, restock("warm-up"))
     before = everything(store)
-    if status == 400:
-        with pytest.raises(OpError) as caught:
+    if kind == "Invalid":
+        with pytest.raises(Invalid) as caught:
             store.validate(op)
-        assert caught.value.status == 400 and message in caught.value.message
+        assert message in caught.value.message
     else:
-        store.validate(op)  # 404/409 depend on the state when applied: not refused here
+        store.validate(op)  # NotFound, OutOfStock depend on the state when applied: not refused here
     assert everything(store) == before
     store = reopen(store)
     assert everything(store) == before
@@ -394,27 +398,41 @@ def test_validate_takes_its_trial_back(tmp_path: Path) -> None:
     store.close()
 
 
+@frozen
+class Odd(Op):
+    """An operation of the test's own (`what` it does, see HalfWayFails)."""
+
+    kind: ClassVar[str] = "odd"
+    what: str
+
+
 class HalfWayFails(CatalogMachine):
     """Changes rows, then fails."""
 
-    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> Any:
-        if op["op"] in ("half", "half400"):
+    def parse(self, data: Any) -> Op:
+        if data.get("op") in ("half", "half400", "crash"):
+            return Odd(rid=data["rid"], what=data["op"])
+        return super().parse(data)
+
+    def apply(self, db: sqlite3.Connection, op: Op, seq: int) -> Any:
+        if isinstance(op, Odd) and op.what in ("half", "half400"):
             db.execute("UPDATE books SET quantity = 0")
             db.execute("INSERT INTO books (id, title, topic, price, quantity) VALUES (100, 't', 't', 1, 1)")
-            raise OpError(409 if op["op"] == "half" else 400, "changed my mind")
-        if op["op"] == "crash":
+            raise (OutOfStock if op.what == "half" else Invalid)("changed my mind")
+        if isinstance(op, Odd) and op.what == "crash":
             db.execute("UPDATE books SET quantity = 0")
             raise RuntimeError("a bug")
         return super().apply(db, op, seq)
 
 
-@pytest.mark.parametrize("kind, status", [("half", 409), ("half400", 400)])
-def test_an_op_error_after_partial_changes_rolls_them_back(tmp_path: Path, kind: str, status: int) -> None:
+@pytest.mark.parametrize("kind, failed", [("half", "OutOfStock"), ("half400", "Invalid")])
+def test_an_op_error_after_partial_changes_rolls_them_back(tmp_path: Path, kind: str, failed: str) -> None:
     store = Store(str(tmp_path / "h.sqlite3"), HalfWayFails())
     feed(store, restock("r"))
     before = tables(store)
-    failed = feed1(store, {"op": kind, "rid": "boom"})
-    assert (failed.status, failed.error, failed.new, store.applied) == (status, "changed my mind", True, 2)
+    outcome = feed1(store, {"op": kind, "rid": "boom"})
+    assert (outcome.failed, outcome.result, outcome.new, store.applied) == (
+        failed, {"error": "changed my mind"}, True, 2)
     assert tables(store)[0] == before[0]
     assert feed1(store, restock("after")).seq == 3  # the store is still usable
     store = reopen(store)
@@ -456,7 +474,7 @@ def test_the_same_request_id_and_operation_gives_the_recorded_outcome(tmp_path: 
     assert store.recorded(decrement("order:1", 1, 2)) == Outcome(first.result, 1, ("info:1",), new=False)
     before = tables(store)
     again = feed1(store, decrement("order:1", 1, 2), term=2)
-    assert again == Outcome(first.result, first.seq, first.keys, new=False, status=200)
+    assert again == Outcome(first.result, first.seq, first.keys, new=False)
     assert tables(store) == before and store.applied == 2
     # the volatile fields of a retry (its id, when it was sent) are not part of the operation
     stamped = {**decrement("order:1", 1, 2), "created": "later", "created_ts": 99.0}
@@ -472,10 +490,10 @@ def test_the_same_request_id_with_another_operation_is_a_conflict(tmp_path: Path
     first = feed1(store, decrement("order:1", 1, 2))
     before = tables(store)
     other = decrement("order:1", 1, 50)
-    assert store.recorded(other) is not None and store.recorded(other).status == 409
+    assert store.recorded(other) is not None and store.recorded(other).failed == "Conflict"
     conflict = feed1(store, other)
-    assert (conflict.status, conflict.new, conflict.keys, conflict.seq) == (409, False, (), first.seq)
-    assert conflict.error is not None and "different operation" in conflict.error
+    assert (conflict.failed, conflict.new, conflict.keys, conflict.seq) == ("Conflict", False, (), first.seq)
+    assert "different operation" in conflict.result["error"]
     assert tables(store) == before and store.applied == 2
     # the recorded outcome is still the first one
     assert store.recorded(decrement("order:1", 1, 2)) == Outcome(first.result, 1, ("info:1",), new=False)
@@ -503,9 +521,8 @@ def test_operations_without_a_request_id_apply_every_time(tmp_path: Path) -> Non
 
 def test_order_machine_records_a_sale_once_keyed_by_idem(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "o.sqlite3"), OrderMachine())
-    sale = {"key": "k", "seq": 7, "book_id": 3, "title": "T", "quantity": 2, "price": 2.5,
-            "created": "now", "created_ts": 1.0}
-    record = record_op(sale)
+    sale = Sale(key="k", seq=7, book_id=3, title="T", quantity=2, price=2.5, created="now", created_ts=1.0)
+    record = record_op(sale).to_json()
     made = feed1(store, record)
     assert (made.result["id"], made.result["total"], made.result["sale_seq"], made.new) == (1, 5.0, 7, True)
     # the same request sent again later (another timestamp): the recorded outcome
@@ -516,12 +533,11 @@ def test_order_machine_records_a_sale_once_keyed_by_idem(tmp_path: Path) -> None
     assert (again.result, again.new) == (made.result, True)
     assert store.db.execute("SELECT count(*) FROM orders").fetchone() == (1,)
     # the next sale takes the next id
-    assert feed1(store, record_op({**sale, "key": "m", "seq": 9})).result["id"] == 2
+    assert feed1(store, record_op(evolve(sale, key="m", seq=9)).to_json()).result["id"] == 2
     unknown = feed1(store, {"op": "confirm", "rid": "x", "id": 1})
-    assert (unknown.status, unknown.error) == (400, "unknown order operation 'confirm'")
-    with pytest.raises(OpError) as caught:
-        store.validate({k: v for k, v in record_op({**sale, "key": "z"}).items() if k != "created"})
-    assert caught.value.status == 400  # no created time
+    assert (unknown.failed, unknown.result) == ("Invalid", {"error": "unknown order operation 'confirm'"})
+    with pytest.raises(Invalid, match="no 'created'"):
+        store.validate({k: v for k, v in record_op(evolve(sale, key="z")).to_json().items() if k != "created"})
     store = reopen(store)
     assert [(r[0], r[-3], r[-2]) for r in store.db.execute("SELECT * FROM orders")] == [(1, "k", 7), (2, "m", 9)]
     store.close()
@@ -535,9 +551,9 @@ def test_a_sale_takes_the_copies_and_is_recorded_with_them(tmp_path: Path) -> No
     assert sold.result["sale"] == {"key": "k", "seq": 1, "book_id": 2, "title": SEED_BOOKS[2][0], "quantity": 3,
                                    "price": SEED_BOOKS[2][2], "created": "now", "created_ts": 1.0}
     refused = feed1(store, {**sell, "rid": "sale:m", "key": "m", "quantity": 6})
-    assert (refused.status, refused.error) == (409, "book 2 is out of stock (5 left, 6 asked)")
+    assert (refused.failed, refused.result) == ("OutOfStock", {"error": "book 2 is out of stock (5 left, 6 asked)"})
     reused = feed1(store, {**sell, "quantity": 1})  # the same key for another purchase
-    assert reused.status == 409 and "already used" in (reused.error or "")
+    assert reused.failed == "Conflict" and "already used" in reused.result["error"]
     assert [r[0] for r in store.db.execute("SELECT key FROM sales")] == ["k"]
     store.close()
 
@@ -549,7 +565,7 @@ def healthy_and_fresh(store: Store) -> None:
     assert store.healed and store.pristine
     assert (store.applied, store.last_index(), store.voter) == (0, 0, False)
     assert books(store) == [(i, *b) for i, b in enumerate(SEED_BOOKS)]
-    assert feed1(store, restock("a")).status == 200
+    assert feed1(store, restock("a")).failed is None
     store = reopen(store)
     assert not store.healed and store.applied == 1
     store.close()
@@ -623,37 +639,35 @@ OPS = st.one_of(
 )
 
 
-def expected(ops: list[dict[str, Any] | None]) -> tuple[list[tuple[int, bool]], dict[int, int]]:
-    """A model of the catalog: the (status, new) each op must get, and the stock at the end."""
+def expected(ops: list[dict[str, Any] | None]) -> tuple[list[tuple[str | None, bool]], dict[int, int]]:
+    """A model of the catalog: the (kind of failure or None, new) each op must get, and
+    the stock at the end."""
     stock = {b: q for b, (_, _, _, q) in enumerate(SEED_BOOKS)}
-    seen: dict[str, tuple[str, int]] = {}  # rid: (fingerprint, status)
-    out: list[tuple[int, bool]] = []
+    seen: dict[str, tuple[str, str | None]] = {}  # rid: (fingerprint, failure)
+    out: list[tuple[str | None, bool]] = []
     for op in ops:
         if op is None:
-            out.append((200, False))
+            out.append((None, False))
             continue
         rid = op["rid"]
         if rid is not None and rid in seen:
-            fp, status = seen[rid]
-            out.append((status if fp == fingerprint(op) else 409, False))
+            fp, failed = seen[rid]
+            out.append((failed if fp == fingerprint(op) else "Conflict", False))
             continue
+        failed: str | None = None
         if op["op"] == "add_book":
             stock[len(stock)] = op["quantity"]
-            status = 200
+        elif "quantity" not in op and op["op"] != "update_price":
+            failed = "Invalid"
         elif op["id"] not in stock:
-            status = 404
-        elif op["op"] == "update_price":
-            status = 200
-        elif "quantity" not in op:
-            status = 400
+            failed = "NotFound"
         elif op["op"] == "decrement" and stock[op["id"]] < op["quantity"]:
-            status = 409
-        else:
+            failed = "OutOfStock"
+        elif op["op"] != "update_price":
             stock[op["id"]] += op["quantity"] if op["op"] == "restock" else -op["quantity"]
-            status = 200
-        if rid is not None and status != 400:
-            seen[rid] = (fingerprint(op), status)
-        out.append((status, True))
+        if rid is not None and failed != "Invalid":
+            seen[rid] = (fingerprint(op), failed)
+        out.append((failed, True))
     return out, stock
 
 
@@ -673,8 +687,8 @@ def test_any_history_replays_identically(ops: list[dict[str, Any] | None], terms
         reference.append(log)
         want = [reference.apply(e) for e in log]
         reference.flush()
-        statuses, stock = expected(ops)
-        assert [(o.status, o.new) for o in want] == statuses
+        outcomes, stock = expected(ops)
+        assert [(o.failed, o.new) for o in want] == outcomes
         assert {b[0]: b[4] for b in books(reference)} == stock
         for entry, outcome in zip(log, want):
             # a new outcome comes from its own entry; a recorded one from an earlier entry
@@ -736,4 +750,29 @@ def test_store_files_are_private(tmp_path: Path) -> None:
     for name in os.listdir(tmp_path):
         if name.startswith("c"):
             assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name
+    store.close()
+
+
+def test_a_store_of_the_first_layout_keeps_its_recorded_outcomes(tmp_path: Path) -> None:
+    """Stores written before outcomes were recorded by kind (requests.status held the
+    number: 200, 404, 409) open with every outcome kept, as the same kind."""
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE requests (rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, fp TEXT NOT NULL, "
+               "status INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+    sold_out, unknown, done = decrement("a", 2, 9), restock("b", 99), restock("c", 1)
+    db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)", [
+        ("a", 1, fingerprint(sold_out), 409, '{"error": "book 2 is out of stock"}', "[]"),
+        ("b", 2, fingerprint(unknown), 404, '{"error": "no book with id 99"}', "[]"),
+        ("c", 3, fingerprint(done), 200, '{"id": 1}', '["info:1"]')])
+    db.commit()
+    db.close()
+    store = Store(path, CatalogMachine())
+    assert store.db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert store.recorded(sold_out) == Outcome({"error": "book 2 is out of stock"}, 1, (), new=False,
+                                               failed="OutOfStock")
+    assert store.recorded(unknown) == Outcome({"error": "no book with id 99"}, 2, (), new=False, failed="NotFound")
+    assert store.recorded(done) == Outcome({"id": 1}, 3, ("info:1",), new=False)
+    store = reopen(store)  # once upgraded, opened as it is
+    assert store.recorded(sold_out) is not None and store.recorded(sold_out).failed == "OutOfStock"
     store.close()

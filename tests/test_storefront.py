@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 from memory import TOKEN, Response, Shop
 
-from bazar.storefront import Admin
+from bazar.pages.storefront import Admin
 
 HTML = "text/html; charset=utf-8"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

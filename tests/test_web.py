@@ -1,4 +1,4 @@
-"""bazar.web: JSON responses and errors for every status, body limits, the admin
+"""bazar.http (app, request): JSON responses and errors for every status, body limits, the admin
 token and the cluster secret — through a real Klein app over StubTreq."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from treq.testing import StubTreq
 from twisted.internet.defer import succeed
 from twisted.web.test.requesthelper import DummyRequest
 
-from bazar import web
-from bazar.web import MAX_BODY, NO_BODY, HTTPError, JsonApp, Raw, parse_id, read_json, read_object, require_admin
+from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
+from bazar.http import request as web
+from bazar.http.app import JsonApp, Raw
+from bazar.http.request import MAX_BODY, NO_BODY, parse_id, read_json, read_object, require_admin
 
 
 def exchange(stub: StubTreq, method: str, url: str, **kw: Any) -> Response:
@@ -59,7 +61,7 @@ def sample_app() -> JsonApp:
 
     @api.route("/teapot", "GET", "teapot")
     def teapot(request: Any) -> Any:
-        raise HTTPError(418, "short and stout", {b"X-Why": b"tea"})
+        raise Unavailable("short and stout", retry_after=3)
 
     @api.route("/boom", "GET", "boom")
     def boom(request: Any) -> Any:
@@ -73,7 +75,7 @@ def sample_app() -> JsonApp:
     @api.route("/async-error", "GET", "async_error")
     async def later_error(request: Any) -> Any:
         await succeed(None)
-        raise HTTPError(409, "conflict, later")
+        raise Conflict("conflict, later")
 
     @api.route("/async-boom", "GET", "async_boom")
     async def later_boom(request: Any) -> Any:
@@ -115,10 +117,10 @@ def test_raw_bodies_keep_their_content_type(stub: StubTreq) -> None:
     assert (r.code, r.body, r.header("Content-Type")) == (200, b"hello", "text/plain")
 
 
-def test_http_errors_carry_status_headers_and_sentence(stub: StubTreq) -> None:
+def test_errors_carry_status_headers_and_sentence(stub: StubTreq) -> None:
     r = exchange(stub, "GET", URL + "/teapot")
-    assert assert_json_error(r, 418) == {"error": "short and stout"}
-    assert r.header("X-Why") == "tea"
+    assert assert_json_error(r, 503) == {"error": "short and stout"}
+    assert r.header("Retry-After") == "3"
     assert assert_json_error(exchange(stub, "GET", URL + "/async-error"), 409) == {"error": "conflict, later"}
 
 
@@ -164,50 +166,43 @@ def dummy(body: bytes, length: bytes | None = None) -> DummyRequest:
 
 def test_read_body_limits_without_or_with_a_lying_content_length() -> None:
     # No Content-Length (chunked upload): the limit holds on what was read.
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(TooLarge):
         web.read_body(dummy(b"x" * (MAX_BODY + 1)))
-    assert caught.value.status == 413
     # A Content-Length claiming less than was sent changes nothing.
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(TooLarge):
         web.read_body(dummy(b"x" * (MAX_BODY + 1), b"3"))
-    assert caught.value.status == 413
     # A Content-Length above the limit is refused before reading.
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(TooLarge):
         web.read_body(dummy(b"{}", str(MAX_BODY + 1).encode()))
-    assert caught.value.status == 413
     assert web.read_body(dummy(b"x" * MAX_BODY)) == b"x" * MAX_BODY
 
 
 def test_json_null_is_not_an_optional_body() -> None:
     assert read_json(dummy(b"null"), optional=True) is None
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Invalid):
         read_object(dummy(b"null"), optional=True)
-    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"\n\t"])
 def test_empty_bodies(body: bytes) -> None:
     assert read_json(dummy(body), optional=True) is NO_BODY
     assert read_object(dummy(body), optional=True) is None
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Invalid):
         read_json(dummy(body))
-    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("body", [b"NaN", b'{"p": NaN}', b'{"p": Infinity}', b'{"p": -Infinity}', b"1e400",
                                   b"{'p': 1}", b"{", b'{"a":1}x', b"\xff\xfe", b'"\xed\xa0\x80"',
                                   b"\xef\xbb\xbf{}", b'{"a": "\\ud800"}', b"\x00"])
 def test_invalid_json_is_400(body: bytes) -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Invalid):
         read_json(dummy(body))
-    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("body", [b"[]", b"1", b'"x"', b"true", b"[{}]"])
 def test_read_object_wants_an_object(body: bytes) -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Invalid):
         read_object(dummy(body), optional=True)
-    assert caught.value.status == 400
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -254,7 +249,7 @@ def test_admin_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(web.hmac, "compare_digest", compare)
     request = dummy(b"")
     request.requestHeaders.setRawHeaders(b"Authorization", [b"Bearer guess"])
-    with pytest.raises(HTTPError):
+    with pytest.raises(Unauthorized):
         require_admin(request, TOKEN)
     assert seen == [(b"guess", TOKEN.encode())]
 
@@ -264,10 +259,8 @@ def test_no_configured_token_disables_admin_calls(configured: str | None) -> Non
     for header in (b"Bearer ", b"Bearer x", b""):
         request = dummy(b"")
         request.requestHeaders.setRawHeaders(b"Authorization", [header])
-        with pytest.raises(HTTPError) as caught:
+        with pytest.raises(Unauthorized):
             require_admin(request, configured)
-        assert caught.value.status == 401
-        assert caught.value.headers[b"WWW-Authenticate"].startswith(b"Bearer")
 
 
 # -- cluster secret ------------------------------------------------------------
@@ -286,9 +279,8 @@ def test_no_configured_secret_closes_internal_routes() -> None:
         request = dummy(b"")
         if header is not None:
             request.requestHeaders.setRawHeaders(web.SECRET_HEADER, [header])
-        with pytest.raises(HTTPError) as caught:
+        with pytest.raises(Forbidden):
             web.require_secret(request, None)
-        assert caught.value.status == 403
 
 
 def test_replica_internal_endpoints_are_closed_to_the_public(tmp_path: Any) -> None:
@@ -344,9 +336,8 @@ def test_parse_id_accepts_plain_decimal(text: str, value: int) -> None:
 @pytest.mark.parametrize("text", ["", "-1", "+1", "1.0", "abc", " 1", "1 ", "0x1", "1e3", "\u0661", "\uff11",
                                   "\u00b2", "9" * 19, "1_000"])
 def test_parse_id_refuses_anything_else_with_404(text: str) -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(NotFound):
         parse_id(text)
-    assert caught.value.status == 404
 
 
 def test_metrics_count_requests_per_route_and_status(stub: StubTreq) -> None:
@@ -358,7 +349,7 @@ def test_metrics_count_requests_per_route_and_status(stub: StubTreq) -> None:
     assert r.code == 200 and r.header("Content-Type").startswith("text/plain")
     text = r.body.decode()
     assert 'bazar_requests_total{route="plain",service="sample",status="200"} 3.0' in text
-    assert 'bazar_requests_total{route="teapot",service="sample",status="418"} 1.0' in text
+    assert 'bazar_requests_total{route="teapot",service="sample",status="503"} 1.0' in text
     assert 'bazar_requests_total{route="unmatched",service="sample",status="404"} 1.0' in text
     assert 'bazar_request_seconds_count{route="plain",service="sample"} 3.0' in text
 
@@ -371,7 +362,7 @@ def test_two_apps_in_one_process_have_their_own_metrics() -> None:
     assert 'bazar_request_seconds_count{route="plain",service="sample"} 0.0' in text
 
 
-def test_shortcuts_answer_json_for_results_errors_and_crashes() -> None:
+def test_fast_paths_answer_json_for_results_errors_and_crashes() -> None:
     from twisted.logger import globalLogPublisher
 
     api = JsonApp("test")
@@ -381,8 +372,8 @@ def test_shortcuts_answer_json_for_results_errors_and_crashes() -> None:
         calls.append(rest)
         if rest == b"ok":
             return b'{"fast": true}'
-        if rest == b"teapot":
-            raise HTTPError(418, "short and stout")
+        if rest == b"gone":
+            raise NotFound("not here")
         if rest == b"boom":
             raise RuntimeError("broken")
         return None  # falls through to the Klein route
@@ -391,15 +382,15 @@ def test_shortcuts_answer_json_for_results_errors_and_crashes() -> None:
     def slow(request: Any, rest: str) -> dict[str, Any]:
         return {"slow": rest}
 
-    api.shortcut(b"GET", b"/x/", "x", handler)
+    api.fast("GET", "/x/", "x", handler)
     stub = StubTreq(api.resource())
     errors: list[Any] = []
     globalLogPublisher.addObserver(errors.append)
     try:
         assert exchange(stub, "GET", "http://h/x/ok").code == 200
         assert exchange(stub, "GET", "http://h/x/ok").json() == {"fast": True}
-        teapot = exchange(stub, "GET", "http://h/x/teapot")
-        assert (teapot.code, teapot.json()) == (418, {"error": "short and stout"})
+        gone = exchange(stub, "GET", "http://h/x/gone")
+        assert (gone.code, gone.json()) == (404, {"error": "not here"})
         boom = exchange(stub, "GET", "http://h/x/boom")
         assert (boom.code, boom.json()) == (500, {"error": "internal error"})
         assert boom.header("Content-Type") == "application/json"
@@ -407,7 +398,52 @@ def test_shortcuts_answer_json_for_results_errors_and_crashes() -> None:
         assert (slow_answer.code, slow_answer.json()) == (200, {"slow": "other"})
     finally:
         globalLogPublisher.removeObserver(errors.append)
-    assert calls == [b"ok", b"ok", b"teapot", b"boom", b"other"]
+    assert calls == [b"ok", b"ok", b"gone", b"boom", b"other"]
     assert any("log_failure" in event for event in errors)  # the crash is logged, not shown
     metrics = exchange(stub, "GET", "http://h/metrics").body.decode()
-    assert 'route="x",service="test",status="418"' in metrics
+    assert 'route="x",service="test",status="404"' in metrics
+
+
+def test_rpcs_answer_their_exact_path_only() -> None:
+    """Internal RPCs: an exact path, no Klein route behind it (another path under it is
+    a 404), a wrong method a 405 that says which are allowed; async handlers and
+    errors answered like routes'."""
+    api = JsonApp("test")
+
+    @api.rpc("/internal/echo", "POST", "echo")
+    async def echo(request: Any) -> Any:
+        await succeed(None)
+        body = read_object(request)
+        if body == {"fail": True}:
+            raise Invalid("asked to fail")
+        return body
+
+    @api.rpc("/internal/echo", "PUT", "echo_put")
+    def echo_put(request: Any) -> Any:
+        return 201, {"put": True}
+
+    stub = StubTreq(api.resource())
+    r = exchange(stub, "POST", "http://h/internal/echo", data=b'{"a": 1}')
+    assert (r.code, r.json()) == (200, {"a": 1})
+    r = exchange(stub, "PUT", "http://h/internal/echo")
+    assert (r.code, r.json()) == (201, {"put": True})
+    assert_json_error(exchange(stub, "POST", "http://h/internal/echo", data=b'{"fail": true}'), 400)
+    r = exchange(stub, "GET", "http://h/internal/echo")
+    assert_json_error(r, 405)
+    assert r.header("Allow") == "POST, PUT"
+    assert_json_error(exchange(stub, "POST", "http://h/internal/echo/more", data=b"{}"), 404)
+    metrics = exchange(stub, "GET", "http://h/metrics").body.decode()
+    assert 'route="echo",service="test",status="200"' in metrics
+    assert 'route="echo",service="test",status="400"' in metrics
+
+
+@pytest.mark.parametrize("error, status", [(Invalid("x"), 400), (Unauthorized("x"), 401), (Forbidden("x"), 403),
+                                           (NotFound("x"), 404), (Conflict("x"), 409), (TooLarge("x"), 413),
+                                           (Unavailable("x"), 503)])
+def test_every_error_has_its_status_and_a_peer_gives_it_back(error: BazarError, status: int) -> None:
+    from bazar.http.app import status_of
+    from bazar.http.client import error_of
+
+    assert status_of(error) == status
+    back = error_of(status, {"error": "said the peer"})
+    assert type(back) is type(error) and back.message == "said the peer"

@@ -54,7 +54,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import AlreadyCalledError, Deferred, ensureDeferred, fail
 from twisted.internet.error import AlreadyCalled, AlreadyCancelled, ConnectionLost, ConnectionRefusedError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -63,8 +63,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from bazar.client import PeerClient
-from bazar.web import error_body
+from bazar.http.app import error_body
+from bazar.http.client import PeerClient
 
 HOST = "127.0.0.1"
 REFUSE = "refuse"  # a cut link resets connections: the caller learns at once
@@ -95,8 +95,9 @@ class SimClock:
     def seconds(self) -> float:
         return self.rightNow
 
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> DelayedCall:  # noqa: N802
-        dc = DelayedCall(self.rightNow + delay, f, args, kw, _ignore, self._moved, self.seconds)
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object,  # noqa: N802
+                  **kwargs: object) -> DelayedCall:
+        dc = DelayedCall(self.rightNow + delay, callable, args, kwargs, _ignore, self._moved, self.seconds)
         heapq.heappush(self._heap, (dc.time, next(self._order), dc))
         return dc
 
@@ -130,6 +131,7 @@ def _ignore(dc: DelayedCall) -> None:
     """Cancelled calls stay in the heap, marked, and are skipped when met."""
 
 
+@implementer(IReactorTime)
 class ProcessClock:
     """One process's clock: the shared clock's time, its own timers.
 
@@ -147,8 +149,12 @@ class ProcessClock:
     def seconds(self) -> float:
         return self.clock.seconds()
 
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> ProcessCall:  # noqa: N802
-        call = ProcessCall(self, f, args, kw, self.clock.seconds() + delay)
+    def getDelayedCalls(self) -> list[IDelayedCall]:  # noqa: N802
+        return []  # (nobody asks a process's clock for them)
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object,  # noqa: N802
+                  **kwargs: object) -> ProcessCall:
+        call = ProcessCall(self, callable, args, kwargs, self.clock.seconds() + delay)
         if not self.dead:
             call.inner = self.clock.callLater(delay, call.fire)
         return call
@@ -171,11 +177,12 @@ class ProcessClock:
         self.backlog = []
 
 
+@implementer(IDelayedCall)
 class ProcessCall:
     """An `IDelayedCall` of a `ProcessClock`."""
 
     def __init__(
-        self, owner: ProcessClock, f: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], due: float
+        self, owner: ProcessClock, f: Callable[..., Any], args: tuple[object, ...], kw: dict[str, object], due: float
     ):
         self.owner = owner
         self.f = f
@@ -403,7 +410,7 @@ class Exchange:
 
 
 class _Client(PeerClient):
-    """Bazar's own client (its short way for `bazar.client.call`, whose header
+    """Bazar's own client (its short way for `bazar.http.client.call`, whose header
     values are lists); anything else, as from a test, takes treq's full way."""
 
     def request(self, method: str, url: Any, **kw: Any) -> Any:

@@ -44,24 +44,22 @@ from typing import Any, cast
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 
-from bazar import raft
-from bazar.balancer import ReplicaSet
-from bazar.books import SEED_BOOKS
-from bazar.cache import LRUCache
-from bazar.catalog import CatalogMachine, catalog_app
-from bazar.client import Unreachable, call
-from bazar.frontend import Frontend, frontend_app
-from bazar.invalidation import InvalidationStream, Publisher
-from bazar.order import OrderMachine, Purchases, order_app
-from bazar.replication import Replica, sleep
+from bazar.catalog import CatalogMachine, CatalogNode, build_catalog
+from bazar.frontend import Frontend, build_frontend
+from bazar.http.client import Unreachable, call
+from bazar.order import OrderMachine, OrderNode, Purchases, build_order
+from bazar.records import SEED_BOOKS
+from bazar.replication import raft
+from bazar.replication.replica import Replica
+from bazar.replication.store import Store
+from bazar.settings import CatalogSettings, FrontendSettings, OrderSettings, ReplicaSettings
 from bazar.sim.history import OUT_OF_STOCK, History, Op, book_key
 from bazar.sim.linearizability import LINEARIZABLE, BookModel, check
 from bazar.sim.network import DROP, MODES, REFUSE, LinkFaults, Network, ProcessClock, SimClock, url_of
-from bazar.store import Store
 
 # The simulated store's own credentials: nothing outside this process ever sees them.
 SECRET = "cluster-secret-for-the-simulation"  # noqa: S105
@@ -85,8 +83,11 @@ EXPECTED_ERRORS = (
     "ConnectionRefusedError",
     "ConnectionDone",
     "ResponseNeverReceived",
-    "HTTPError",
-    "OpError",
+    "Unavailable",
+    "Invalid",
+    "NotFound",
+    "Conflict",
+    "OutOfStock",
     "Unreachable",
     "Busy",
 )
@@ -180,11 +181,11 @@ def patched_uuid4(rng: random.Random) -> Iterator[None]:
     """The front end's request ids and idempotency keys come from `uuid.uuid4`: make
     them the seed's."""
     original = uuid.uuid4
-    uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)  # type: ignore[assignment]
+    uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)
     try:
         yield
     finally:
-        uuid.uuid4 = original  # type: ignore[assignment]
+        uuid.uuid4 = original
 
 
 def corrupt_file(path: str, rng: random.Random) -> str:
@@ -277,48 +278,30 @@ class World:
         machine = CatalogMachine() if node.service == "catalog" else OrderMachine()
         store = Store(node.path, machine, synchronous="OFF")
         http = self.network.client(node.port)
-        peers = {n.ident: url_of(n.port) for n in self.replicas(node.service)}
-        replica = Replica(
-            service=node.service,
-            replica_id=node.ident,
-            peers=peers,
-            store=store,
-            http=http,
-            clock=clock,
-            secret=SECRET,
-            rng=derived(self.rng["replicas"]),
-        )
-        loops = [self._loop(clock, replica.tick_seconds, replica.tick, now=True)]
+        replica_settings = ReplicaSettings(service=node.service, replica_id=node.ident,
+                                           peers={n.ident: url_of(n.port) for n in self.replicas(node.service)},
+                                           secret=SECRET, admin_token=TOKEN)
+        built: CatalogNode | OrderNode
         if node.service == "catalog":
-            publisher = Publisher(
-                http=http,
-                clock=clock,
-                secret=SECRET,
-                frontends=[url_of(FRONTEND_PORT + k) for k in range(self.frontend_count)],
-                redis_url=None,
-            )
-            replica.on_commit = publisher.committed
-            replica.on_primary = lambda: self.elected(node.service, replica)
-            app = catalog_app(replica, SECRET)
-            self.network.add(node.port, app.resource())
-            replica.start()
-            publisher.start()
+            frontends = tuple(url_of(FRONTEND_PORT + k) for k in range(self.frontend_count))
+            built = build_catalog(CatalogSettings(replica=replica_settings, frontends=frontends), store=store,
+                                  clock=clock, http=http, rng=derived(self.rng["replicas"]))
         else:
-            catalog = ReplicaSet("catalog", self.urls("catalog"), http, clock, SECRET, write_budget=8.0)
-            purchases = Purchases(replica, catalog, clock, SECRET)
+            built = build_order(OrderSettings(replica=replica_settings, catalog=tuple(self.urls("catalog"))),
+                                store=store, clock=clock, http=http, rng=derived(self.rng["replicas"]))
+            node.purchases = built.purchases
+        replica = built.replica
+        as_built = replica.on_primary
 
-            # as in bazar.order.makeService
-            def elected() -> None:
-                self.elected(node.service, replica)
-                purchases.elected()
+        def elected() -> None:
+            self.elected(node.service, replica)
+            if as_built is not None:
+                as_built()
 
-            replica.on_primary = elected
-            loops.append(self._loop(clock, 0.5, lambda: ensureDeferred(catalog.poll()), now=True))
-            loops.append(self._loop(clock, 1.0, purchases.sweep, now=True))
-            app = order_app(replica, purchases, SECRET, TOKEN)
-            self.network.add(node.port, app.resource())
-            replica.start()
-            node.purchases = purchases
+        replica.on_primary = elected
+        self.network.add(node.port, built.resource)
+        loops = [self._loop(clock, every, work, now=True) for every, work, _ in built.periodic]
+        built.start()
         node.clock, node.replica, node.loops, node.state = clock, replica, loops, "up"
         node.boots += 1
         if store.healed:
@@ -337,7 +320,7 @@ class World:
                 self._unexpected(Failure(), "a periodic call")
 
         loop = LoopingCall(guarded)
-        loop.clock = clock  # type: ignore[assignment]
+        loop.clock = clock
         loop.start(every, now=now)
         return loop
 
@@ -345,18 +328,11 @@ class World:
         port = FRONTEND_PORT + index
         clock = ProcessClock(self.clock, f"frontend-{index}")
         http = self.network.client(port)
-        cache = LRUCache(1024)
-        stream = InvalidationStream(cache, clock)
-        fe = Frontend(
-            catalog=ReplicaSet("catalog", self.urls("catalog"), http, clock, SECRET),
-            order=ReplicaSet("order", self.urls("order"), http, clock, SECRET, write_budget=15.0),
-            cache=cache,
-            stream=stream,
-            admin_token=TOKEN,
-            secret=SECRET,
-        )
-        self.network.add(port, frontend_app(fe).resource())
-        loops = [self._loop(clock, 0.25, lambda: ensureDeferred(fe.poll()), now=True)]
+        built = build_frontend(FrontendSettings(catalog=tuple(self.urls("catalog")), order=tuple(self.urls("order")),
+                                                secret=SECRET, admin_token=TOKEN), clock=clock, http=http)
+        fe = built.frontend
+        self.network.add(port, built.resource)
+        loops = [self._loop(clock, every, work, now=True) for every, work, _ in built.periodic]
         node = FrontendNode(index, port, fe, clock, loops)
         self.frontends.append(node)
         return node
@@ -573,7 +549,7 @@ class World:
                 return purchase
             if attempt + 1 == BUY_ATTEMPTS or self.now() >= deadline:
                 break
-            await sleep(self.clock, 0.2 * (attempt + 1))
+            await deferLater(self.clock, 0.2 * (attempt + 1))
         self.history.unknown(handle)
         return purchase
 
@@ -648,7 +624,7 @@ class World:
                 await self.admin(process, "set_price", book, float(rng.randrange(1000, 9999)) / 100)
             else:
                 await self.admin(process, "restock", book, rng.randint(1, 3))
-            await sleep(self.clock, rng.uniform(0.05, 0.6))
+            await deferLater(self.clock, rng.uniform(0.05, 0.6))
 
     def start_clients(self, count: int, until: float, books: tuple[int, ...]) -> None:
         self.stop_clients_at = until

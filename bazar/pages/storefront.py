@@ -1,4 +1,4 @@
-"""The storefront: HTML pages served by the front end at `/` (DESIGN.md).
+"""The storefront: HTML pages served by the front end at `/`.
 
 The pages go through the front end's own internals (`Frontend.info/search/
 all_books/purchase/catalog_write/orders`), so the cache, read-your-writes and the
@@ -16,13 +16,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from bazar.books import MAX_QUANTITY, parse_new_book, parse_price, parse_restock
-from bazar.frontend import Frontend, passthrough
-from bazar.html import Markup, html_response, html_route, join, page, table, tag
-from bazar.web import HTTPError, JsonApp, Raw, loads, parse_id, read_body
+from twisted.web.iweb import IRequest
+
+from bazar.codec import loads
+from bazar.errors import Forbidden, Invalid, Unauthorized
+from bazar.http.app import JsonApp, Raw
+from bazar.http.client import passthrough
+from bazar.http.request import parse_id, read_body
+from bazar.ops import AddBook, Restock, UpdatePrice, new_rid
+from bazar.pages.html import Markup, PageHandler, html_response, html_route, join, page, table, tag
+from bazar.records import MAX_QUANTITY, parse_new_book, parse_price, parse_restock
+
+if TYPE_CHECKING:
+    from bazar.frontend import Frontend
 
 COOKIE = b"bazar_admin"
 
@@ -41,13 +51,13 @@ def form_key() -> str:
     return "web-" + secrets.token_urlsafe(18)
 
 
-def form_fields(request: Any) -> dict[str, str]:
+def form_fields(request: IRequest) -> dict[str, str]:
     """The urlencoded body of a form POST (the site does not parse bodies itself)."""
     data = read_body(request)
     try:
         parsed = parse_qs(data.decode("utf-8"), keep_blank_values=True, max_num_fields=20, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
-        raise HTTPError(400, "the form could not be read") from None
+        raise Invalid("the form could not be read") from None
     return {k: v[0] for k, v in parsed.items()}
 
 
@@ -59,7 +69,7 @@ def quantity_field(text: str | None, default: int | None = None) -> int:
     if not text and default is not None:
         return default
     if text is None or not text.strip().isdigit() or not 1 <= int(text) <= MAX_QUANTITY:
-        raise HTTPError(400, f"the quantity must be a whole number from 1 to {MAX_QUANTITY}")
+        raise Invalid(f"the quantity must be a whole number from 1 to {MAX_QUANTITY}")
     return int(text)
 
 
@@ -67,7 +77,7 @@ def book_link(book: dict[str, Any]) -> Markup:
     return tag("a", book["title"], href=f"/book/{int(book['id'])}")
 
 
-def same_origin(request: Any) -> None:
+def same_origin(request: IRequest) -> None:
     """Refuse a form posted from another site (the cookie is SameSite=Strict already;
     this also covers browsers that ignore that attribute)."""
     origin = request.getHeader(b"Origin")
@@ -75,13 +85,14 @@ def same_origin(request: Any) -> None:
         return
     host = request.getHeader(b"Host") or b""
     if urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
-        raise HTTPError(403, "this form was posted from another site")
+        raise Forbidden("this form was posted from another site")
 
 
-def cookie_of(request: Any, name: bytes) -> bytes | None:
+def cookie_of(request: IRequest, name: bytes) -> bytes | None:
     """A cookie read from the headers themselves (request.getCookie depends on the
     server having parsed them, which not every way in does)."""
-    for header in request.requestHeaders.getRawHeaders(b"Cookie") or []:
+    headers: list[bytes] = request.requestHeaders.getRawHeaders(b"Cookie") or []
+    for header in headers:
         for pair in header.split(b";"):
             key, sep, value = pair.strip().partition(b"=")
             if sep and key == name:
@@ -101,31 +112,32 @@ class Admin:
     def check_token(self, given: str) -> bool:
         return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())  # type: ignore[union-attr]
 
-    def logged_in(self, request: Any) -> bool:
+    def logged_in(self, request: IRequest) -> bool:
         value = cookie_of(request, COOKIE)
         return self.cookie is not None and value is not None and hmac.compare_digest(value, self.cookie)
 
-    def require(self, request: Any) -> None:
+    def require(self, request: IRequest) -> None:
         if not self.logged_in(request):
-            raise HTTPError(401, "log in with the admin token first (the Admin page)")
+            raise Unauthorized("log in with the admin token first (the Admin page)")
 
 
 def install_storefront(api: JsonApp, fe: Frontend) -> None:
     admin = Admin(fe.admin_token)
 
-    def route(path: str, method: str, name: str) -> Any:
-        def register(handler: Any) -> Any:
-            return api.route(path, method, name)(html_route(handler, NAV))
+    def route(path: str, method: str, name: str) -> Callable[[PageHandler], PageHandler]:
+        def register(handler: PageHandler) -> PageHandler:
+            api.route(path, method, name)(html_route(handler, NAV))
+            return handler
         return register
 
     @route("/", "GET", "storefront")
-    async def catalogue(request: Any) -> tuple[int, Raw]:
+    async def catalogue(request: IRequest) -> tuple[int, Raw]:
         topic_arg = request.args.get(b"topic")
         if topic_arg and topic_arg[0].strip():
             try:
                 topic = topic_arg[0].decode("utf-8")
             except UnicodeDecodeError:
-                raise HTTPError(400, "the topic is not valid UTF-8") from None
+                raise Invalid("the topic is not valid UTF-8") from None
             found = loads(passthrough(*await fe.search(topic))[1])
             rows = [[b["id"], book_link(b)] for b in found]
             body = table(["id", "title"], rows, {0}, id="results") if rows else tag("p", "No book on that topic.")
@@ -140,7 +152,7 @@ def install_storefront(api: JsonApp, fe: Frontend) -> None:
                                   nav=NAV))
 
     @route("/book/<string:book_id>", "GET", "book_page")
-    async def book_page(request: Any, book_id: str) -> tuple[int, Raw]:
+    async def book_page(request: IRequest, book_id: str) -> tuple[int, Raw]:
         book = loads(passthrough(*await fe.info(parse_id(book_id)))[1])
         ident = int(book["id"])
         if book["quantity"] > 0:
@@ -160,13 +172,13 @@ def install_storefront(api: JsonApp, fe: Frontend) -> None:
         return tag("a", book["topic"], href="/?topic=" + quote(book["topic"], safe=""))
 
     @route("/book/<string:book_id>/buy", "POST", "buy_form")
-    async def buy(request: Any, book_id: str) -> tuple[int, Raw]:
+    async def buy(request: IRequest, book_id: str) -> tuple[int, Raw]:
         ident = parse_id(book_id)
         fields = form_fields(request)
         quantity = quantity_field(fields.get("quantity"), default=1)
         key = fields.get("key") or None
         if key is not None and (len(key) > 200 or not key.isprintable()):
-            raise HTTPError(400, "the form key is malformed; reload the book page")
+            raise Invalid("the form key is malformed; reload the book page")
         order = (await fe.purchase(ident, quantity, key))["order"]
         rows = [["order", order["id"]], ["book", tag("a", order["title"], href=f"/book/{int(order['book_id'])}")],
                 ["copies", order["quantity"]], ["price", money(order["price"])], ["total", money(order["total"])],
@@ -185,7 +197,7 @@ def install_storefront(api: JsonApp, fe: Frontend) -> None:
         return html_response(page("Admin", tag("h2", "Admin"), notice, form, nav=NAV), status)
 
     @route("/admin", "GET", "admin_page")
-    async def admin_page(request: Any) -> tuple[int, Raw]:
+    async def admin_page(request: IRequest) -> tuple[int, Raw]:
         if not admin.logged_in(request):
             return login_page(401)
         books = loads(passthrough(*await fe.all_books())[1])
@@ -215,70 +227,73 @@ def install_storefront(api: JsonApp, fe: Frontend) -> None:
                                   tag("h3", "Add a book"), add, nav=NAV))
 
     @route("/admin/login", "POST", "admin_login")
-    async def login(request: Any) -> tuple[int, Raw]:
+    async def login(request: IRequest) -> tuple[int, Raw]:
         same_origin(request)
         if not admin.check_token(form_fields(request).get("token", "")):
             return login_page(401, "That is not the admin token." if admin.token else
                               "Admin pages are disabled: no admin token is configured.")
-        request.addCookie(COOKIE, admin.cookie, path="/", httpOnly=True, sameSite="strict")
+        # (IRequest declares fewer cookie attributes than twisted.web.server.Request has)
+        request.addCookie(COOKIE, admin.cookie, path="/", httpOnly=True, sameSite="strict")  # type: ignore[call-arg]
         return see_other(request, "/admin")
 
     @route("/admin/logout", "POST", "admin_logout")
-    async def logout(request: Any) -> tuple[int, Raw]:
-        request.addCookie(COOKIE, b"", path="/", httpOnly=True, sameSite="strict", max_age=0)
+    async def logout(request: IRequest) -> tuple[int, Raw]:
+        request.addCookie(COOKIE, b"", path="/", httpOnly=True, sameSite="strict",  # type: ignore[call-arg]
+                          max_age=0)
         return see_other(request, "/")
 
-    def see_other(request: Any, where: str) -> tuple[int, Raw]:
+    def see_other(request: IRequest, where: str) -> tuple[int, Raw]:
         request.setHeader(b"Location", where.encode("ascii"))
         return html_response(page("Redirect", tag("p", tag("a", "Continue", href=where)), nav=NAV), 303)
 
-    async def admin_write(request: Any, op: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    def form_rid(fields: dict[str, str]) -> str:
+        """The request id of an admin form's write: one rendered form is one write,
+        however often it is sent."""
         rid = fields.get("rid", "")
         if rid.startswith("web-") and len(rid) <= 64 and rid.isprintable():
-            # one rendered form is one write, however often it is sent
-            op["rid"] = "fe:" + rid
-        return await fe.catalog_write(op)
+            return "fe:" + rid
+        return new_rid()
 
-    async def admin_fields(request: Any) -> dict[str, str]:
+    async def admin_fields(request: IRequest) -> dict[str, str]:
         admin.require(request)
         same_origin(request)
         return form_fields(request)
 
     @route("/admin/price/<string:book_id>", "POST", "admin_price")
-    async def set_price(request: Any, book_id: str) -> tuple[int, Raw]:
+    async def set_price(request: IRequest, book_id: str) -> tuple[int, Raw]:
         fields = await admin_fields(request)
         ident = parse_id(book_id)
         try:
             price = float(fields.get("price", ""))
         except ValueError:
-            raise HTTPError(400, "the price must be a number") from None
-        book = await admin_write(request, {"op": "update_price", "id": ident, "price": parse_price({"price": price})},
-                                 fields)
+            raise Invalid("the price must be a number") from None
+        book = await fe.catalog_write(UpdatePrice(rid=form_rid(fields), id=ident,
+                                                  price=parse_price({"price": price})))
         return see_other(request, "/admin?done=" + quote(f"price of book {book['id']} set to {book['price']}"))
 
     @route("/admin/restock/<string:book_id>", "POST", "admin_restock")
-    async def restock(request: Any, book_id: str) -> tuple[int, Raw]:
+    async def restock(request: IRequest, book_id: str) -> tuple[int, Raw]:
         fields = await admin_fields(request)
         ident = parse_id(book_id)
         quantity = parse_restock({"quantity": quantity_field(fields.get("quantity"))})
-        book = await admin_write(request, {"op": "restock", "id": ident, "quantity": quantity}, fields)
+        book = await fe.catalog_write(Restock(rid=form_rid(fields), id=ident, quantity=quantity))
         return see_other(request, "/admin?done=" + quote(f"book {book['id']} now has {book['quantity']} copies"))
 
     @route("/admin/books", "POST", "admin_add_book")
-    async def add_book(request: Any) -> tuple[int, Raw]:
+    async def add_book(request: IRequest) -> tuple[int, Raw]:
         fields = await admin_fields(request)
         try:
             price: Any = float(fields.get("price", ""))
         except ValueError:
-            raise HTTPError(400, "the price must be a number") from None
+            raise Invalid("the price must be a number") from None
         new = parse_new_book({"title": fields.get("title", ""), "topic": fields.get("topic", ""), "price": price,
                               "quantity": quantity_field(fields.get("quantity"))})
-        book = await admin_write(request, {"op": "add_book", "title": new.title, "topic": new.topic,
-                                           "price": new.price, "quantity": new.quantity}, fields)
+        book = await fe.catalog_write(AddBook(rid=form_rid(fields), title=new.title, topic=new.topic,
+                                              price=new.price, quantity=new.quantity))
         return see_other(request, "/admin?done=" + quote(f"added book {book['id']}"))
 
     @route("/admin/orders", "GET", "admin_orders")
-    async def orders(request: Any) -> tuple[int, Raw]:
+    async def orders(request: IRequest) -> tuple[int, Raw]:
         admin.require(request)
         found = loads(passthrough(*await fe.orders())[1])
         rows = [[o["id"], tag("a", o["title"], href=f"/book/{int(o['book_id'])}"), o["quantity"], money(o["price"]),

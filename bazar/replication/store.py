@@ -32,12 +32,18 @@ from typing import Any, Protocol
 from attrs import frozen
 from twisted.logger import Logger
 
-from bazar.raft import Entry
-from bazar.web import HTTPError, dumps, loads
+from bazar.codec import dumps, loads
+from bazar.errors import BazarError, Invalid, Unavailable, error_of_kind
+from bazar.ops import Op
+from bazar.replication.raft import Entry
 
 log = Logger()
 
-__all__ = ["Entry", "Outcome", "OpError", "StateMachine", "Store", "fingerprint"]
+__all__ = ["Entry", "Outcome", "StateMachine", "Store", "fingerprint"]
+
+# The layout of the file, in SQLite's user_version: 1 records an outcome by the kind
+# of its error (bazar.errors) rather than by a number (0, the first layout).
+LAYOUT = 1
 
 
 @frozen
@@ -49,26 +55,43 @@ class Outcome:
     seq: int
     keys: tuple[str, ...]
     new: bool  # False when the request id had already been applied
-    status: int = 200  # 200, or the status of the error the operation met when applied
+    failed: str | None = None  # the kind of error (bazar.errors) the operation met when applied
 
-    @property
-    def error(self) -> str | None:
-        return str(self.result.get("error", "")) if self.status != 200 else None
+    def error(self) -> BazarError | None:
+        """The error the operation met, as it was raised when applied (None: it did what it said)."""
+        if self.failed is None:
+            return None
+        return error_of_kind(self.failed, str(self.result.get("error", "")))
 
+    def to_json(self) -> dict[str, Any]:
+        """A successful outcome as a forwarded write's answer (a failed one is answered
+        as its error)."""
+        return {"result": self.result, "seq": self.seq, "keys": list(self.keys), "new": self.new}
 
-class OpError(HTTPError):
-    """An operation that cannot apply (unknown id, out of stock): it changes nothing."""
+    @classmethod
+    def from_json(cls, data: Any) -> Outcome:
+        try:
+            result, seq, keys, new = data["result"], data["seq"], data["keys"], data["new"]
+        except (KeyError, TypeError):
+            raise Unavailable("a replica answered a write with a malformed answer") from None
+        if not isinstance(result, dict) or type(seq) is not int or not isinstance(keys, list) \
+                or not all(isinstance(k, str) for k in keys):
+            raise Unavailable("a replica answered a write with a malformed answer")
+        return cls(result, seq, tuple(keys), bool(new))
 
 
 class StateMachine(Protocol):
     """A service's deterministic state: the same entries in the same order give the
-    same tables on every replica."""
+    same tables on every replica. `apply` changes the tables or raises a BazarError
+    (the operation is then an outcome that changed nothing)."""
 
     tables: tuple[str, ...]
 
     def create(self, db: sqlite3.Connection) -> None: ...
 
-    def apply(self, db: sqlite3.Connection, op: dict[str, Any], seq: int) -> tuple[dict[str, Any], tuple[str, ...]]: ...
+    def parse(self, data: Any) -> Op: ...
+
+    def apply(self, db: sqlite3.Connection, op: Op, seq: int) -> tuple[dict[str, Any], tuple[str, ...]]: ...
 
 
 # Fields that may differ between two sendings of the same request (a retry stamps a
@@ -78,7 +101,9 @@ VOLATILE = frozenset({"rid", "created", "created_ts"})
 
 TAIL = 4096
 
-MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError, sqlite3.IntegrityError)
+# What the tables themselves refuse (a CHECK constraint, an integer beyond 64 bits):
+# the operation was malformed.
+REFUSED_BY_TABLES = (OverflowError, sqlite3.IntegrityError)
 
 
 def fingerprint(op: dict[str, Any]) -> str:
@@ -88,7 +113,7 @@ def fingerprint(op: dict[str, Any]) -> str:
 
 
 class Store:
-    """The `bazar.raft.Log` of one replica, and its state machine."""
+    """The `bazar.replication.raft.Log` of one replica, and its state machine."""
 
     def __init__(self, path: str, machine: StateMachine, *, synchronous: str = "FULL"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
@@ -130,7 +155,8 @@ class Store:
                            "(idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, op TEXT)")
                 db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
                 db.execute("CREATE TABLE IF NOT EXISTS requests (rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
-                           "fp TEXT NOT NULL, status INTEGER NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+                           "fp TEXT NOT NULL, outcome TEXT NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+                self._upgrade(db)
                 self.machine.create(db)
             self.term = self._meta("term")
             vote = self._meta("vote")
@@ -146,6 +172,24 @@ class Store:
         self._in_tx = False
         self._durable_tx = False
         self._tail: list[Entry] = []  # the last TAIL entries of the log, as appended
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Bring a file of an earlier layout to LAYOUT (inside the opening transaction)."""
+        (layout,) = db.execute("PRAGMA user_version").fetchone()
+        if layout == 0:
+            columns = [row[1] for row in db.execute("PRAGMA table_info(requests)")]
+            if "status" in columns:  # outcomes recorded by number: 200 ok, 400, 404, 409
+                kinds = {200: "", 400: "Invalid", 404: "NotFound", 409: "OutOfStock"}
+                db.execute("ALTER TABLE requests RENAME TO requests_0")
+                db.execute("CREATE TABLE requests (rid TEXT PRIMARY KEY, seq INTEGER NOT NULL, fp TEXT NOT NULL, "
+                           "outcome TEXT NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
+                rows = db.execute("SELECT rid, seq, fp, status, result, keys FROM requests_0").fetchall()
+                db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                               [(r, q, f, kinds.get(st, "Conflict"), res, k) for r, q, f, st, res, k in rows])
+                db.execute("DROP TABLE requests_0")
+        if layout < LAYOUT:
+            db.execute(f"PRAGMA user_version = {LAYOUT}")
 
     # -- transactions -----------------------------------------------------------------
     def _begin(self, durable: bool = True) -> None:
@@ -179,7 +223,7 @@ class Store:
         self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
-    # -- bazar.raft.Log -----------------------------------------------------------------
+    # -- bazar.replication.raft.Log -----------------------------------------------------------------
     def set_hard_state(self, term: int, vote: int | None) -> None:
         if term != self.term:
             self._set_meta("term", term)
@@ -257,31 +301,34 @@ class Store:
     def recorded(self, op: dict[str, Any]) -> Outcome | None:
         """The outcome of an applied request with this id, if any (§6.3). A request id
         sent again with another operation is an error, never the other's result."""
-        row = self.db.execute("SELECT seq, fp, status, result, keys FROM requests WHERE rid = ?",
+        row = self.db.execute("SELECT seq, fp, outcome, result, keys FROM requests WHERE rid = ?",
                               (op["rid"],)).fetchone()
         if row is None:
             return None
-        seq, fp, status, result, keys = row
+        seq, fp, outcome, result, keys = row
         if fp != fingerprint(op):
             return Outcome({"error": "this request id (Idempotency-Key) was already used for a different operation"},
-                           seq, (), new=False, status=409)
-        return Outcome(loads(result), seq, tuple(loads(keys)), new=False, status=status)
+                           seq, (), new=False, failed="Conflict")
+        return Outcome(loads(result), seq, tuple(loads(keys)), new=False, failed=outcome or None)
 
-    def validate(self, op: dict[str, Any], refuse: tuple[int, ...] = ()) -> None:
-        """Refuse (OpError 400) an operation that could never apply, whatever the state
-        (a missing field, a value the tables refuse), before it takes a log entry: a
-        trial run on the current state, always taken back. Errors with a status in
-        `refuse` (404) are refused too: the caller knows this state is current
+    def validate(self, op: dict[str, Any], refuse: tuple[type[BazarError], ...] = ()) -> None:
+        """Refuse (Invalid) an operation that could never apply, whatever the state (a
+        missing field, a value the tables refuse), before it takes a log entry: a
+        trial run on the current state, always taken back. Errors of the kinds in
+        `refuse` (NotFound) are refused too: the caller knows this state is current
         (a leader within its lease), so the refusal is a read of it and needs no entry."""
+        parsed = self.machine.parse(op)
         self._begin()
         self.db.execute("SAVEPOINT trial")
         try:
-            self.machine.apply(self.db, op, self.applied + 1)
-        except OpError as exc:
-            if exc.status == 400 or exc.status in refuse:
+            self.machine.apply(self.db, parsed, self.applied + 1)
+        except Invalid:
+            raise
+        except BazarError as exc:
+            if isinstance(exc, refuse):
                 raise
-        except MALFORMED as exc:
-            raise OpError(400, f"malformed operation: {exc.__class__.__name__}") from None
+        except REFUSED_BY_TABLES as exc:
+            raise Invalid(f"malformed operation: {exc.__class__.__name__}") from None
         finally:
             self.db.execute("ROLLBACK TO trial")
             self.db.execute("RELEASE trial")
@@ -306,29 +353,29 @@ class Store:
         op = entry.op
         assert op is not None
         self.db.execute("SAVEPOINT op")
+        failed: str | None = None
         try:
-            result, keys = self.machine.apply(self.db, op, entry.index)
-            status = 200
-        except OpError as exc:
-            result, keys, status = {"error": exc.message}, (), exc.status
-        except MALFORMED as exc:
-            # malformed values (a constraint of the tables, an integer SQLite cannot hold)
-            result, keys, status = {"error": f"malformed operation: {exc.__class__.__name__}"}, (), 400
+            result, keys = self.machine.apply(self.db, self.machine.parse(op), entry.index)
+        except BazarError as exc:
+            result, keys, failed = {"error": exc.message}, (), exc.kind
+        except REFUSED_BY_TABLES as exc:
+            result, keys, failed = {"error": f"malformed operation: {exc.__class__.__name__}"}, (), Invalid.__name__
         except BaseException:
             # a bug, not an outcome: take its changes back so that no flush commits half of it
             self.db.execute("ROLLBACK TO op")
             self.db.execute("RELEASE op")
             raise
-        if status != 200:
+        if failed is not None:
             self.db.execute("ROLLBACK TO op")
         self.db.execute("RELEASE op")
         rid = op.get("rid")
-        if isinstance(rid, str) and status != 400:
-            self.db.execute("INSERT OR REPLACE INTO requests (rid, seq, fp, status, result, keys) "
+        if isinstance(rid, str) and failed != Invalid.__name__:
+            # an Invalid operation is not recorded: its request id stays free
+            self.db.execute("INSERT OR REPLACE INTO requests (rid, seq, fp, outcome, result, keys) "
                             "VALUES (?, ?, ?, ?, ?, ?)",
-                            (rid, entry.index, fingerprint(op), status, dumps(result).decode(),
+                            (rid, entry.index, fingerprint(op), failed or "", dumps(result).decode(),
                              dumps(list(keys)).decode()))
-        return Outcome(result, entry.index, tuple(keys), new=True, status=status)
+        return Outcome(result, entry.index, tuple(keys), new=True, failed=failed)
 
     def close(self) -> None:
         try:

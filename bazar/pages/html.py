@@ -7,12 +7,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bazar.web import HTTPError, Raw
+from bazar.errors import BazarError
+from bazar.http.app import Raw, status_of
 
 log = Logger()
 
@@ -120,10 +122,15 @@ def error_page(status: int, message: str, nav: Any = "") -> bytes:
                 tag("p", tag("a", "Back to the catalogue", href="/")), nav=nav)
 
 
-def html_route(handler: Callable[..., Any], nav: Any = "") -> Callable[..., Any]:
-    """Wrap a page handler (async, returning (status, Raw)) so that an HTTPError becomes
-    an HTML error page with the same status and headers (Retry-After, WWW-Authenticate),
-    and anything unexpected a plain 500 page: a browser never sees JSON or a traceback."""
+# A page: an async handler of (request, **path values) that answers (status, Raw).
+PageHandler = Callable[..., Awaitable[tuple[int, Raw]]]
+
+
+def html_route(handler: PageHandler, nav: Any = "") -> PageHandler:
+    """Wrap a page handler (async, returning (status, Raw)) so that an error of Bazar's
+    becomes an HTML error page with the status and Retry-After the JSON API would
+    give, and anything unexpected a plain 500 page: a browser never sees JSON or a
+    traceback."""
 
     async def wrapped(request: Any, **kw: Any) -> tuple[int, Raw]:
         # each rendering of a buy form carries a new key: a page from the browser's
@@ -134,13 +141,12 @@ def html_route(handler: Callable[..., Any], nav: Any = "") -> Callable[..., Any]
         try:
             result: tuple[int, Raw] = await handler(request, **kw)
             return result
-        except HTTPError as exc:
-            for key, value in exc.headers.items():
-                if key != b"WWW-Authenticate":  # a browser would pop up a Bearer prompt it cannot answer
-                    request.setHeader(key, value)
-            if exc.status == 503 and b"Retry-After" not in exc.headers:
-                request.setHeader(b"Retry-After", b"1")  # DESIGN.md: every 503 says when to come back
-            return html_response(error_page(exc.status, exc.message, nav), exc.status)
+        except BazarError as exc:
+            # (no WWW-Authenticate: a browser would pop up a Bearer prompt it cannot answer)
+            status = status_of(exc)
+            if status == 503:
+                request.setHeader(b"Retry-After", b"%d" % max(1, round(exc.retry_after or 1)))
+            return html_response(error_page(status, exc.message, nav), status)
         except Exception:
             log.failure("unhandled error in a page", Failure())
             return html_response(error_page(500, "internal error", nav), 500)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import heapq
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bazar.balancer import ReplicaSet, ReplicaState
-from bazar.frontend import Frontend
-from bazar.html import allow_script, html_response, html_route, page, table, tag
-from bazar.storefront import NAV
-from bazar.web import JsonApp, Raw
+from bazar.http.app import JsonApp, Raw
+from bazar.pages.html import allow_script, html_response, html_route, page, table, tag
+from bazar.pages.storefront import NAV
+
+if TYPE_CHECKING:
+    from bazar.frontend import Frontend
 
 COLUMNS = ["service", "replica", "url", "role", "status", "epoch", "applied", "commit", "lag", "pid", "seen up (s)"]
 NUMERIC = {1, 5, 6, 7, 8, 9}

@@ -98,7 +98,7 @@ def message_from_json(data: Any) -> Message:
         raise TypeError("a message is an object")
     cls = _KINDS[data["kind"]]
     values: dict[str, Any] = {}
-    for a in cls.__attrs_attrs__:  # type: ignore[attr-defined]
+    for a in cls.__attrs_attrs__:
         value = data[a.name]
         if a.name == "entries":
             value = tuple(Entry.from_json(e) for e in value)

@@ -1,32 +1,45 @@
-"""Outgoing HTTP: one treq client over one persistent pool per process, and a call
-helper whose timeout covers the whole exchange (treq's own `timeout=` stops at the
-response headers)."""
+"""Outgoing HTTP: one treq client over one persistent pool per process, a call helper
+whose timeout covers the whole exchange (treq's own `timeout=` stops at the response
+headers), and a peer's error answer turned back into Bazar's error.
+
+Two private names of treq and Twisted are used, here only: treq's `_Response` (the
+response wrapper its public `request` builds, made by hand on the short way below)
+and Twisted's `_HTTP11ClientFactory` (to make its factories quiet)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import orjson
 import treq
 from treq.client import HTTPClient
 from treq.response import _Response
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from bazar.web import SECRET_HEADER, HTTPError, dumps
+from bazar.codec import dumps
+from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
+from bazar.http.request import SECRET_HEADER
 
-
-class Clock(Protocol):
-    """What Bazar needs of a reactor's clock (the reactor, or task.Clock in tests)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
-
+# What a peer that did not answer looks like: refused, reset, closed, timed out.
+TRANSPORT_FAILURES = (ConnectError, ConnectionClosed, DNSLookupError, ResponseFailed, ResponseNeverReceived,
+                      RequestTransmissionFailed, ResponseDone, PotentialDataLoss, TimeoutError, CancelledError,
+                      OSError)
 
 @implementer(IAgentEndpointFactory)
 class PeerEndpoints:
@@ -66,7 +79,7 @@ class PeerClient(HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
-class QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+class QuietClientFactory(_HTTP11ClientFactory):
     """No "Starting factory" / "Stopping factory" log line for every connection (they
     drowned the logs and made a stop that logs from a signal handler likelier to hang)."""
 
@@ -78,7 +91,7 @@ def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnect
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
-    pool._factory = QuietClientFactory  # type: ignore[attr-defined]
+    pool._factory = QuietClientFactory
     agent: Any = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 2), pool=pool)
     return PeerClient(agent), pool
 
@@ -111,7 +124,7 @@ class Unreachable(Exception):
     """The peer did not answer (refused, reset, timed out)."""
 
 
-async def call(http: HTTPClient, clock: Clock, method: str, url: str, *,
+async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
                body: Any = None, raw: bytes | None = None, headers: dict[bytes, bytes] | None = None,
                secret: str | None = None, timeout: float = 2.0, parse: bool = True) -> tuple[int, Any, Any]:
     """One HTTP exchange: (status, parsed JSON or None — or the raw bytes when not
@@ -136,12 +149,10 @@ async def call(http: HTTPClient, clock: Clock, method: str, url: str, *,
         return response.code, content, response.headers
 
     d = ensureDeferred(exchange())
-    d.addTimeout(timeout, clock)  # type: ignore[arg-type]
+    d.addTimeout(timeout, clock)
     try:
         code, content, response_headers = await d
-    except HTTPError:
-        raise
-    except Exception as exc:
+    except TRANSPORT_FAILURES as exc:
         raise Unreachable(f"{method} {url}: {exc.__class__.__name__}") from None
     if not parse:
         return code, content, response_headers
@@ -154,7 +165,26 @@ async def call(http: HTTPClient, clock: Clock, method: str, url: str, *,
     return code, parsed, response_headers
 
 
-def error_of(status: int, parsed: Any) -> HTTPError:
-    """Turn a peer's JSON error into the same error for our own client."""
+# A peer's error answer as Bazar's own error (the inverse of bazar.http.app.STATUS).
+ERRORS: dict[int, type[BazarError]] = {400: Invalid, 401: Unauthorized, 403: Forbidden, 404: NotFound,
+                                       409: Conflict, 413: TooLarge, 503: Unavailable}
+
+
+def error_of(status: int, parsed: Any) -> BazarError:
+    """Turn a peer's JSON error into the same error for our own client: a 4xx stays
+    the client's fault, anything else means the peer could not do it now."""
     message = parsed.get("error") if isinstance(parsed, dict) else None
-    return HTTPError(status, message or f"upstream answered {status}")
+    text = message if isinstance(message, str) and message else f"a replica answered {status}"
+    kind = ERRORS.get(status) or (Invalid if 400 <= status < 500 else Unavailable)
+    return kind(text)
+
+
+def passthrough(status: int, body: bytes) -> tuple[int, bytes]:
+    """A replica's answer as ours: a JSON body unchanged, an error as the same error."""
+    if status >= 400:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        raise error_of(status, parsed)
+    return status, body

@@ -1,5 +1,5 @@
-"""One replica of a replicated service: the Raft core of `bazar.raft` driven by the
-reactor, with its log and state machine in `bazar.store`.
+"""One replica of a replicated service: the Raft core of `bazar.replication.raft` driven by the
+reactor, with its log and state machine in `bazar.replication.store`.
 
 The core decides; this module does the I/O:
 
@@ -35,14 +35,17 @@ import random
 from typing import Any, Callable
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from bazar import raft
-from bazar.client import Clock, Unreachable, call, error_of
-from bazar.raft import Entry, Message, NotLeader, Raft, message_from_json
-from bazar.store import OpError, Outcome, Store
-from bazar.web import HTTPError, JsonApp, dumps, require_secret
+from bazar.errors import NotFound, Unavailable
+from bazar.http.client import Unreachable, call, error_of
+from bazar.replication import raft
+from bazar.replication.raft import Entry, Message, NotLeader, Raft, message_from_json
+from bazar.replication.store import Outcome, Store
+from bazar.settings import ReplicaSettings
 
 log = Logger()
 
@@ -50,47 +53,41 @@ PRIMARY = "primary"
 BACKUP = "backup"
 OK = "ok"
 RECOVERING = "recovering"
-INTERNAL_BODY_LIMIT = 512 * 1024 * 1024
 MAX_CATCH_UP_TICKS = 10_000
 
 
-def sleep(clock: Clock, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    clock.callLater(seconds, lambda: None if d.called else d.callback(None))
-    return d
-
-
 class Replica:
-    """One replica of a replicated service."""
+    """One replica of a replicated service. `on_commit` is told every outcome the
+    leader applies (the catalog announces them); `on_primary`, that this replica has
+    just become the leader."""
 
-    def __init__(self, *, service: str, replica_id: int, peers: dict[int, str], store: Store,
-                 http: HTTPClient, clock: Clock, secret: str | None,
-                 on_commit: Callable[[Outcome], None] | None = None,
-                 on_primary: Callable[[], Any] | None = None,
-                 tick: float = 0.05, election_ticks: int = 14, heartbeat_ticks: int = 2,
-                 rpc_timeout: float = 1.0, write_timeout: float = 8.0, rng: random.Random | None = None):
-        self.service = service
-        self.replica_id = replica_id
-        self.peers = dict(peers) if peers else {}
-        self.peers.setdefault(replica_id, "")
-        self.others = {pid: url for pid, url in self.peers.items() if pid != replica_id}
+    def __init__(self, settings: ReplicaSettings, *, store: Store, http: HTTPClient, clock: IReactorTime,
+                 rng: random.Random | None = None):
+        timing = settings.timing
+        self.settings = settings
+        self.service = settings.service
+        self.replica_id = settings.replica_id
+        self.peers = dict(settings.peers)
+        self.peers.setdefault(self.replica_id, "")
+        self.others = {pid: url for pid, url in self.peers.items() if pid != self.replica_id}
         self.store = store
         self.http = http
         self.clock = clock
-        self.secret = secret
-        self.on_commit = on_commit
-        self.on_primary = on_primary
-        self.tick_seconds = tick
-        self.rpc_timeout = rpc_timeout
-        self.write_timeout = write_timeout
-        self.core = Raft(id=replica_id, voters=tuple(sorted(self.peers)), log=store, applied=store.applied,
-                         election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
+        self.secret = settings.secret
+        self.on_commit: Callable[[Outcome], None] | None = None
+        self.on_primary: Callable[[], Any] | None = None
+        self.tick_seconds = timing.tick
+        self.rpc_timeout = timing.rpc_timeout
+        self.write_timeout = timing.write_timeout
+        self.forward_timeout = timing.forward_timeout
+        self.core = Raft(id=self.replica_id, voters=tuple(sorted(self.peers)), log=store, applied=store.applied,
+                         election_ticks=timing.election_ticks, heartbeat_ticks=timing.heartbeat_ticks,
                          rng=rng or random.Random(random.random()))
         self.waiters: dict[int, tuple[int, Deferred[Outcome]]] = {}
         self.leader_commit = 0  # the commit index the leader last told us
         self.running = False
-        self._scheduled: Any = None
-        self._flusher: Any = None
+        self._scheduled: IDelayedCall | None = None
+        self._flusher: IDelayedCall | None = None
         self._tick_base = clock.seconds()
         self._was_leader = False
         self._probing = False
@@ -182,7 +179,7 @@ class Replica:
                     self.store.set_voter()
                     self.store.flush()
                     return
-                await sleep(self.clock, 0.2)
+                await deferLater(self.clock, 0.2)
         finally:
             self._probing = False
 
@@ -297,7 +294,7 @@ class Replica:
             if term == entry.term:
                 d.callback(outcome)
             else:
-                d.errback(HTTPError(503, f"the {self.service} primary changed during the write; retry"))
+                d.errback(Unavailable(f"the {self.service} primary changed during the write; retry"))
         if self.is_primary and self.on_commit is not None:
             self.on_commit(outcome)
 
@@ -315,7 +312,7 @@ class Replica:
     def _fail_waiters(self, why: str) -> None:
         waiters, self.waiters = self.waiters, {}
         for _, d in waiters.values():
-            d.errback(HTTPError(503, why))
+            d.errback(Unavailable(why))
 
     # -- messages ---------------------------------------------------------------------
     def _send(self, m: Message) -> None:
@@ -379,7 +376,7 @@ class Replica:
             # an id its state does not hold is answered 404 now, as a read of that
             # state, and leaves no entry in the log. (A 409, out of stock, is logged: a
             # purchase repeated with its key must get the same answer after a restock.)
-            self.store.validate(op, refuse=(404,) if self.serving else ())
+            self.store.validate(op, refuse=(NotFound,) if self.serving else ())
             try:
                 index, term = self.core.propose(op)
             except NotLeader:
@@ -390,123 +387,64 @@ class Replica:
                 self._changed()
             else:
                 self._process()  # the entry leaves now, before the rest of this request's handling
-            d.addTimeout(self.write_timeout, self.clock)  # type: ignore[arg-type]
+            d.addTimeout(self.write_timeout, self.clock)
             try:
                 done = await d
-            except HTTPError:
+            except Unavailable:
                 raise
-            except Exception:
+            except TimeoutError:
                 self.waiters.pop(index, None)
-                raise HTTPError(503, f"the {self.service} write was not committed in time; retry") from None
-        if done.status != 200:
-            raise OpError(done.status, done.error or "the operation failed")
+                raise Unavailable(f"the {self.service} write was not committed in time; retry") from None
+        error = done.error()
+        if error is not None:
+            raise error
         return done
 
     def leader_url(self) -> str:
         self._catch_up()
         leader = self.leader
         if leader is None or leader == self.replica_id or leader not in self.others:
-            raise HTTPError(503, f"no {self.service} primary is known yet; retry",
-                            {b"Retry-After": b"1"})
+            raise Unavailable(f"no {self.service} primary is known yet; retry")
         if self.core.elapsed > 2 * self.core.heartbeat_ticks + 1:
             # its heartbeats stopped: it may be paused, dead or cut off, and a forwarded
             # write would only wait on it; the caller tries elsewhere, or again soon
-            raise HTTPError(503, f"the {self.service} primary has not been heard from lately; retry",
-                            {b"Retry-After": b"1"})
+            raise Unavailable(f"the {self.service} primary has not been heard from lately; retry")
         return self.others[leader]
 
-    async def forward(self, path: str, body: Any, hops: int, timeout: float = 2.0) -> tuple[int, Any]:
-        """Pass a write to the primary (any replica may receive one)."""
+    async def forward(self, path: str, body: dict[str, Any], hops: int) -> tuple[int, Any]:
+        """Pass a write to the primary (any replica may receive one): its answer."""
         if hops >= 2:
-            raise HTTPError(503, f"no {self.service} primary is known yet; retry")
+            raise Unavailable(f"no {self.service} primary is known yet; retry")
         url = self.leader_url()
         try:
             status, parsed, _ = await call(self.http, self.clock, "POST", url + path, body=body,
-                                           secret=self.secret, timeout=timeout,
-                                           headers={b"X-Bazar-Hops": str(hops + 1).encode()})
+                                           secret=self.secret, timeout=self.forward_timeout,
+                                           headers={HOPS_HEADER: str(hops + 1).encode()})
         except Unreachable:
-            raise HTTPError(503, f"the {self.service} primary did not answer; retry") from None
+            raise Unavailable(f"the {self.service} primary did not answer; retry") from None
         return status, parsed
 
     async def forward_write(self, op: dict[str, Any], hops: int) -> Outcome:
-        status, parsed = await self.forward("/internal/write", {"op": op}, hops)
+        status, parsed = await self.forward(WRITE_PATH, {"op": op}, hops)
         if status != 200:
             raise error_of(status, parsed)
-        return Outcome(parsed["result"], int(parsed["seq"]), tuple(parsed["keys"]), bool(parsed["new"]))
+        return Outcome.from_json(parsed)
 
     def require_serving(self) -> None:
         """Reads are answered only from state known current (see `serving`)."""
         if not self.serving:
-            raise HTTPError(503, f"this {self.service} replica is not caught up with a primary; retry",
-                            {b"Retry-After": b"1"})
+            raise Unavailable(f"this {self.service} replica is not caught up with a primary; retry")
+
+    def not_ready_because(self) -> str | None:
+        """Why this replica may not serve reads now (None: it may)."""
+        if self.serving:
+            return None
+        if self.is_primary:
+            return "primary not confirmed by a majority (lease or no-op of its epoch pending)"
+        if self.leader is None:
+            return "no primary known"
+        return "not caught up with a primary"
 
 
-def readiness(replica: Replica) -> tuple[int, dict[str, Any]]:
-    """`GET /ready` of a replica: 200 while it may answer reads (`serving`), else 503
-    with the reason. Orchestrators route to, and count as available, only replicas
-    that say 200, so a replica that is cut off or still catching up takes no reads
-    and holds up a rolling restart until it has caught up."""
-    facts = {"service": replica.service, "replica": replica.replica_id, "role": replica.role,
-             "epoch": replica.epoch, "last_seq": replica.store.applied, "leader": replica.leader}
-    if replica.serving:
-        return 200, {"ready": True, **facts}
-    if replica.is_primary:
-        why = "primary not confirmed by a majority (lease or no-op of its epoch pending)"
-    elif replica.leader is None:
-        why = "no primary known"
-    else:
-        why = "not caught up with a primary"
-    raise HTTPError(503, f"{replica.service} replica {replica.replica_id}: {why}", {b"Retry-After": b"1"})
-
-
-def install_routes(api: JsonApp, replica: Replica, secret: str | None) -> None:
-    """The endpoints every replica has besides its own: readiness (public), and the
-    internal ones: Raft messages, status, forwarded writes."""
-    from bazar.web import loads, read_body
-
-    api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
-
-    def internal_json(request: Any) -> dict[str, Any]:
-        require_secret(request, secret)
-        data = read_body(request, INTERNAL_BODY_LIMIT)
-        try:
-            body = loads(data)
-        except Exception:
-            raise HTTPError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "the body must be a JSON object")
-        return body
-
-    def message(request: Any) -> bytes:
-        body = internal_json(request)
-        try:
-            return dumps(replica.receive(body))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HTTPError(400, f"malformed internal message: {exc.__class__.__name__}") from None
-
-    api.route("/internal/raft", "POST", "raft")(message)
-    # every write reaches each follower here: answer it without Klein's routing
-    api.shortcut(b"POST", b"/internal/raft", "raft", lambda request, rest: None if rest else message(request))
-
-    @api.route("/internal/status", "GET", "status")
-    def status(request: Any) -> dict[str, Any]:
-        require_secret(request, secret)
-        return {**replica.health(), "pristine": replica.store.pristine}
-
-    @api.route("/internal/write", "POST", "write")
-    async def forwarded_write(request: Any) -> dict[str, Any]:
-        body = internal_json(request)
-        op = body.get("op")
-        if not isinstance(op, dict) or not isinstance(op.get("rid"), str) or not isinstance(op.get("op"), str):
-            raise HTTPError(400, "a write needs an op object with 'op' and 'rid'")
-        hops = hop_count(request)
-        outcome = await replica.submit(op, hops)
-        return {"result": outcome.result, "seq": outcome.seq, "keys": list(outcome.keys), "new": outcome.new}
-
-    api.shortcut(b"POST", b"/internal/write", "write",
-                 lambda request, rest: None if rest else forwarded_write(request))
-
-
-def hop_count(request: Any) -> int:
-    value = request.getHeader(b"X-Bazar-Hops") or b"0"
-    return int(value) if value.isdigit() else 2
+WRITE_PATH = "/internal/write"
+HOPS_HEADER = b"X-Bazar-Hops"

@@ -1,13 +1,15 @@
-"""attrs records for books and orders, and the validation of client input."""
+"""Bazar's records: books, orders and the sales behind them; the cache keys a book
+is known by; and the validation of client input into them (a bad value is an
+`Invalid` with one sentence saying what is wrong)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from attrs import asdict, fields, frozen
+from attrs import asdict, astuple, fields, frozen
 
-from bazar.web import HTTPError
+from bazar.errors import Invalid
 
 MAX_PRICE = 1e9
 MAX_QUANTITY = 10**6
@@ -60,8 +62,60 @@ class Order:
         return asdict(self)
 
 
+@frozen
+class Sale:
+    """Copies taken from the stock by a purchase (the catalog's record of it, at log
+    index `seq`), with the title and price of that moment; `key` is the purchase's
+    Idempotency-Key. The order service makes it an order."""
+
+    key: str
+    seq: int
+    book_id: int
+    title: str
+    quantity: int
+    price: float
+    created: str
+    created_ts: float
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Sale":
+        """From a SQLite row whose columns are SALE_FIELDS, in that order."""
+        return cls(*row[:8])
+
+    def row(self) -> tuple[Any, ...]:
+        return astuple(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Sale":
+        """A sale as a catalog replica sent it; Invalid when it is not one."""
+        if not isinstance(data, dict):
+            raise Invalid("a sale is an object")
+        try:
+            sale = cls(**{name: data[name] for name in SALE_FIELDS})
+        except KeyError as missing:
+            raise Invalid(f"a sale without {missing}") from None
+        types: tuple[type | tuple[type, ...], ...] = (str, int, int, str, int, (int, float), str, (int, float))
+        if not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(sale.row(), types)):
+            raise Invalid("a sale with a field of the wrong type")
+        return sale
+
+
 BOOK_FIELDS = tuple(a.name for a in fields(Book))
 ORDER_FIELDS = tuple(a.name for a in fields(Order))
+SALE_FIELDS = tuple(a.name for a in fields(Sale))
+
+
+def info_key(book_id: int) -> str:
+    """The cache key of one book's record (GET /bazar/info/{id})."""
+    return f"info:{book_id}"
+
+
+def search_key(topic: str) -> str:
+    """The cache key of one topic's search (GET /bazar/search/{topic})."""
+    return f"search:{topic}"
 
 
 @frozen
@@ -75,44 +129,44 @@ class NewBook:
 def _only(body: dict[str, Any], allowed: set[str]) -> None:
     extra = sorted(set(body) - allowed)
     if extra:
-        raise HTTPError(400, f"unknown field(s): {', '.join(repr(e)[:40] for e in extra[:5])}")
+        raise Invalid(f"unknown field(s): {', '.join(repr(e)[:40] for e in extra[:5])}")
 
 
 def price_of(body: dict[str, Any]) -> float:
     if "price" not in body:
-        raise HTTPError(400, "field 'price' is required")
+        raise Invalid("field 'price' is required")
     value = body["price"]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HTTPError(400, "field 'price' must be a number")
+        raise Invalid("field 'price' must be a number")
     value = float(value)
     if not math.isfinite(value) or not 0 < value < MAX_PRICE:
-        raise HTTPError(400, f"field 'price' must be a finite number above 0 and below {MAX_PRICE:g}")
+        raise Invalid(f"field 'price' must be a finite number above 0 and below {MAX_PRICE:g}")
     return value
 
 
 def quantity_of(body: dict[str, Any] | None, default: int | None = None) -> int:
     if body is None or "quantity" not in body:
         if default is None:
-            raise HTTPError(400, "field 'quantity' is required")
+            raise Invalid("field 'quantity' is required")
         return default
     value = body["quantity"]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise HTTPError(400, "field 'quantity' must be an integer")
+        raise Invalid("field 'quantity' must be an integer")
     if not 1 <= value <= MAX_QUANTITY:
-        raise HTTPError(400, f"field 'quantity' must be between 1 and {MAX_QUANTITY}")
+        raise Invalid(f"field 'quantity' must be between 1 and {MAX_QUANTITY}")
     return value
 
 
 def text_of(body: dict[str, Any], name: str) -> str:
     if name not in body:
-        raise HTTPError(400, f"field {name!r} is required")
+        raise Invalid(f"field {name!r} is required")
     value = body[name]
     if not isinstance(value, str):
-        raise HTTPError(400, f"field {name!r} must be a string")
+        raise Invalid(f"field {name!r} must be a string")
     if not 1 <= len(value) <= MAX_TEXT:
-        raise HTTPError(400, f"field {name!r} must be 1 to {MAX_TEXT} characters")
+        raise Invalid(f"field {name!r} must be 1 to {MAX_TEXT} characters")
     if not value.isprintable() or not value.strip():
-        raise HTTPError(400, f"field {name!r} must be printable text")
+        raise Invalid(f"field {name!r} must be printable text")
     return value
 
 
@@ -144,7 +198,7 @@ def parse_idempotency_key(value: bytes | None) -> str | None:
     try:
         key = value.decode("utf-8")
     except UnicodeDecodeError:
-        raise HTTPError(400, "the Idempotency-Key header must be UTF-8 text") from None
+        raise Invalid("the Idempotency-Key header must be UTF-8 text") from None
     if not 1 <= len(key) <= MAX_TEXT or not key.isprintable():
-        raise HTTPError(400, f"the Idempotency-Key header must be 1 to {MAX_TEXT} printable characters")
+        raise Invalid(f"the Idempotency-Key header must be 1 to {MAX_TEXT} printable characters")
     return key

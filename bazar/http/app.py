@@ -1,0 +1,283 @@
+"""The small web layer the three Klein apps share.
+
+A `JsonApp` is a Klein app whose handlers return JSON-able data (or bytes, or `Raw`)
+and raise `bazar.errors` exceptions; this module is where those become statuses and
+JSON bodies, so Werkzeug's HTML pages and tracebacks never reach a client. Every
+route is counted (requests by status, latency) in the app's own Prometheus registry.
+
+Three ways in, tried in this order by `JsonResource.render`:
+
+- internal RPCs (`rpc`): exact paths, answered without Klein's routing, and with no
+  Klein route behind them (replication messages, forwarded writes, purchases);
+- fast paths (`fast`): try first, else fall through to the route of the same name.
+  Only for answers from memory (cache hits), where routing costs more than the work;
+- Klein's routes (`route`), for everything public.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Union, cast
+
+from klein import Klein
+from klein.resource import KleinResource
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET, Request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
+
+from bazar.codec import dumps
+from bazar.errors import (
+    BazarError,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+
+log = Logger()
+
+JSON = b"application/json"
+
+# The one place where Bazar's errors become HTTP statuses (and back: bazar.http.client).
+STATUS: dict[type[BazarError], int] = {
+    Invalid: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, Conflict: 409, TooLarge: 413, Unavailable: 503,
+}
+
+
+def status_of(error: BazarError) -> int:
+    for cls in type(error).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return status
+    return 400
+
+
+class Raw:
+    """A non-JSON response body (Prometheus text, HTML)."""
+
+    __slots__ = ("body", "content_type")
+
+    def __init__(self, body: bytes, content_type: bytes):
+        self.body = body
+        self.content_type = content_type
+
+
+# What a handler may return: data to encode as JSON, JSON already encoded, a Raw body,
+# or any of those with a status: (201, data).
+Result = Union[Any, bytes, Raw, tuple[int, Any]]
+Handler = Callable[..., Union[Result, Awaitable[Result], Deferred[Result]]]
+FastHandler = Callable[[IRequest, bytes], Union[Result, None]]
+
+
+def error_body(message: str) -> bytes:
+    return dumps({"error": message})
+
+
+def respond(request: IRequest, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type)
+    # a known length spares both sides chunked transfer encoding
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+class TextConverter(PathConverter):
+    """`<text:name>`: any text, slashes included, like `<path:name>`, but also across
+    line breaks (werkzeug's `.` stops at a newline: /bazar/search/a%0Ab matched no route)."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
+class Answer:
+    """Turns a handler's result or failure into the JSON response, and counts it
+    (per-status counter and latency histogram of one route)."""
+
+    def __init__(self, api: JsonApp, name: str):
+        self.api = api
+        self.name = name
+        self.counters: dict[int, Any] = {}
+        self.histogram = api.latency.labels(api.service, name)
+
+    def count(self, status: int, started: float) -> None:
+        counter = self.counters.get(status)
+        if counter is None:
+            counter = self.counters[status] = self.api.requests.labels(self.api.service, self.name, str(status))
+        counter.inc()
+        self.histogram.observe(time.perf_counter() - started)
+
+    def finish(self, request: IRequest, result: Result, started: float) -> bytes:
+        status = 200
+        if isinstance(result, tuple):
+            status, result = result
+        self.count(status, started)
+        if isinstance(result, Raw):
+            return respond(request, result.body, status, result.content_type)
+        return respond(request, result if isinstance(result, bytes) else dumps(result), status)
+
+    def fail(self, request: IRequest, failure: Failure, started: float) -> bytes:
+        error = failure.value
+        if isinstance(error, BazarError):
+            status = status_of(error)
+            if error.retry_after is not None:
+                request.setHeader(b"Retry-After", b"%d" % max(1, round(error.retry_after)))
+            if isinstance(error, Unauthorized):
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="bazar"')
+            body = error_body(error.message)
+        else:
+            log.failure("unhandled error in {service} {route}", failure, service=self.api.service, route=self.name)
+            status, body = 500, error_body("internal error")
+        self.count(status, started)
+        return respond(request, body, status)
+
+    def run(self, request: IRequest, handler: Callable[[], Any]) -> bytes | Deferred[bytes]:
+        """Call `handler`; its answer as bytes, or a Deferred of them when it is async."""
+        started = time.perf_counter()
+        try:
+            result = handler()
+        except Exception:
+            return self.fail(request, Failure(), started)
+        if isinstance(result, (Deferred, Awaitable)):
+            d = result if isinstance(result, Deferred) else ensureDeferred(result)  # type: ignore[arg-type]
+            return d.addCallbacks(lambda r: self.finish(request, r, started),
+                                  lambda f: self.fail(request, f, started))
+        return self.finish(request, result, started)
+
+    def deliver(self, request: IRequest, handler: Callable[[], Any]) -> bytes | int:
+        """`run` for a resource's render: bytes now, or NOT_DONE_YET and the bytes
+        written when they come (unless the client has gone)."""
+        answer = self.run(request, handler)
+        if not isinstance(answer, Deferred):
+            return answer
+        gone: list[bool] = []
+        cast(Request, request).notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def send(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        answer.addCallback(send)
+        return NOT_DONE_YET
+
+
+class JsonApp:
+    """A Klein app whose handlers return JSON-able values (or raw bytes) and raise
+    `bazar.errors` exceptions; see the module's docstring for its three ways in."""
+
+    def __init__(self, service: str):
+        self.service = service
+        self.app = Klein()
+        self.app.url_map.converters["text"] = TextConverter
+        self.registry = CollectorRegistry()
+        self.requests = Counter("bazar_requests", "HTTP requests by route and status",
+                                ["service", "route", "status"], registry=self.registry)
+        self.latency = Histogram("bazar_request_seconds", "HTTP request latency by route",
+                                 ["service", "route"], registry=self.registry,
+                                 buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
+                                          .1, .25, .5, 1, 2.5, 5, 10))
+        self.rpcs: dict[bytes, dict[bytes, tuple[Answer, Handler]]] = {}
+        self.fast_paths: list[tuple[bytes, bytes, Answer, FastHandler]] = []
+        self._install_error_pages()
+        self.route("/metrics", "GET", "metrics")(self._metrics)
+
+    def _install_error_pages(self) -> None:
+        @self.app.handle_errors(HTTPException)
+        def werkzeug_error(request: IRequest, failure: Failure) -> bytes:
+            exc = failure.value
+            code = getattr(exc, "code", None) or 400
+            messages = {404: "no such resource", 405: "method not allowed on this resource"}
+            message = messages.get(code, getattr(exc, "description", None) or "bad request")
+            self.requests.labels(self.service, "unmatched", str(code)).inc()
+            return respond(request, error_body(message), code)
+
+        @self.app.handle_errors(Exception)
+        def any_error(request: IRequest, failure: Failure) -> bytes:
+            log.failure("unhandled error in {service}", failure, service=self.service)
+            return respond(request, error_body("internal error"), 500)
+
+    def route(self, path: str, method: str, name: str) -> Callable[[Handler], Handler]:
+        """Register `handler(request, **path_values)` as a Klein route; it may be async
+        and returns JSON-able data, bytes (JSON already), a `Raw`, or (status, one of those)."""
+
+        def register(handler: Handler) -> Handler:
+            answer = Answer(self, name)
+
+            def endpoint(request: IRequest, **kw: Any) -> Any:
+                return answer.run(request, lambda: handler(request, **kw))
+
+            endpoint.__name__ = f"{self.service}_{name}"
+            self.app.route(path, methods=[method], branch=False, endpoint=f"{name}_{method}")(endpoint)
+            return handler
+
+        return register
+
+    def rpc(self, path: str, method: str, name: str) -> Callable[[Handler], Handler]:
+        """Register `handler(request)` for exactly `path` (no Klein route behind it)."""
+
+        def register(handler: Handler) -> Handler:
+            self.rpcs.setdefault(path.encode(), {})[method.encode()] = (Answer(self, name), handler)
+            return handler
+
+        return register
+
+    def fast(self, method: str, prefix: str, name: str, handler: FastHandler) -> None:
+        """Try `handler(request, rest_of_path)` before Klein's routing; it answers from
+        memory at once, or returns None to let the route registered as `name` answer."""
+        self.fast_paths.append((method.encode(), prefix.encode(), Answer(self, name), handler))
+
+    def _metrics(self, request: IRequest) -> Raw:
+        return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+
+    def resource(self) -> JsonResource:
+        return JsonResource(self)
+
+
+class JsonResource(KleinResource):
+    """Klein's resource behind the exact RPC table and the fast paths; a URL that is
+    not UTF-8 gets a JSON 400 (Klein answers it with a text/plain body before any route
+    or error handler runs), and "//" in a path a plain 404."""
+
+    def __init__(self, api: JsonApp):
+        super().__init__(api.app)
+        self.api = api
+
+    def render(self, request: IRequest) -> Any:
+        method, path = request.method, request.path
+        methods = self.api.rpcs.get(path)
+        if methods is not None:
+            rpc = methods.get(method)
+            if rpc is None:
+                request.setHeader(b"Allow", b", ".join(sorted(methods)))
+                return respond(request, error_body("method not allowed on this resource"), 405)
+            answer, handler = rpc
+            return answer.deliver(request, lambda: handler(request))
+        for way, prefix, answer, fast in self.api.fast_paths:
+            if method == way and path.startswith(prefix):
+                started = time.perf_counter()
+                try:
+                    found = fast(request, path[len(prefix):])
+                except Exception:
+                    return answer.fail(request, Failure(), started)
+                if found is None:
+                    break
+                return answer.finish(request, found, started)
+        if b"//" in path:
+            # "//x" is not "/x": no route has an empty segment (werkzeug would redirect,
+            # echoing the Host, before any route's checks)
+            return respond(request, error_body("no such resource"), 404)
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            (request.getHeader(b"host") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return respond(request, error_body("the URL is not valid UTF-8"), 400)
+        return super().render(request)

@@ -1,0 +1,272 @@
+"""The HTTP server side of every Bazar process: Twisted's HTTP/1.1 channel hardened
+against hostile clients (deadlines, body limits, strict framing, a cap on open
+connections, JSON for every refusal), the quiet Site, and `listen`.
+
+Twisted's channel has no public hooks for these; what this module overrides of its
+private interface (`_ChunkedTransferDecoder`, `_respondToBadRequestAndDisconnect`,
+the name-mangled first-line flag) is kept here and nowhere else, each with its reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
+from twisted.web.server import Request, Site
+
+from bazar.http.app import error_body
+from bazar.http.request import INTERNAL_BODY, MAX_BODY
+
+HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers (and a small body)
+MIN_BODY_RATE = 64 * 1024  # bytes/s: a body of n bytes adds n / MIN_BODY_RATE seconds to the deadline
+LINGER = 2.0  # seconds, after a refusal, to drain (and drop) what the client still sends
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
+           431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+# Headers that decide who a request is, what it is, or where its body ends: sent twice,
+# two parts of a chain could each believe another one (RFC 9110 5.3), so refuse them.
+SINGLE_HEADERS = frozenset({b"authorization", b"x-bazar-secret", b"idempotency-key", b"content-length",
+                            b"transfer-encoding", b"host", b"content-type", b"x-bazar-hops"})
+MAX_CONNECTIONS = 4096  # open connections one process accepts; beyond them: 503 and close
+# seconds a kept-alive connection may stay silent; beyond HEADER_DEADLINE, so that a
+# silent new connection gets its JSON 408 first
+IDLE_TIMEOUT = 15
+
+
+class LimitedChunks(_ChunkedTransferDecoder):
+    """A chunked body refused (413) as soon as a chunk announces more than the
+    route's limit, not once that many bytes have been received."""
+
+    limit = 0
+    channel: Any = None
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        done = super()._dataReceived_CHUNK_LENGTH()
+        if done and self.state == "BODY" and self.length > self.limit:
+            self.state = "FINISHED"
+            del self._buffer[:]
+            self.channel.refuse(413, f"request body is larger than {self.limit} bytes")
+            return False
+        return done
+
+
+def body_limit(path: bytes) -> int:
+    """The largest request body worth receiving for `path` (the apps check the exact
+    limit again; this only stops an oversized body before it is buffered)."""
+    return INTERNAL_BODY if path.startswith(b"/internal/") else MAX_BODY
+
+
+class GuardedChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel with what hostile clients call for:
+
+    - a deadline for the request line and headers (HEADER_DEADLINE from the first
+      byte of a request, or from the connection), extended for the body by its
+      announced length at MIN_BODY_RATE: the idle timeout alone is reset by every
+      byte, so a client dribbling a header (slowloris) or body byte (slow POST)
+      every few seconds would hold its connection for ever;
+    - a body over the route's limit is refused (413) from its Content-Length, or as
+      soon as a chunked body passes the limit, instead of being buffered first;
+    - these refusals and Twisted's own for malformed requests (bare `400 Bad
+      Request`, no body) are JSON like every other error. After a refusal the rest
+      of the request is drained for a moment, so the client reads the answer instead
+      of a connection reset, then the connection is closed.
+    """
+
+    header_deadline = HEADER_DEADLINE
+    _deadline: Any = None
+    _linger: Any = None
+    _linger_left = 0
+    _refused = False
+    _awaiting_request = True
+
+    _host: Any = None
+
+    over_capacity = False
+    site_counted: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.over_capacity:
+            self.refuse(503, "too many open connections; retry shortly")
+            return
+        self._arm()
+
+    def getHost(self) -> Any:
+        # Twisted asks for it (a getsockname call) on every request; it never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def _arm(self) -> None:
+        if self._deadline is None and self.header_deadline:
+            self._deadline = self.callLater(self.header_deadline, self._request_late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _request_late(self) -> None:
+        self._deadline = None
+        self.refuse(408, "the request did not arrive in time", expected=0)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._drain(data)
+            return
+        if self._awaiting_request:
+            self._arm()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if line[:1] in (b" ", b"\t") and not getattr(self, "_HTTPChannel__first_line", 1):
+            self.refuse(400, "obsolete line folding in the request's headers")  # RFC 9112 5.2
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._refused:
+            return False
+        name = line.split(b":", 1)[0].strip().lower()
+        request = self.requests[-1] if self.requests else None
+        seen = getattr(request, "_single_seen", None)
+        if request is not None and seen is None:
+            seen = request._single_seen = set()
+        if name in SINGLE_HEADERS and seen is not None:
+            if name in seen:
+                self.refuse(400, f"the {name.decode('ascii', 'replace')} header is given more than once")
+                return False
+            seen.add(name)
+        return bool(super().headerReceived(line))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._drain(data)
+            return
+        super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        limit = body_limit(self._path)  # (bytes; Twisted's annotation is off)
+        self.requests[-1].body_limit = limit
+        if self.length is not None and self.length > limit:
+            self.refuse(413, f"request body is larger than {limit} bytes", expected=self.length)
+            return
+        if self.length and self._deadline is not None:
+            self._deadline.delay(self.length / MIN_BODY_RATE)
+        decoder = getattr(self, "_transferDecoder", None)
+        if type(decoder) is _ChunkedTransferDecoder:
+            decoder.__class__ = LimitedChunks
+            decoder.limit, decoder.channel = limit, self  # type: ignore[attr-defined]
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self._refused:
+            self._awaiting_request = False
+            self._disarm()
+            super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_request = True  # the next request's deadline starts with its first byte
+        super().requestDone(request)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a malformed request line, header, length or chunk.
+        self.refuse(400, "malformed HTTP request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would drop the connection without a word.
+        self.refuse(431, f"request line or header longer than {self.MAX_LENGTH} bytes")
+
+    def refuse(self, status: int, message: str, expected: int | None = None) -> None:
+        """Answer `status` with a JSON error, drain the rest for a moment, close."""
+        if self._refused:
+            return
+        self._refused = True
+        self._disarm()
+        body = error_body(message)
+        transport: Any = self.transport
+        extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                        b"%sConnection: close\r\n\r\n%s" % (status, REASONS[status], len(body), extra, body))
+        # Drain the announced body (or, its length unknown, whatever comes) for at most
+        # LINGER seconds: a client still sending would otherwise get a connection reset
+        # instead of this answer. Dropped bytes cost no memory.
+        self._linger_left = expected if expected is not None else -1
+        if self._linger_left == 0:
+            self.loseConnection()
+            return
+        self._linger = self.callLater(LINGER, self.loseConnection)
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()  # the client sees the end of the answer now, and may close first
+
+    def _drain(self, data: bytes) -> None:
+        if self._linger_left > 0:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0:
+                self.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.site_counted is not None:
+            self.site_counted.open_connections -= 1
+            self.site_counted = None
+        self._disarm()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
+class GuardedRequest(Request):
+    """Stops a chunked body at the route's limit (a Content-Length is checked by the
+    channel before any byte of the body)."""
+
+    body_limit: int | None = None
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self.body_limit is not None and self._received > self.body_limit:
+            channel: Any = self.channel
+            channel.refuse(413, f"request body is larger than {self.body_limit} bytes")
+            return
+        super().handleContentChunk(data)
+
+
+class QuietSite(Site):
+    """No access log (it costs a write per request and would record tokens in URLs),
+    no tracebacks, an idle timeout so a silent client cannot hold a connection, and
+    GuardedChannel's deadlines and limits. Request bodies are never parsed as HTML
+    forms (Twisted would answer a bad multipart body with a bare 400 of its own)."""
+
+    displayTracebacks = False
+    protocol = GuardedChannel  # type: ignore[assignment]  # (plain HTTP/1.1: no TLS, so no HTTP/2 to negotiate)
+    requestFactory = GuardedRequest
+
+    def __init__(self, resource: Any, max_connections: int = MAX_CONNECTIONS, **kw: Any):
+        super().__init__(resource, parsePOSTFormSubmission=False, **kw)
+        self.max_connections = max_connections
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            channel.site_counted = self
+            self.open_connections += 1
+            if self.open_connections > self.max_connections:
+                channel.over_capacity = True
+        return channel
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def listen(parent: MultiService, reactor: Any, resource: Any, host: str, port: int) -> Site:
+    site = QuietSite(resource, timeout=IDLE_TIMEOUT)
+    endpoint = serverFromString(reactor, f"tcp:{port}:interface={host}")
+    StreamServerEndpointService(endpoint, site).setServiceParent(parent)
+    return site
+

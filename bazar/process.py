@@ -1,0 +1,54 @@
+"""One Bazar process as its `build_*` function wires it (`Node`), and the twistd
+service that runs it (`serve`): the HTTP listener, the start and stop hooks, the
+periodic work, and the watch on the supervisor.
+
+The same nodes run in the tests and the simulation, on an in-memory network and a
+simulated clock: only `serve` is production's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import define, field
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.resource import IResource
+
+from bazar.http.server import listen
+from bazar.lifecycle import Hooks, every, watch_parent
+
+
+@define
+class Node:
+    """What a process is made of once wired: its HTTP resource, what to do when it
+    starts and stops, and its periodic work ((seconds, call, what it is))."""
+
+    resource: IResource
+    on_start: list[Callable[[], object]] = field(factory=list)
+    on_stop: list[Callable[[], object]] = field(factory=list)
+    periodic: list[tuple[float, Callable[[], object], str]] = field(factory=list)
+
+    def start(self) -> None:
+        for hook in self.on_start:
+            hook()
+
+    def stop(self) -> Deferred[object] | None:
+        waits = [d for d in (hook() for hook in self.on_stop) if isinstance(d, Deferred)]
+        return DeferredList(waits, consumeErrors=True) if waits else None  # type: ignore[return-value]
+
+
+def serve(node: Node, reactor: object, host: str, port: int, pool: HTTPConnectionPool | None = None) -> MultiService:
+    """The twistd service of a process: `node` served on host:port."""
+    parent = MultiService()
+    listen(parent, reactor, node.resource, host, port)
+    for seconds, work, what in node.periodic:
+        every(seconds, work, what).setServiceParent(parent)
+
+    def stop() -> object:
+        node.stop()
+        return pool.closeCachedConnections() if pool is not None else None
+
+    Hooks(on_start=node.start, on_stop=stop).setServiceParent(parent)
+    watch_parent(parent, reactor)
+    return parent

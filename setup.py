@@ -8,7 +8,8 @@ setup(
     # package_dir {"": "."} makes `pip install -e` add the checkout to sys.path (a static
     # .pth), which is what lets Twisted find twisted/plugins/bazar_plugins.py.
     package_dir={"": "."},
-    packages=["bazar", "bazar.http", "bazar.pages", "bazar.replication", "bazar.sim", "twisted.plugins"],
+    packages=["bazar", "bazar.bench", "bazar.http", "bazar.pages", "bazar.replication", "bazar.sim",
+              "bazar.testing", "twisted.plugins"],
     package_data={"bazar": ["openapi.json"], "twisted.plugins": ["bazar_plugins.py"]},
     install_requires=[
         "twisted>=24.7.0",
@@ -25,6 +26,6 @@ setup(
                  "matplotlib>=3.8", "selenium>=4.10"],
         "bench": ["matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": ["bazar = bazar.cli:main", "bazar-bench = bazar.bench:main",
+    entry_points={"console_scripts": ["bazar = bazar.cli:main", "bazar-bench = bazar.bench.cli:main",
                                       "bazar-sim = bazar.sim.run:main"]},
 )

@@ -1,4 +1,4 @@
-"""Shared pytest wiring: the real-process helpers of procs.py as fixtures, a
+"""Shared pytest wiring: the real-process helpers of bazar.testing.processes as fixtures, a
 session-end safety net that stops anything a test started, and the tail of every
 Bazar process log attached to the report of a failing integration test."""
 
@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+from bazar.testing import processes
 
-import procs  # noqa: E402
+# the helpers beside this file (memory.py, faults.py) are imported as top-level modules
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_leftover_processes() -> Iterator[None]:
     yield
-    procs.stop_everything()
+    processes.stop_everything()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -28,18 +29,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     report = outcome.get_result()
     if report.failed and report.when in ("setup", "call"):
         for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, procs.Cluster):
+            if isinstance(value, processes.Cluster):
                 report.sections.append((f"bazar logs ({value.data})", value.tail_logs()))
 
 
 @pytest.fixture(scope="module")
-def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., procs.Cluster]]:
+def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., processes.Cluster]]:
     """Start clusters (and stop them at module end): start_cluster(frontends=2, redis=url)."""
-    started: list[procs.Cluster] = []
+    started: list[processes.Cluster] = []
 
-    def start(name: str = "cluster", wait: float = 60.0, **kw: Any) -> procs.Cluster:
+    def start(name: str = "cluster", wait: float = 60.0, **kw: Any) -> processes.Cluster:
         data = str(tmp_path_factory.mktemp(name) / "data")
-        cluster = procs.Cluster(data=data, **kw)
+        cluster = processes.Cluster(data=data, **kw)
         started.append(cluster)
         return cluster.start(wait=wait)
 
@@ -49,11 +50,11 @@ def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 
 @pytest.fixture(scope="module")
-def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., procs.RedisServer]]:
-    started: list[procs.RedisServer] = []
+def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., processes.RedisServer]]:
+    started: list[processes.RedisServer] = []
 
-    def start(port: int | None = None) -> procs.RedisServer:
-        server = procs.RedisServer(port or procs.free_ports(1)[0], str(tmp_path_factory.mktemp("redis")))
+    def start(port: int | None = None) -> processes.RedisServer:
+        server = processes.RedisServer(port or processes.free_ports(1)[0], str(tmp_path_factory.mktemp("redis")))
         started.append(server)
         return server.start()
 

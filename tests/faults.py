@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import procs
-from procs import HOST, SECRET, TOKEN, TWISTD, free_ports, pid_alive, try_get_json, wait_until
+from bazar.testing import processes
+from bazar.testing.processes import HOST, SECRET, TOKEN, TWISTD, free_ports, pid_alive, try_get_json, wait_until
 
 REFUSE = "refuse"
 DROP = "drop"
@@ -634,9 +634,7 @@ class Store:
 
     # -- lifecycle --
     def start(self, wait: float = 60.0) -> Store:
-        import procs
-
-        procs._RUNNING.append(self)  # the session's safety net stops us too
+        processes.track(self)  # the session's safety net stops us too
         self.started = True
         for node in self.nodes.values():
             node.start()
@@ -648,16 +646,13 @@ class Store:
 
     def stop(self) -> None:
         """Stop every process (resumed first if paused), then close the proxies."""
-        import procs
-
         deadline = time.monotonic() + 10.0
         for node in self.nodes.values():
             node.begin_stop()
         for node in self.nodes.values():
             node.finish_stop(deadline)
         self.net.close()
-        if self in procs._RUNNING:
-            procs._RUNNING.remove(self)
+        processes.untrack(self)
 
     def __enter__(self) -> Store:
         return self
@@ -709,7 +704,7 @@ class Store:
     def wait_quiet(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
         """Healthy, and every replica of a service at the same last_seq twice in a row."""
         try:
-            return procs.wait_quiet(self.all_healthy, [[n.name for n in self.of(s)] for s in SERVICES], timeout)
+            return processes.wait_quiet(self.all_healthy, [[n.name for n in self.of(s)] for s in SERVICES], timeout)
         except RuntimeError as exc:
             raise AssertionError(str(exc)) from None
 

@@ -14,30 +14,36 @@ import types
 
 import pytest
 
-from bazar import bench
+from bazar.bench import cli
+from bazar.bench.http import ProtocolError, build_request, read_response
+from bazar.bench.load import LoadRun, run_load
+from bazar.bench.procfs import is_descendant, parse_proc_stat, proc_cpu_seconds, read_proc_stat
+from bazar.bench.report import evaluate_targets, info_latency_split, render_report, targets_text
+from bazar.bench.stats import RefLRU, make_cache, percentile, replay_lru, summarize, zipf_topk_mass, zipf_trace
+from bazar.testing.processes import Cluster, free_ports
 
 # ---------------------------------------------------------------- statistics
 
 
 def test_percentile_interpolates_like_numpy_linear():
     xs = list(range(1, 11))  # 1..10
-    assert bench.percentile(xs, 0) == 1
-    assert bench.percentile(xs, 100) == 10
-    assert bench.percentile(xs, 50) == pytest.approx(5.5)
-    assert bench.percentile(xs, 95) == pytest.approx(9.55)
-    assert bench.percentile(xs, 99) == pytest.approx(9.91)
-    assert bench.percentile([0.0, 1.0], 25) == pytest.approx(0.25)
+    assert percentile(xs, 0) == 1
+    assert percentile(xs, 100) == 10
+    assert percentile(xs, 50) == pytest.approx(5.5)
+    assert percentile(xs, 95) == pytest.approx(9.55)
+    assert percentile(xs, 99) == pytest.approx(9.91)
+    assert percentile([0.0, 1.0], 25) == pytest.approx(0.25)
 
 
 def test_percentile_edge_cases():
-    assert bench.percentile([], 50) is None
-    assert bench.percentile([7], 99) == 7.0
+    assert percentile([], 50) is None
+    assert percentile([7], 99) == 7.0
     with pytest.raises(ValueError):
-        bench.percentile([1, 2], 101)
+        percentile([1, 2], 101)
 
 
 def test_summarize_converts_to_ms_and_rate():
-    st = bench.summarize([0.003, 0.001, 0.002], errors=2, elapsed=0.5, statuses={"503": 2})
+    st = summarize([0.003, 0.001, 0.002], errors=2, elapsed=0.5, statuses={"503": 2})
     assert st["n"] == 3
     assert st["errors"] == 2
     assert st["rps"] == pytest.approx(6.0)
@@ -48,7 +54,7 @@ def test_summarize_converts_to_ms_and_rate():
 
 
 def test_summarize_empty():
-    st = bench.summarize([])
+    st = summarize([])
     assert st["n"] == 0 and st["p50_ms"] is None and st["rps"] is None
 
 
@@ -56,9 +62,9 @@ def test_summarize_empty():
 
 
 def test_zipf_trace_reproducible_and_in_range():
-    a = bench.zipf_trace(100, 5000, s=1.0, seed=7)
-    b = bench.zipf_trace(100, 5000, s=1.0, seed=7)
-    c = bench.zipf_trace(100, 5000, s=1.0, seed=8)
+    a = zipf_trace(100, 5000, s=1.0, seed=7)
+    b = zipf_trace(100, 5000, s=1.0, seed=7)
+    c = zipf_trace(100, 5000, s=1.0, seed=8)
     assert a == b
     assert a != c
     assert len(a) == 5000
@@ -66,7 +72,7 @@ def test_zipf_trace_reproducible_and_in_range():
 
 
 def test_zipf_trace_is_skewed():
-    counts = collections.Counter(bench.zipf_trace(50, 20000, s=1.0, seed=1))
+    counts = collections.Counter(zipf_trace(50, 20000, s=1.0, seed=1))
     assert counts.most_common(1)[0][0] == 0
     # P(key 0) = 1 / H(50) ≈ 0.222; P(key 1) is half of it
     assert counts[0] / 20000 == pytest.approx(1 / sum(1 / k for k in range(1, 51)), abs=0.02)
@@ -76,54 +82,54 @@ def test_zipf_trace_is_skewed():
 
 def test_zipf_trace_rejects_bad_arguments():
     with pytest.raises(ValueError):
-        bench.zipf_trace(0, 10)
+        zipf_trace(0, 10)
     with pytest.raises(ValueError):
-        bench.zipf_trace(10, -1)
-    assert bench.zipf_trace(3, 0) == []
+        zipf_trace(10, -1)
+    assert zipf_trace(3, 0) == []
 
 
 def test_zipf_topk_mass():
-    assert bench.zipf_topk_mass(10, 10) == pytest.approx(1.0)
-    assert bench.zipf_topk_mass(10, 0) == 0.0
-    assert bench.zipf_topk_mass(2, 1, s=1.0) == pytest.approx(2 / 3)
+    assert zipf_topk_mass(10, 10) == pytest.approx(1.0)
+    assert zipf_topk_mass(10, 0) == 0.0
+    assert zipf_topk_mass(2, 1, s=1.0) == pytest.approx(2 / 3)
 
 
 def test_replay_reference_lru_evicts_least_recently_used():
     # cap 2: 1 2 1(hit) 3(evicts 2) 2(miss, evicts 1) 3(hit)
-    cache = bench.RefLRU(2)
-    r = bench.replay_lru([1, 2, 1, 3, 2, 3], cache)
+    cache = RefLRU(2)
+    r = replay_lru([1, 2, 1, 3, 2, 3], cache)
     assert (r["hits"], r["misses"], r["evictions"]) == (2, 4, 2)
     assert r["hit_rate"] == pytest.approx(2 / 6)
 
 
 def test_replay_zero_capacity_never_hits():
-    r = bench.replay_lru([1, 1, 1], bench.RefLRU(0))
+    r = replay_lru([1, 1, 1], RefLRU(0))
     assert r["hits"] == 0 and r["misses"] == 3
 
 
 def test_replay_detects_misses_by_counter_when_get_returns_a_sentinel():
-    class SentinelCache(bench.RefLRU):
+    class SentinelCache(RefLRU):
         def get(self, key):
             v = super().get(key)
             return "MISSING" if v is None else v
 
-    r = bench.replay_lru([5, 5, 6, 5], SentinelCache(4))
+    r = replay_lru([5, 5, 6, 5], SentinelCache(4))
     assert (r["hits"], r["misses"]) == (2, 2)
 
 
 def test_replay_hit_rate_grows_with_capacity():
-    trace = bench.zipf_trace(200, 5000, seed=3)
-    rates = [bench.replay_lru(trace, bench.RefLRU(c))["hit_rate"] for c in (1, 10, 50, 200)]
+    trace = zipf_trace(200, 5000, seed=3)
+    rates = [replay_lru(trace, RefLRU(c))["hit_rate"] for c in (1, 10, 50, 200)]
     assert rates == sorted(rates)
     assert rates[-1] == pytest.approx(1 - len(set(trace)) / len(trace))
 
 
 def test_replay_through_bazar_cache_matches_reference():
     import bazar.cache as cache_mod
-    trace = bench.zipf_trace(100, 3000, seed=5)
+    trace = zipf_trace(100, 3000, seed=5)
     for cap in (1, 10, 50):
-        ours = bench.replay_lru(trace, bench.make_cache(cache_mod.LRUCache, cap))
-        ref = bench.replay_lru(trace, bench.RefLRU(cap))
+        ours = replay_lru(trace, make_cache(cache_mod.LRUCache, cap))
+        ref = replay_lru(trace, RefLRU(cap))
         assert ours["hit_rate"] == pytest.approx(ref["hit_rate"])
 
 
@@ -132,7 +138,7 @@ def test_replay_through_bazar_cache_matches_reference():
 
 def test_parse_proc_stat_with_awkward_command_name():
     text = "1234 (we(ir) d) S 77 1234 1234 0 -1 4194560 " + " ".join(["0"] * 12) + " 98765 0 0\n"
-    st = bench.parse_proc_stat(text)
+    st = parse_proc_stat(text)
     assert st["pid"] == 1234
     assert st["comm"] == "we(ir) d"
     assert st["state"] == "S"
@@ -143,11 +149,11 @@ def test_parse_proc_stat_with_awkward_command_name():
 
 
 def test_parse_real_proc_stat():
-    st = bench.parse_proc_stat(bench.read_proc_stat(os.getpid()))
+    st = parse_proc_stat(read_proc_stat(os.getpid()))
     assert (st["pid"], st["ppid"], st["pgid"]) == (os.getpid(), os.getppid(), os.getpgid(0))
     assert st["starttime"] > 0
-    assert bench.proc_cpu_seconds(os.getpid()) > 0
-    assert bench.proc_cpu_seconds(None) is None
+    assert proc_cpu_seconds(os.getpid()) > 0
+    assert proc_cpu_seconds(None) is None
 
 
 def _fake_stats(parents):
@@ -162,31 +168,31 @@ def _fake_stats(parents):
 def test_is_descendant_walks_the_parent_chain():
     # 1 <- 100 (bench) <- 200 (twistd) <- 300 (procmon child) <- 400 (grandchild)
     read = _fake_stats({100: 1, 200: 100, 300: 200, 400: 300, 500: 1})
-    assert bench.is_descendant(300, 200, read_stat=read)
-    assert bench.is_descendant(400, 200, read_stat=read)
-    assert bench.is_descendant(400, 100, read_stat=read)
-    assert not bench.is_descendant(500, 200, read_stat=read)  # unrelated
-    assert not bench.is_descendant(200, 300, read_stat=read)  # parent is not a child
-    assert not bench.is_descendant(200, 200, read_stat=read)  # itself does not count
-    assert not bench.is_descendant(999, 200, read_stat=read)  # gone
-    assert not bench.is_descendant(1, 200, read_stat=read)
-    assert not bench.is_descendant(300, 1, read_stat=read)  # never init
+    assert is_descendant(300, 200, read_stat=read)
+    assert is_descendant(400, 200, read_stat=read)
+    assert is_descendant(400, 100, read_stat=read)
+    assert not is_descendant(500, 200, read_stat=read)  # unrelated
+    assert not is_descendant(200, 300, read_stat=read)  # parent is not a child
+    assert not is_descendant(200, 200, read_stat=read)  # itself does not count
+    assert not is_descendant(999, 200, read_stat=read)  # gone
+    assert not is_descendant(1, 200, read_stat=read)
+    assert not is_descendant(300, 1, read_stat=read)  # never init
 
 
 def test_is_descendant_terminates_on_a_cycle():
     read = _fake_stats({10: 11, 11: 10})
-    assert not bench.is_descendant(10, 12, read_stat=read)
+    assert not is_descendant(10, 12, read_stat=read)
 
 
 def test_is_descendant_on_real_processes_and_kill_guard():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert bench.is_descendant(child.pid, os.getpid())
-        assert not bench.is_descendant(os.getpid(), child.pid)
-        assert not bench.is_descendant(child.pid, other.pid)
+        assert is_descendant(child.pid, os.getpid())
+        assert not is_descendant(os.getpid(), child.pid)
+        assert not is_descendant(child.pid, other.pid)
         # a cluster whose supervisor is `other` refuses to kill `child`
-        c = bench.Cluster.__new__(bench.Cluster)
+        c = Cluster.__new__(Cluster)
         c.proc = types.SimpleNamespace(pid=other.pid)
         assert not c.kill(child.pid)
         assert not c.kill(other.pid)  # never the supervisor itself
@@ -215,19 +221,19 @@ def test_read_response_content_length_and_pipelined_leftover():
     data = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\n[1,2]"
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
     recv = _reader(data, 7)
-    status, body, rest, close = bench.read_response(recv)
+    status, body, rest, close = read_response(recv)
     assert (status, body, close) == (200, b"[1,2]", False)
-    status, body, rest, close = bench.read_response(recv, rest)
+    status, body, rest, close = read_response(recv, rest)
     assert (status, body, rest) == (404, b"{}", b"")
     # both in one read: the second is left over whole
-    status, body, rest, close = bench.read_response(_reader(data, len(data)))
+    status, body, rest, close = read_response(_reader(data, len(data)))
     assert rest == data[data.index(b"HTTP/1.1 404"):]
 
 
 def test_read_response_chunked_in_tiny_pieces():
     data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\n\r\nNEXT"
     recv = _reader(data, 3)
-    status, body, rest, close = bench.read_response(recv)
+    status, body, rest, close = read_response(recv)
     assert (status, body, close) == (200, b"abcdefg", False)
     tail = rest
     while chunk := recv():
@@ -236,29 +242,29 @@ def test_read_response_chunked_in_tiny_pieces():
 
 
 def test_read_response_no_body_statuses_and_close():
-    status, body, rest, close = bench.read_response(_reader(b"HTTP/1.1 204 No Content\r\n\r\n", 100))
+    status, body, rest, close = read_response(_reader(b"HTTP/1.1 204 No Content\r\n\r\n", 100))
     assert (status, body, close) == (204, b"", False)
     data = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
-    status, body, rest, close = bench.read_response(_reader(data, 5))
+    status, body, rest, close = read_response(_reader(data, 5))
     assert (status, body, close) == (200, b"until the end", True)
 
 
 def test_read_response_errors():
-    with pytest.raises(bench.ProtocolError):
-        bench.read_response(_reader(b"HTTP/1.1 200 OK\r\nContent-Le", 4))
-    with pytest.raises(bench.ProtocolError):
-        bench.read_response(_reader(b"garbage\r\n\r\n", 100))
+    with pytest.raises(ProtocolError):
+        read_response(_reader(b"HTTP/1.1 200 OK\r\nContent-Le", 4))
+    with pytest.raises(ProtocolError):
+        read_response(_reader(b"garbage\r\n\r\n", 100))
 
 
 def test_build_request():
-    raw = bench.build_request("PUT", "/bazar/update_price/3", 5000, body={"price": 9.5}, token="tok")
+    raw = build_request("PUT", "/bazar/update_price/3", 5000, body={"price": 9.5}, token="tok")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"PUT /bazar/update_price/3 HTTP/1.1\r\n")
     assert b"Host: 127.0.0.1:5000" in head
     assert b"Authorization: Bearer tok" in head
     assert b"Content-Length: %d" % len(body) in head
     assert body == b'{"price": 9.5}'
-    get = bench.build_request("GET", "/health", 1)
+    get = build_request("GET", "/health", 1)
     assert get.endswith(b"\r\n\r\n") and b"Content-Length" not in get
 
 
@@ -292,42 +298,42 @@ def local_server():
 
 def test_load_run_against_a_local_server_is_bounded(local_server):
     port = local_server
-    ok = bench.build_request("GET", "/x", port)
-    st = bench.run_load(port, lambda w, k: ok, 2, 5.0, max_per_worker=50)
+    ok = build_request("GET", "/x", port)
+    st = run_load(port, lambda w, k: ok, 2, 5.0, max_per_worker=50)
     assert st["n"] == 100 and st["errors"] == 0
     assert st["elapsed_s"] < 5.0
     assert st["client_cpu"] >= 0
-    fail = bench.build_request("GET", "/fail", port)
-    st = bench.run_load(port, lambda w, k: fail, 1, 5.0, max_per_worker=10)
+    fail = build_request("GET", "/fail", port)
+    st = run_load(port, lambda w, k: fail, 1, 5.0, max_per_worker=10)
     assert st["n"] == 0 and st["errors"] == 10 and st["statuses"] == {"503": 10}
     # make() returning None ends a worker; time bound holds
-    st = bench.run_load(port, lambda w, k: ok if k < 3 else None, 4, 5.0)
+    st = run_load(port, lambda w, k: ok if k < 3 else None, 4, 5.0)
     assert st["n"] == 12
 
 
 def test_load_run_records_connection_errors():
-    port = bench.free_ports(1)[0]  # nothing listens there
-    run = bench.LoadRun(port, lambda w, k: b"GET / HTTP/1.1\r\n\r\n", 1, 0.3, max_per_worker=5, timeline=True)
+    port = free_ports(1)[0]  # nothing listens there
+    run = LoadRun(port, lambda w, k: b"GET / HTTP/1.1\r\n\r\n", 1, 0.3, max_per_worker=5, timeline=True)
     st = run.start().wait()
     assert st["n"] == 0 and st["errors"] == 5
     assert all(not ok for _t, _lat, ok, _s in run.timeline[0])
 
 
 def test_loopback_only():
-    assert bench.loopback_port("http://127.0.0.1:5000") == 5000
-    assert bench.loopback_port("http://localhost:5001/") == 5001
+    assert cli.loopback_port("http://127.0.0.1:5000") == 5000
+    assert cli.loopback_port("http://localhost:5001/") == 5001
     for bad in ("http://10.0.0.1:5000", "https://127.0.0.1:5000", "http://example.com"):
         with pytest.raises(ValueError):
-            bench.loopback_port(bad)
+            cli.loopback_port(bad)
 
 
 def test_parse_args_defaults():
-    a = bench.parse_args([])
+    a = cli.parse_args([])
     assert (a.port, a.duration, a.start, a.out) == (5000, 2.0, False, "bench-out")
-    q = bench.parse_args(["--quick", "--start", "--out", "x"])
+    q = cli.parse_args(["--quick", "--start", "--out", "x"])
     assert q.duration == 0.5 and q.start
     with pytest.raises(SystemExit):
-        bench.parse_args(["--url", "http://192.168.1.2:5000"])
+        cli.parse_args(["--url", "http://192.168.1.2:5000"])
 
 
 # ---------------------------------------------------------------- report
@@ -377,7 +383,7 @@ def fixed_results():
 
 
 def test_evaluate_targets_verdicts():
-    rows = {r["name"]: r for r in bench.evaluate_targets(fixed_results())}
+    rows = {r["name"]: r for r in evaluate_targets(fixed_results())}
     assert len(rows) == 7
     assert rows["cached info throughput, 16 conns"]["verdict"] == "PASS"
     assert rows["cached info p50, 1 conn"]["verdict"] == "PASS"
@@ -392,16 +398,16 @@ def test_evaluate_targets_not_measured_and_too_few_entries():
     res = fixed_results()
     del res["ops"]["off"]
     res["rss"]["entries"] = 4000
-    rows = {r["name"]: r for r in bench.evaluate_targets(res)}
+    rows = {r["name"]: r for r in evaluate_targets(res)}
     assert rows["uncached info throughput, 16 conns"]["verdict"] == "n/a"
     assert rows["front-end RSS with 10,000 cached entries"]["verdict"] == "n/a"
     assert "4000" in rows["front-end RSS with 10,000 cached entries"]["why"]
-    text = bench.targets_text(bench.evaluate_targets(res))
+    text = targets_text(evaluate_targets(res))
     assert "n/a (not measured)" in text and "FAIL" in text
 
 
 def test_render_report_markdown():
-    md = bench.render_report(fixed_results())
+    md = render_report(fixed_results())
     assert md.startswith("# Bazar benchmark report")
     for heading in ("## Targets", "## 1. Latency", "## 2. Invalidation", "## 3. Crash", "## 4. LRU",
                     "## 5. Throughput", "## 6. Front-end memory"):
@@ -433,7 +439,7 @@ def test_render_report_with_skipped_sections():
     res = {"meta": {"notes": []}, "ops": {}, "ops_skipped": {"off": "no cache-less cluster"},
            "crash": {"skipped": "only with --start"}, "invalidation": {"skipped": "needs the admin token"},
            "rss": {"skipped": "no pid"}, "lru": {}, "plots": {}}
-    md = bench.render_report(res)
+    md = render_report(res)
     assert "Cache off: skipped — no cache-less cluster." in md
     assert "Skipped — only with --start." in md
     assert "Skipped — needs the admin token." in md
@@ -443,7 +449,9 @@ def test_render_report_with_skipped_sections():
 
 
 def test_write_plots(tmp_path):
-    made = bench.write_plots(fixed_results(), str(tmp_path))
+    from bazar.bench import plots
+
+    made = plots.write_plots(fixed_results(), str(tmp_path))
     assert set(made) == {"latency", "invalidation", "crash", "lru", "throughput"}
     for name in made.values():
         data = (tmp_path / name).read_bytes()
@@ -467,7 +475,7 @@ def _table_rows(text):
 
 
 def test_report_lru_in_plain_words_with_cross_check_sentence():
-    md = bench.render_report(fixed_results())
+    md = render_report(fixed_results())
     lru = _section(md, 4)
     assert "top-k" not in md and "reference LRU" not in md
     assert "best possible: share of requests to the N most requested books" in lru
@@ -479,13 +487,13 @@ def test_report_lru_in_plain_words_with_cross_check_sentence():
 def test_report_lru_shows_the_textbook_column_only_when_it_differs():
     res = fixed_results()
     res["lru"]["points"][0]["ref_hit_rate"] = 0.25
-    lru = _section(bench.render_report(res), 4)
+    lru = _section(render_report(res), 4)
     assert "textbook LRU (cross-check)" in lru
     assert "| 10 | 0.200 | 0.250 | 0.390 | 100 |" in lru
     assert "exactly the same hit rate" not in lru
     # a replay that fell back to the textbook LRU itself has nothing to cross-check
     res["lru"]["source"] = "reference OrderedDict LRU (bench.py)"
-    lru = _section(bench.render_report(res), 4)
+    lru = _section(render_report(res), 4)
     assert "textbook LRU (cross-check)" not in lru and "Cross-check" not in lru
 
 
@@ -493,13 +501,13 @@ def test_report_lru_explains_the_gap_when_everything_fits():
     res = fixed_results()
     res["lru"]["points"].append({"capacity": 1000, "hit_rate": 0.98, "ref_hit_rate": 0.98, "top_k_mass": 1.0,
                                  "evictions": 0})
-    lru = _section(bench.render_report(res), 4)
+    lru = _section(render_report(res), 4)
     assert "At N = 1000 every book fits" in lru and "(1.000 vs 0.980)" in lru
-    assert "every book fits" not in _section(bench.render_report(fixed_results()), 4)
+    assert "every book fits" not in _section(render_report(fixed_results()), 4)
 
 
 def test_report_throughput_section_shows_only_rows_section_1_lacks():
-    md = bench.render_report(fixed_results())
+    md = render_report(fixed_results())
     sweep = _section(md, 5)
     rows = _table_rows(sweep)
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["4", "64"]  # header, then 4 and 64 only
@@ -508,7 +516,7 @@ def test_report_throughput_section_shows_only_rows_section_1_lacks():
     # when section 1 already holds every sweep point, section 5 has no table at all
     res = fixed_results()
     res["ops"]["on"]["info"].update(res["throughput"])
-    sweep = _section(bench.render_report(res), 5)
+    sweep = _section(render_report(res), 5)
     assert _table_rows(sweep) == []
     assert "1, 4, 16, 64 connections are the cached info rows of section 1" in sweep
 
@@ -524,37 +532,39 @@ def _crash_with_info(inside_ms, outside_ms):
 
 def test_report_crash_names_replicas_and_explains_faster_info_reads():
     res = _crash_with_info(inside_ms=0.1, outside_ms=1.5)
-    assert bench.info_latency_split(res["crash"]) == (pytest.approx(0.1), pytest.approx(1.5))
-    crash = _section(bench.render_report(res), 3)
+    assert info_latency_split(res["crash"]) == (pytest.approx(0.1), pytest.approx(1.5))
+    crash = _section(render_report(res), 3)
     assert "port 5101" not in crash and "catalog-1" in crash
     assert "process monitor restarts a process that dies" in crash
     assert "*faster*" in crash and "drops its cached info entry" in crash
     assert "0.100 ms inside the shaded spans, 1.500 ms outside them" in crash
     assert "(2 × 150 = 300 req/s)" in crash
     # the explanation is only given when the data show it
-    crash = _section(bench.render_report(_crash_with_info(inside_ms=2.0, outside_ms=1.5)), 3)
+    crash = _section(render_report(_crash_with_info(inside_ms=2.0, outside_ms=1.5)), 3)
     assert "*faster*" not in crash and "2.000 ms inside the shaded spans" in crash
 
 
 def test_report_crash_falls_back_to_the_port_without_a_replica_id():
     res = fixed_results()
     del res["crash"]["kills"][0]["replica"]
-    assert "| catalog primary | port 5101 |" in bench.render_report(res)
+    assert "| catalog primary | port 5101 |" in render_report(res)
 
 
 def test_report_explains_the_random_ports_of_started_clusters():
-    md = bench.render_report(fixed_results())
+    md = render_report(fixed_results())
     assert "free loopback ports picked for this run" in md.splitlines()[3]
     res = fixed_results()
     res["meta"]["mode"] = "existing cluster"
-    assert "free loopback ports" not in bench.render_report(res)
+    assert "free loopback ports" not in render_report(res)
 
 
 def test_throughput_figure_axes_start_at_zero():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    fig = bench.fig_throughput(fixed_results())  # req/s 5000..9500: autoscale alone would start near 4800
+    from bazar.bench import plots
+
+    fig = plots.fig_throughput(fixed_results())  # req/s 5000..9500: autoscale alone would start near 4800
     try:
         assert len(fig.axes) == 2
         for ax in fig.axes:
@@ -562,16 +572,18 @@ def test_throughput_figure_axes_start_at_zero():
         assert fig.axes[0].get_ylim()[1] >= 9500
     finally:
         plt.close(fig)
-    assert bench.fig_throughput({"throughput": {}}) is None
+    assert plots.fig_throughput({"throughput": {}}) is None
 
 
 def test_crash_figure_shades_failovers_and_says_why_info_is_fast():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
+    from bazar.bench import plots
+
     for inside, outside, want in ((0.1, 1.5, "purchases wait;\ninfo served\nfrom the cache"),
                                   (2.0, 1.5, "purchases wait")):
-        fig = bench.fig_crash(_crash_with_info(inside, outside))
+        fig = plots.fig_crash(_crash_with_info(inside, outside))
         try:
             texts = [t.get_text() for t in fig.axes[0].texts]
             assert want in texts
@@ -587,22 +599,22 @@ def test_report_only_rewrites_the_report_without_measuring(tmp_path, monkeypatch
     def no_measuring(*a, **kw):
         raise AssertionError("--report-only must not measure")
 
-    monkeypatch.setattr(bench, "run", no_measuring)
+    monkeypatch.setattr(cli, "run", no_measuring)
     src = tmp_path / "run"
     src.mkdir()
     res = fixed_results()
     raw = json.dumps(res, indent=1)
     (src / "results.json").write_text(raw)
     out = tmp_path / "out"
-    assert bench.main(["--report-only", str(src / "results.json"), "--out", str(out), "--no-plots"]) == 0
+    assert cli.main(["--report-only", str(src / "results.json"), "--out", str(out), "--no-plots"]) == 0
     md = (out / "report.md").read_text()
-    assert md == bench.render_report(res | {"plots": {}})
+    assert md == render_report(res | {"plots": {}})
     assert "| cached info throughput, 16 conns | ≥ 9000 req/s | 9,500 req/s | **PASS** |" in md
     assert (out / "results.json").read_text() == raw  # copied, numbers untouched
     assert (src / "results.json").read_text() == raw
     assert not list(out.glob("*.png"))
     # without --out: next to the results file, which stays as it was
-    assert bench.main(["--report-only", str(src / "results.json"), "--no-plots"]) == 0
+    assert cli.main(["--report-only", str(src / "results.json"), "--no-plots"]) == 0
     assert (src / "report.md").read_text() == md
     assert (src / "results.json").read_text() == raw
 
@@ -610,7 +622,7 @@ def test_report_only_rewrites_the_report_without_measuring(tmp_path, monkeypatch
 def test_report_only_with_plots(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "results.json").write_text(json.dumps(fixed_results()))
-    assert bench.main(["--report-only", str(tmp_path / "results.json")]) == 0
+    assert cli.main(["--report-only", str(tmp_path / "results.json")]) == 0
     md = (tmp_path / "report.md").read_text()
     for name in ("latency", "invalidation", "crash", "lru", "throughput"):
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")
@@ -618,17 +630,17 @@ def test_report_only_with_plots(tmp_path):
 
 
 def test_report_only_errors(tmp_path):
-    assert bench.main(["--report-only", str(tmp_path / "missing.json"), "--no-plots"]) == 1
+    assert cli.main(["--report-only", str(tmp_path / "missing.json"), "--no-plots"]) == 1
     (tmp_path / "list.json").write_text("[]")
-    assert bench.main(["--report-only", str(tmp_path / "list.json"), "--no-plots"]) == 1
+    assert cli.main(["--report-only", str(tmp_path / "list.json"), "--no-plots"]) == 1
     with pytest.raises(SystemExit):
-        bench.parse_args(["--report-only", "x.json", "--start"])
+        cli.parse_args(["--report-only", "x.json", "--start"])
 
 
 @pytest.mark.skipif(not (COMMITTED / "results.json").exists(), reason="no committed benchmark results")
 def test_committed_report_is_what_the_generator_makes_of_the_committed_results():
     res = json.loads((COMMITTED / "results.json").read_text())
-    md = bench.render_report(res)
+    md = render_report(res)
     assert (COMMITTED / "report.md").read_text() == md, "regenerate: bazar-bench --report-only docs/bench/results.json"
     for jargon in ("top-k", "reference LRU", "ideal static"):
         assert jargon not in md

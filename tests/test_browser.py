@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from procs import TOKEN, Cluster, call, get_json, wait_until
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
+
+from bazar.testing.processes import TOKEN, Cluster, call, get_json, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 

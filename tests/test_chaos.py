@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from procs import TOKEN, Cluster, call, get_json, group_members, pid_alive, try_get_json, wait_until
+
+from bazar.testing.processes import TOKEN, Cluster, call, get_json, group_members, pid_alive, try_get_json, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

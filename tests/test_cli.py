@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from procs import SEED, TOKEN, Cluster, free_ports, get_json
 
 from bazar.cli import check_orders, service_problems
+from bazar.testing.processes import SEED, TOKEN, Cluster, free_ports, get_json
 
 
 def bazar(*args: str, url: str, token: str | None = TOKEN, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from procs import (
+
+from bazar.testing.processes import (
     ADMIN_CALLS,
     SECRET,
     SEED,

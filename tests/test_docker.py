@@ -7,17 +7,11 @@ as a plain local process on loopback ports, which is what the containers do.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +19,8 @@ from typing import Any, cast
 
 import pytest
 import yaml
+
+from bazar.testing.processes import TWISTD, Processes, call, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -394,76 +390,15 @@ def test_json_logger_writes_one_json_event_per_line(capsys: pytest.CaptureFixtur
 # --- running the compose commands as local processes ----------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def http(
     method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers=headers or {}
-    )
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
+    """(status, parsed JSON or None) of one call."""
+    response = call(method, url, body, headers=headers, timeout=5)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        try:
-            return error.code, json.loads(error.read() or b"null")
-        except ValueError:
-            return error.code, None
-
-
-class Processes:
-    """Local processes started by the test; stopped by PID, never by name."""
-
-    def __init__(self) -> None:
-        self.started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        log = cwd / f"{name}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.started.append((name, process, log))
-
-    def exited(self) -> list[str]:
-        return [name for name, process, _ in self.started if process.poll() is not None]
-
-    def logs(self, last: int = 30) -> str:
-        parts = []
-        for name, process, log in self.started:
-            lines = log.read_text(errors="replace").splitlines()[-last:]
-            parts.append(
-                f"--- {name} (pid {process.pid}, rc {process.poll()})\n"
-                + "\n".join(lines)
-            )
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        for _, process, _ in self.started:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, process, _ in self.started:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
+        return response.status, response.json
+    except ValueError:
+        return response.status, None
 
 
 @pytest.fixture
@@ -476,12 +411,12 @@ def processes() -> Iterator[Processes]:
 
 
 # twistd itself (`python -m twisted` would be `twist`, which has no -n/--pidfile).
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD_ARGV = [sys.executable, "-c", TWISTD]
 
 
 def local_argv(command: list[str], port: int, data: Path) -> list[str]:
     assert command[0] == "twistd"
-    argv = TWISTD + command[1:]
+    argv = TWISTD_ARGV + command[1:]
     replacements = {"--host": "127.0.0.1", "--port": str(port), "--data": str(data)}
     for flag, value in replacements.items():
         if flag in argv:

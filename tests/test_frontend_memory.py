@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory import CATALOG_PORT, FRONTEND_PORT, ORDER_PORT, SECRET, TOKEN, Response, Shop, restock, update_price, url_of
-from procs import ADMIN_CALLS
 
 from bazar.records import SEED_BOOKS
+from bazar.testing.processes import ADMIN_CALLS
 
 BOOK_FIELDS = {"id", "title", "topic", "price", "quantity"}
 ORDER_FIELDS = {"id", "book_id", "title", "quantity", "price", "total", "created"}

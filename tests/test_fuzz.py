@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import schemathesis  # noqa: E402
-from procs import SEED, TOKEN, Cluster, call
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
@@ -30,6 +29,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
+
+from bazar.testing.processes import SEED, TOKEN, Cluster, call
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from procs import (
+
+from bazar.testing.processes import (
     ADMIN_CALLS,
     HOST,
     SECRET,
@@ -36,7 +37,7 @@ from procs import (
     stop_group,
     wait_until,
 )
-from procs import call as _call
+from bazar.testing.processes import call as _call
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from procs import SECRET, TOKEN, Cluster, call, get_json, wait_until
+
+from bazar.testing.processes import SECRET, TOKEN, Cluster, call, get_json, wait_until
 
 pytestmark = pytest.mark.integration
 

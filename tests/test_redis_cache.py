@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from procs import (
+
+from bazar.invalidation import signature
+from bazar.testing.processes import (
     SECRET,
     TOKEN,
     Cluster,
@@ -21,8 +23,6 @@ from procs import (
     redis_command,
     wait_until,
 )
-
-from bazar.invalidation import signature
 
 pytestmark = pytest.mark.integration
 

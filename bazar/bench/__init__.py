@@ -1,0 +1,43 @@
+"""bazar-bench: drive a Bazar cluster with bounded, concurrent load and write a report.
+
+Usage::
+
+    python -m bazar.bench [--url http://127.0.0.1:5000] [--url-nocache URL]
+                          [--start] [--out DIR] [--duration S] [--quick]
+    python -m bazar.bench --report-only docs/bench/results.json [--out DIR]
+
+With ``--start`` the tool starts two throw-away clusters on free loopback ports
+(one with a large cache, one with ``--cache-size 0``), runs every experiment and
+always stops them again.  Without it, it drives the cluster at ``--url``
+(and, if given, the cache-less cluster at ``--url-nocache``); the crash
+experiment is then skipped, since it may only kill processes this tool started.
+
+Output (in ``--out``, default ``./bench-out``): ``report.md``, ``results.json``
+and PNG plots.  ``--report-only RESULTS_JSON`` measures nothing: it rewrites
+``report.md`` and the plots from a results file of an earlier run (into the
+file's own directory unless ``--out`` says otherwise).  Progress goes to stderr, the final table of
+targets to stdout.
+A benchmark reports; it never asserts: the exit status is 0 whenever the run
+completed, whatever the numbers.
+
+Load generation: a small pool of threads, each with one keep-alive HTTP/1.1
+connection to 127.0.0.1 (a lean socket client, so the client costs little CPU
+next to the server on a small machine).  Every loop is bounded both by a count
+and by time.
+
+The modules, one per part of the tool:
+
+- ``bazar.bench.http``: the lean keep-alive client (``LeanConn``, ``build_request``,
+  ``read_response``) and control calls (``http_json``, ``health``);
+- ``bazar.bench.load``: the thread load runner (``LoadRun``, ``run_load``);
+- ``bazar.bench.procfs``: what /proc says about a process (CPU, memory, parent chain);
+- ``bazar.bench.stats``: percentiles and step summaries, zipf traces and LRU replay;
+- ``bazar.bench.phases``: the experiments;
+- ``bazar.bench.report``: the targets and the Markdown report;
+- ``bazar.bench.plots``: the PNG plots (matplotlib);
+- ``bazar.bench.cli``: options, the run, the files written (``main``).
+
+The clusters of ``--start`` are launched and stopped by ``bazar.testing.processes``,
+the launcher the real-process tests use too.  This package's ``__init__`` imports
+nothing, so that the launcher can use ``bazar.bench.procfs`` without the tool.
+"""

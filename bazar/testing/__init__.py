@@ -1,0 +1,1 @@
+"""Helpers that run real Bazar processes on this machine, for the tests and for bazar-bench."""

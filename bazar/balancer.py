@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from bazar.errors import Unavailable
 from bazar.http.client import Unreachable, call, error_of
-from bazar.replication.replica import WRITE_PATH
+from bazar.messages import WRITE_PATH
 from bazar.replication.store import Outcome
 from bazar.settings import ClientTiming
 

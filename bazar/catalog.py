@@ -21,9 +21,9 @@ from bazar.codec import dumps
 from bazar.config import ReplicaOptions, parse_redis, parse_urls
 from bazar.errors import Invalid, NotFound, OutOfStock
 from bazar.http.app import JsonApp
-from bazar.http.client import make_http
 from bazar.http.request import parse_id, require_secret
 from bazar.invalidation import Publisher
+from bazar.messages import SALES_PAGE, SALES_PATH
 from bazar.ops import CATALOG_OPS, AddBook, Decrement, Op, Restock, Sell, UpdatePrice, operation_from_json
 from bazar.process import Node, serve
 from bazar.records import BOOK_FIELDS, SALE_FIELDS, SEED_BOOKS, Book, Sale, info_key, search_key
@@ -34,7 +34,6 @@ from bazar.settings import CatalogSettings
 
 BOOK_COLUMNS = ", ".join(BOOK_FIELDS)
 SALE_COLUMNS = ", ".join(SALE_FIELDS)
-SALES_PAGE = 500
 
 
 class CatalogMachine:
@@ -123,9 +122,6 @@ class CatalogReads:
         rows = self.db.execute(f"SELECT {SALE_COLUMNS} FROM sales WHERE seq > ? ORDER BY seq LIMIT ?",
                                (after, limit))
         return [Sale.from_row(r).to_json() for r in rows]
-
-
-SALES_PATH = "/internal/sales"
 
 
 def catalog_app(replica: Replica) -> JsonApp:
@@ -229,9 +225,6 @@ class Options(ReplicaOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
     store = Store(os.path.join(options.data_directory(), "catalog.db"), CatalogMachine())
-    http, pool = make_http(reactor)
-    node = build_catalog(options.settings, store=store, clock=reactor, http=http)
-    return serve(node, reactor, options["host"], options["port"], pool)
+    return serve(lambda clock, http: build_catalog(options.settings, store=store, clock=clock, http=http),
+                 options, reactor)

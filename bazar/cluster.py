@@ -33,6 +33,7 @@ from twisted.web.client import HTTPConnectionPool
 from bazar.config import BazarOptions, env_name
 from bazar.http.client import TRANSPORT_FAILURES, QuietClientFactory
 from bazar.lifecycle import every, hold_directory, refuse_to_start, safe_signals
+from bazar.process import the_reactor
 
 log = Logger()
 
@@ -182,8 +183,7 @@ class ReadyLine:
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
+    reactor = the_reactor(reactor)
 
     # Ctrl-C must stop the store even when we were started with SIGINT ignored (as a
     # shell does for background jobs): Twisted only installs its SIGINT handler over

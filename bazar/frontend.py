@@ -22,14 +22,14 @@ from bazar.cache import LRUCache
 from bazar.config import BazarOptions, parse_redis, parse_urls, secret_of
 from bazar.errors import Invalid, Unavailable
 from bazar.http.app import JsonApp, Raw
-from bazar.http.client import error_of, make_http, passthrough
+from bazar.http.client import error_of, passthrough
 from bazar.http.request import parse_id, read_object, require_admin, require_secret
-from bazar.invalidation import PUSH_PATH, Announcement, InvalidationStream, Refused, subscribe
+from bazar.invalidation import Announcement, InvalidationStream, Refused, subscribe
+from bazar.messages import PURCHASE_PATH, PUSH_PATH, Purchased, PurchaseRequest
 from bazar.ops import AddBook, Restock, UpdatePrice, new_rid
-from bazar.order import PURCHASE_PATH, Purchased, PurchaseRequest
 from bazar.pages.clusterpage import install_cluster_page
 from bazar.pages.storefront import install_storefront
-from bazar.process import Node, serve
+from bazar.process import Node, serve, the_reactor
 from bazar.records import (
     info_key,
     parse_idempotency_key,
@@ -306,8 +306,6 @@ class Options(BazarOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
-    http, pool = make_http(reactor)
-    node = build_frontend(options.settings, clock=reactor, http=http, reactor=reactor)
-    return serve(node, reactor, options["host"], options["port"], pool)
+    reactor = the_reactor(reactor)
+    return serve(lambda clock, http: build_frontend(options.settings, clock=clock, http=http, reactor=reactor),
+                 options, reactor)

@@ -36,12 +36,12 @@ from twisted.logger import Logger
 from bazar.cache import LRUCache
 from bazar.codec import JSONDecodeError, dumps, loads
 from bazar.http.client import Unreachable, call
+from bazar.messages import PUSH_PATH
 from bazar.replication.store import Outcome
 
 log = Logger()
 
 CHANNEL = "bazar:invalidations"
-PUSH_PATH = "/internal/invalidate"
 MAX_QUEUE = 10_000
 MAX_MESSAGE = 64 * 1024  # bytes of one Redis message
 MAX_KEYS = 1_000  # keys in one announcement

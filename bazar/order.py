@@ -25,7 +25,7 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, field
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
@@ -34,13 +34,12 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from bazar.balancer import ReplicaSet
-from bazar.catalog import SALES_PAGE, SALES_PATH
 from bazar.codec import dumps, loads
 from bazar.config import ReplicaOptions, parse_urls
 from bazar.errors import Invalid, NotFound
 from bazar.http.app import JsonApp
-from bazar.http.client import make_http
 from bazar.http.request import SECRET_HEADER, read_object, require_admin, require_secret
+from bazar.messages import PURCHASE_PATH, SALES_PAGE, SALES_PATH, Purchased, PurchaseRequest
 from bazar.ops import ORDER_OPS, Op, RecordOrder, Sell, operation_from_json
 from bazar.process import Node, serve
 from bazar.records import ORDER_FIELDS, Order, Sale
@@ -53,7 +52,6 @@ log = Logger()
 
 ORDER_COLUMNS = ", ".join(ORDER_FIELDS + ("idem", "sale_seq"))
 SWEEP_PAGES = 20  # pages of sales one sweep may go through
-PURCHASE_PATH = "/internal/purchase"
 
 
 def order_json(record: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
@@ -69,53 +67,6 @@ def record_op(sale: Sale) -> RecordOrder:
     return RecordOrder(rid=f"order:{sale.key}", idem=sale.key, book_id=sale.book_id, quantity=sale.quantity,
                        title=sale.title, price=sale.price, sale_seq=sale.seq, created=sale.created,
                        created_ts=sale.created_ts)
-
-
-@frozen
-class PurchaseRequest:
-    """`POST /internal/purchase`: what the front end asks the order primary to buy."""
-
-    book_id: int
-    quantity: int
-    key: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"book_id": self.book_id, "quantity": self.quantity, "key": self.key}
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> PurchaseRequest:
-        book_id, quantity, key = body.get("book_id"), body.get("quantity"), body.get("key")
-        if type(book_id) is not int or type(quantity) is not int or not isinstance(key, str):
-            raise Invalid("a purchase needs book_id, quantity and key")
-        return cls(book_id, quantity, key)
-
-
-@frozen
-class Purchased:
-    """The answer to a purchase: the order, and the two log positions the front end
-    needs to read its own writes (the catalog's sale, with the cache keys it changed;
-    the order's index)."""
-
-    order: dict[str, Any]
-    catalog_seq: int
-    catalog_keys: tuple[str, ...]
-    seq: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"order": self.order, "catalog": {"seq": self.catalog_seq, "keys": list(self.catalog_keys)},
-                "seq": self.seq}
-
-    @classmethod
-    def from_json(cls, data: Any) -> Purchased:
-        try:
-            order, catalog, seq = data["order"], data["catalog"], data["seq"]
-            catalog_seq, keys = catalog["seq"], catalog["keys"]
-        except (KeyError, TypeError):
-            raise Invalid("a malformed purchase answer") from None
-        if not isinstance(order, dict) or type(seq) is not int or type(catalog_seq) is not int \
-                or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise Invalid("a malformed purchase answer")
-        return cls(order, catalog_seq, tuple(keys), seq)
 
 
 class OrderMachine:
@@ -288,9 +239,6 @@ class Options(ReplicaOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
     store = Store(os.path.join(options.data_directory(), "orders.db"), OrderMachine())
-    http, pool = make_http(reactor)
-    node = build_order(options.settings, store=store, clock=reactor, http=http)
-    return serve(node, reactor, options["host"], options["port"], pool)
+    return serve(lambda clock, http: build_order(options.settings, store=store, clock=clock, http=http),
+                 options, reactor)

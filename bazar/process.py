@@ -8,13 +8,18 @@ simulated clock: only `serve` is production's own."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import IResource
 
+from bazar.http.client import make_http
 from bazar.http.server import listen
 from bazar.lifecycle import Hooks, every, watch_parent
 
@@ -38,8 +43,26 @@ class Node:
         return DeferredList(waits, consumeErrors=True) if waits else None  # type: ignore[return-value]
 
 
-def serve(node: Node, reactor: object, host: str, port: int, pool: HTTPConnectionPool | None = None) -> MultiService:
-    """The twistd service of a process: `node` served on host:port."""
+def the_reactor(reactor: Any = None) -> Any:
+    """`reactor`, or the global one (imported only now: twistd installs its choice first)."""
+    if reactor is None:
+        from twisted.internet import reactor as installed
+
+        reactor = installed
+    return reactor
+
+
+def serve(build: Callable[[IReactorTime, HTTPClient], Node], options: usage.Options,
+          reactor: Any = None) -> MultiService:
+    """The twistd service of a process: the node `build` wires (with the reactor as its
+    clock, and one pooled HTTP client) served on the options' host and port."""
+    reactor = the_reactor(reactor)
+    http, pool = make_http(reactor)
+    return serve_node(build(reactor, http), reactor, options["host"], options["port"], pool)
+
+
+def serve_node(node: Node, reactor: Any, host: str, port: int, pool: HTTPConnectionPool | None = None) -> MultiService:
+    """`node` served on host:port, as a twistd service."""
     parent = MultiService()
     listen(parent, reactor, node.resource, host, port)
     for seconds, work, what in node.periodic:

@@ -4,17 +4,12 @@ Bazar process log attached to the report of a failing integration test."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from bazar.testing import processes
-
-# the helpers beside this file (memory.py, faults.py) are imported as top-level modules
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from memory import Shop
 
 from bazar.errors import Invalid
 from bazar.records import (
@@ -28,6 +27,7 @@ from bazar.records import (
     parse_purchase,
     parse_restock,
 )
+from bazar.testing.memory import Shop
 
 FIELDS = ("price", "quantity", "title", "topic")
 

@@ -13,9 +13,20 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memory import CATALOG_PORT, FRONTEND_PORT, ORDER_PORT, SECRET, TOKEN, Response, Shop, restock, update_price, url_of
 
 from bazar.records import SEED_BOOKS
+from bazar.testing.memory import (
+    CATALOG_PORT,
+    FRONTEND_PORT,
+    ORDER_PORT,
+    SECRET,
+    TOKEN,
+    Response,
+    Shop,
+    restock,
+    update_price,
+    url_of,
+)
 from bazar.testing.processes import ADMIN_CALLS
 
 BOOK_FIELDS = {"id", "title", "topic", "price", "quantity"}

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-from memory import SECRET, Driver, url_of
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
@@ -27,6 +26,7 @@ from bazar.invalidation import (
     signed,
 )
 from bazar.replication.store import Outcome
+from bazar.testing.memory import SECRET, Driver, url_of
 
 
 def stream_at(upto: int = 0, grace: float = 1.0) -> tuple[InvalidationStream, LRUCache, Clock]:

@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import DROP, MODES, REFUSE, Link, PrimaryWatch, Store
 
 from bazar.sim.history import OUT_OF_STOCK, History, book_key
 from bazar.sim.linearizability import BookModel, check
+from bazar.testing.faults import DROP, MODES, REFUSE, Link, PrimaryWatch, Store
 from bazar.testing.processes import TOKEN, call, get_json, try_get_json, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.partition]

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from memory import CATALOG_PORT, ORDER_PORT, Cluster, Response, Shop, restock, url_of
 
 from bazar.replication.replica import OK
+from bazar.testing.memory import CATALOG_PORT, ORDER_PORT, Cluster, Response, Shop, restock, url_of
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memory import SECRET, Cluster, restock, rid, update_price, url_of
 from twisted.internet.defer import ensureDeferred
 
 from bazar.errors import Conflict, Invalid, NotFound, OutOfStock, Unavailable
 from bazar.replication import raft
 from bazar.replication.replica import BACKUP, OK, PRIMARY, RECOVERING
+from bazar.testing.memory import SECRET, Cluster, restock, rid, update_price, url_of
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from memory import TOKEN, Response, Shop
 
 from bazar.pages.storefront import Admin
+from bazar.testing.memory import TOKEN, Response, Shop
 
 HTML = "text/html; charset=utf-8"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -138,7 +138,7 @@ def test_bad_quantity_is_a_400_page(shop: Shop, quantity: str) -> None:
 
 
 def test_unavailable_service_is_a_503_page(shop: Shop) -> None:
-    from memory import ORDER_PORT
+    from bazar.testing.memory import ORDER_PORT
     shop.network.kill(ORDER_PORT)
     shop.poll()
     r = shop.api("POST", "/book/1/buy", data=b"key=web-down&quantity=1", headers=FORM)
@@ -249,7 +249,7 @@ def test_cluster_page_lists_every_replica_and_the_cache(shop: Shop) -> None:
 
 
 def test_cluster_page_shows_a_dead_replica_as_down(shop: Shop) -> None:
-    from memory import ORDER_PORT
+    from bazar.testing.memory import ORDER_PORT
     shop.network.kill(ORDER_PORT)
     shop.poll()
     rows = {r["service"]: r for r in get(shop, "/cluster.json").json()["replicas"]}

@@ -11,7 +11,6 @@ import pytest
 import treq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memory import SECRET, TOKEN, Cluster, Response, result_of, url_of
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
 from twisted.web.test.requesthelper import DummyRequest
@@ -20,6 +19,7 @@ from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, Too
 from bazar.http import request as web
 from bazar.http.app import JsonApp, Raw
 from bazar.http.request import MAX_BODY, NO_BODY, parse_id, read_json, read_object, require_admin
+from bazar.testing.memory import SECRET, TOKEN, Cluster, Response, result_of, url_of
 
 
 def exchange(stub: StubTreq, method: str, url: str, **kw: Any) -> Response:

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from bazar.errors import NotFound, Unavailable
 from bazar.http.client import Unreachable, call, error_of
+from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.raft import Entry, Message, NotLeader, Raft, message_from_json
 from bazar.replication.store import Outcome, Store
@@ -186,7 +187,7 @@ class Replica:
     async def _probe(self, url: str) -> bool | None:
         """Is the peer pristine too (True), or does it hold state (False)?"""
         try:
-            status, answer, _ = await call(self.http, self.clock, "GET", url + "/internal/status",
+            status, answer, _ = await call(self.http, self.clock, "GET", url + STATUS_PATH,
                                            secret=self.secret, timeout=self.rpc_timeout)
         except Unreachable:
             return None
@@ -324,7 +325,7 @@ class Replica:
 
     async def _exchange(self, url: str, m: Message) -> None:
         try:
-            status, answer, _ = await call(self.http, self.clock, "POST", url + "/internal/raft",
+            status, answer, _ = await call(self.http, self.clock, "POST", url + RAFT_PATH,
                                            body=m.to_json(), secret=self.secret,
                                            timeout=self.rpc_timeout if not isinstance(m, raft.AppendEntries)
                                            else 2 * self.rpc_timeout)
@@ -445,6 +446,3 @@ class Replica:
             return "no primary known"
         return "not caught up with a primary"
 
-
-WRITE_PATH = "/internal/write"
-HOPS_HEADER = b"X-Bazar-Hops"

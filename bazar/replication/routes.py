@@ -12,7 +12,8 @@ from bazar.codec import JSONDecodeError, dumps, loads
 from bazar.errors import Invalid, Unavailable
 from bazar.http.app import JsonApp
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
-from bazar.replication.replica import HOPS_HEADER, WRITE_PATH, Replica
+from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
+from bazar.replication.replica import Replica
 
 
 def readiness(replica: Replica) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
     secret = replica.secret
     api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
 
-    @api.rpc("/internal/raft", "POST", "raft")
+    @api.rpc(RAFT_PATH, "POST", "raft")
     def message(request: IRequest) -> bytes:
         body = internal_body(request, secret)
         try:
@@ -59,7 +60,7 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
         except (KeyError, TypeError, ValueError) as exc:
             raise Invalid(f"malformed internal message: {exc.__class__.__name__}") from None
 
-    @api.rpc("/internal/status", "GET", "status")
+    @api.rpc(STATUS_PATH, "GET", "status")
     def status(request: IRequest) -> dict[str, Any]:
         require_secret(request, secret)
         return {**replica.health(), "pristine": replica.store.pristine}

@@ -504,12 +504,7 @@ class Node:
                    PYTHONUNBUFFERED="1")
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={self.log}",
                 f"bazar-{self.service}", "--host", HOST, "--port", str(self.port), *self.args]
-        out = open(os.path.join(self.data, "stdout.txt"), "ab")  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(argv, env=env, cwd=self.data, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            out.close()
+        self.proc = processes.spawn(argv, os.path.join(self.data, "stdout.txt"), env=env, cwd=self.data)
 
     def _signal(self, sig: signal.Signals) -> bool:
         # Only the process we started, and only while it is ours (not yet reaped).
@@ -669,7 +664,7 @@ class Store:
 
     # -- health --
     def health(self, node: Node, timeout: float = 2.0) -> dict[str, Any] | None:
-        return try_get_json(node.url + "/health", timeout=timeout)  # type: ignore[no-any-return]
+        return try_get_json(node.url + "/health", timeout=timeout)
 
     def all_healthy(self) -> dict[str, dict[str, Any]] | None:
         """Every process answers, every replica is ok, each service has exactly one

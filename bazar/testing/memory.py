@@ -150,7 +150,7 @@ class Cluster(Driver):
             rows += [(table, *r) for r in db.execute(f"SELECT * FROM {table} ORDER BY id")]  # noqa: S608
         return rows
 
-    def log(self, i: int) -> list[tuple[int, int, dict[str, Any]]]:
+    def log(self, i: int) -> list[tuple[int, int, dict[str, Any] | None]]:
         store = self.replicas[i].store
         return [(e.index, e.term, e.op) for e in store.entries(1, store.last_index() + 1)]
 

@@ -28,10 +28,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
-from twisted.web.client import HTTPConnectionPool
 
 from bazar.config import BazarOptions, env_name
-from bazar.http.client import TRANSPORT_FAILURES, QuietClientFactory
+from bazar.http.client import TRANSPORT_FAILURES, quiet_pool
 from bazar.lifecycle import every, hold_directory, refuse_to_start, safe_signals
 from bazar.process import the_reactor
 
@@ -160,8 +159,7 @@ class ReadyLine:
         self.reactor = reactor
         self.done = False
         self.asking = False
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.pool._factory = QuietClientFactory
+        self.pool = quiet_pool(reactor, persistent=False)
 
     def check(self) -> None:
         if not self.done and not self.asking:

@@ -17,10 +17,10 @@ import pytest
 from bazar.bench import cli
 from bazar.bench.http import ProtocolError, build_request, read_response
 from bazar.bench.load import LoadRun, run_load
-from bazar.bench.procfs import is_descendant, parse_proc_stat, proc_cpu_seconds, read_proc_stat
 from bazar.bench.report import evaluate_targets, info_latency_split, render_report, targets_text
 from bazar.bench.stats import RefLRU, make_cache, percentile, replay_lru, summarize, zipf_topk_mass, zipf_trace
 from bazar.testing.processes import Cluster, free_ports
+from bazar.testing.procfs import is_descendant, parse_proc_stat, proc_cpu_seconds, read_proc_stat
 
 # ---------------------------------------------------------------- statistics
 

@@ -30,7 +30,6 @@ The modules, one per part of the tool:
 - ``bazar.bench.http``: the lean keep-alive client (``LeanConn``, ``build_request``,
   ``read_response``) and control calls (``http_json``, ``health``);
 - ``bazar.bench.load``: the thread load runner (``LoadRun``, ``run_load``);
-- ``bazar.bench.procfs``: what /proc says about a process (CPU, memory, parent chain);
 - ``bazar.bench.stats``: percentiles and step summaries, zipf traces and LRU replay;
 - ``bazar.bench.phases``: the experiments;
 - ``bazar.bench.report``: the targets and the Markdown report;
@@ -38,6 +37,6 @@ The modules, one per part of the tool:
 - ``bazar.bench.cli``: options, the run, the files written (``main``).
 
 The clusters of ``--start`` are launched and stopped by ``bazar.testing.processes``,
-the launcher the real-process tests use too.  This package's ``__init__`` imports
-nothing, so that the launcher can use ``bazar.bench.procfs`` without the tool.
+the launcher the real-process tests use too; what /proc says about a process (CPU,
+memory, parent chain) is ``bazar.testing.procfs``, which both read.
 """

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bazar.bench.http import LeanConn, ProtocolError
-from bazar.bench.procfs import proc_cpu_seconds, self_cpu_seconds
 from bazar.bench.stats import Stats, summarize
+from bazar.testing.procfs import proc_cpu_seconds, self_cpu_seconds
 
 # What a request may fail with: counted as an error of the step, never raised.
 LOAD_ERRORS = (OSError, ProtocolError, http.client.HTTPException, ValueError)

@@ -24,7 +24,6 @@ from urllib.parse import quote, urlsplit
 
 from bazar.bench.http import LeanConn, build_request, health, http_json
 from bazar.bench.load import LOAD_ERRORS, LoadRun, always, run_load
-from bazar.bench.procfs import looks_like_bazar, read_rss_kb
 from bazar.bench.stats import (
     RefLRU,
     fmt_num,
@@ -36,6 +35,7 @@ from bazar.bench.stats import (
     zipf_trace,
 )
 from bazar.testing.processes import Cluster
+from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
 PHASES = ("ops", "invalidation", "lru", "rss", "crash")

@@ -86,12 +86,18 @@ class QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
+    """A connection pool whose connections log nothing when they open and close."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = QuietClientFactory  # (Twisted has no public way to choose it)
+    return pool
+
+
 def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
-    pool._factory = QuietClientFactory
     agent: Any = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 2), pool=pool)
     return PeerClient(agent), pool
 

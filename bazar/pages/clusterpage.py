@@ -13,12 +13,12 @@ import heapq
 import os
 from typing import TYPE_CHECKING, Any
 
-from bazar.balancer import ReplicaSet, ReplicaState
 from bazar.http.app import JsonApp, Raw
 from bazar.pages.html import allow_script, html_response, html_route, page, table, tag
 from bazar.pages.storefront import NAV
 
 if TYPE_CHECKING:
+    from bazar.balancer import ReplicaSet, ReplicaState
     from bazar.frontend import Frontend
 
 COLUMNS = ["service", "replica", "url", "role", "status", "epoch", "applied", "commit", "lag", "pid", "seen up (s)"]

@@ -49,7 +49,6 @@ import orjson
 import treq
 from attrs import define
 from treq.client import HTTPClient
-from treq.testing import _SynchronousProducer
 from twisted.internet.address import IPv4Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import AlreadyCalledError, Deferred, ensureDeferred, fail
@@ -64,7 +63,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from bazar.http.app import error_body
-from bazar.http.client import PeerClient
+from bazar.http.client import BytesProducer, PeerClient
 
 HOST = "127.0.0.1"
 REFUSE = "refuse"  # a cut link resets connections: the caller learns at once
@@ -441,7 +440,9 @@ def _body_of(producer: Any) -> bytes:
 
 def body_producer(data: Any) -> Any:
     """Bodies for treq's full client: producers as they are, bytes and text at once."""
-    return data if IBodyProducer.providedBy(data) else _SynchronousProducer(data)
+    if IBodyProducer.providedBy(data):
+        return data
+    return BytesProducer(data.encode() if isinstance(data, str) else data)
 
 
 class Network:
@@ -613,7 +614,7 @@ class Network:
         still being handled learns that its client is gone (Klein cancels it)."""
         ex.finished = True
         request = ex.request
-        if request is not None and not request.finished and not request._disconnected:
+        if request is not None and not request.finished and request.channel is not None:
             self._unhandle(ex)
             request.connectionLost(Failure(ConnectionLost("the client went away")))
 

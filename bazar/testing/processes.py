@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from bazar.bench.procfs import is_descendant, proc_stat
+from bazar.testing.procfs import is_descendant, proc_stat
 
 HOST = "127.0.0.1"
 TOKEN = "test-admin-token"

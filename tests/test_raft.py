@@ -262,6 +262,57 @@ def test_read_index_waits_for_a_quorum_and_for_the_leaders_first_commit() -> Non
         leader.read_index()
 
 
+def test_a_write_is_acknowledged_once_every_reachable_backup_applied_it() -> None:
+    """Beyond Raft (the store's contract): committed is not enough; the leader tells
+    the backups the commit index at once and waits until each one it can reach has
+    applied the entry; a backup that does not answer in time is not waited for until
+    it has caught up."""
+    bus = cluster()
+    leader = bus.elect()
+    bus.tick(4)
+    slow = next(i for i in bus.nodes if i != leader.id)
+    index, _ = leader.propose(op(1))
+    bus.deliver()
+    assert leader.commit == index and leader.acknowledged() == index  # both applied it
+    assert all(n.commit >= index for n in bus.nodes.values())
+    assert all(len(bus.applied[i]) >= index for i in bus.nodes)
+
+    # a backup whose answers stop: the next write waits for it a moment, then not
+    bus.cut = {frozenset((leader.id, slow))}
+    index, _ = leader.propose(op(2))
+    bus.deliver()
+    assert leader.commit == index and leader.acknowledged() < index  # it was heard from just now
+    bus.tick(leader.ack_wait_ticks + 2 * leader.heartbeat_ticks + 2, only=[leader.id])
+    assert leader.acknowledged() == index  # no longer heard from: not waited for
+    # back and caught up: waited for again
+    bus.cut = set()
+    bus.tick(4)
+    assert leader.progress[slow].applied == leader.commit and not leader.progress[slow].lagging
+    index, _ = leader.propose(op(3))
+    bus.deliver()
+    assert leader.acknowledged() == index and len(bus.applied[slow]) >= index
+
+
+def test_an_acknowledgement_does_not_count_a_backup_that_lost_its_state() -> None:
+    """A backup that lost its disk says it has applied nothing; the leader believes
+    the latest word, not the most it ever heard, and waits for it again."""
+    from bazar.replication.raft import HeartbeatReply
+
+    bus = cluster()
+    leader = bus.elect()
+    for n in range(3):
+        leader.propose(op(n))
+    bus.tick(4)
+    wiped = next(i for i in bus.nodes if i != leader.id)
+    assert leader.progress[wiped].applied == leader.commit
+    leader.step(HeartbeatReply(leader.term, wiped, leader.id, leader.read_ctx, 0, 0))  # its answer after the wipe
+    assert leader.progress[wiped].applied == 0 and not leader.progress[wiped].lagging
+    bus.cut = {frozenset((leader.id, wiped))}
+    index, _ = leader.propose(op(9))
+    bus.deliver()
+    assert leader.commit == index and leader.acknowledged() < index  # waits for the wiped backup
+
+
 def test_messages_travel_as_json() -> None:
     m = AppendEntries(3, 1, 2, 4, 2, (Entry(5, 3, op(5)), Entry(6, 3, None)), 4)
     assert message_from_json(m.to_json()) == m
@@ -361,9 +412,11 @@ class World:
         for i, entries in self.applied.items():
             for e in entries:
                 assert self.committed[e.index] == e, f"seed {self.seed}: replica {i} applied {e}"
-        # leader completeness: every live leader holds every committed entry
+        # leader completeness: every live leader holds every committed entry, and
+        # acknowledges only what is committed and applied
         for i, n in self.nodes.items():
             if n.role == LEADER and i not in self.down:
+                assert n.acknowledged() <= min(n.commit, n.applied), f"seed {self.seed}: {i} acknowledged too much"
                 for index, e in self.committed.items():
                     if e.term <= n.term:
                         assert n.log.entries(index, index + 1) == [e], f"seed {self.seed}: leader {i} lacks {e}"

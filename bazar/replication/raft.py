@@ -25,6 +25,11 @@ Each rule lives in one named place with its section beside it:
 - §6.3       request ids make retried commands apply once (the store's requests table).
 - §6.4       a new leader commits a no-op of its own term first (`_become_leader`);
              ReadIndex (`read_index`) and, §6.4.1, the lease (`lease_valid`).
+- Bazar's acknowledgement rule (beyond Raft, from the store's contract): a committed
+  entry is acknowledged (`acked`) once every backup the leader can reach has applied
+  it too; the leader tells them the commit index at once (`_send_commits`), and a
+  backup that does not answer in time stops being waited for until it has caught up
+  (`_update_acked`).
 - §9.6       pre-vote: a candidate first asks whether it could win, persisting nothing
              (`_campaign(pre=True)`).
 
@@ -36,7 +41,7 @@ from __future__ import annotations
 import random
 from typing import Any, ClassVar, Protocol
 
-from attrs import asdict, define, field, frozen
+from attrs import NOTHING, asdict, define, field, frozen
 
 FOLLOWER = "follower"
 PRE_CANDIDATE = "pre-candidate"
@@ -99,6 +104,8 @@ def message_from_json(data: Any) -> Message:
     cls = _KINDS[data["kind"]]
     values: dict[str, Any] = {}
     for a in cls.__attrs_attrs__:
+        if a.name not in data and a.default is not NOTHING:
+            continue  # a field added later: an older sender leaves it out
         value = data[a.name]
         if a.name == "entries":
             value = tuple(Entry.from_json(e) for e in value)
@@ -125,6 +132,7 @@ class AppendReply(Message):
     kind: ClassVar[str] = "append_reply"
     success: bool
     index: int  # success: the highest index known to match; refusal: a hint (the follower's last index)
+    commit: int = 0  # the follower's commit index: applied by the time this reply leaves
 
 
 @frozen
@@ -140,6 +148,7 @@ class HeartbeatReply(Message):
     kind: ClassVar[str] = "heartbeat_reply"
     ctx: int
     last_index: int
+    commit: int = 0  # as in AppendReply
 
 
 @frozen
@@ -197,6 +206,10 @@ class Progress:
     inflight: bool = False
     sent_at: int = 0  # tick at which the append in flight left
     active: bool = True  # heard from since the last check-quorum round (§6.2)
+    applied: int = 0  # the highest index it said it has applied
+    heard: int = 0  # tick of its last answer
+    commit_sent: int = 0  # the highest commit index it has been told
+    lagging: bool = False  # not waited for before an acknowledgement until it has caught up
 
 
 @frozen
@@ -230,6 +243,7 @@ class Raft:
     rng: random.Random = field(factory=random.Random)
     check_quorum: bool = True
     pre_vote: bool = True
+    ack_wait_ticks: int = 4  # how long an acknowledgement waits for a reachable backup's apply
 
     role: str = FOLLOWER
     leader: int | None = None
@@ -249,6 +263,8 @@ class Raft:
     round_sent: dict[int, int] = field(factory=dict)  # read ctx -> tick sent
     term_start: int = 0  # index of this leader's no-op
     stable: int = 0  # the last index of our own log known to be on disk
+    acked: int = 0  # the highest committed index that may be acknowledged to clients
+    committed_at: list[tuple[int, int]] = field(factory=list)  # (commit index, tick) of commits not yet acked
 
     def __attrs_post_init__(self) -> None:
         # Only applied entries are known committed after a restart (commit is volatile, §3.8).
@@ -305,6 +321,7 @@ class Raft:
     def _tick_leader(self) -> None:
         self.beat += 1
         self.elapsed += 1
+        self._update_acked()
         if self.beat >= self.heartbeat_ticks:
             self.beat = 0
             self._broadcast_heartbeat()
@@ -362,8 +379,10 @@ class Raft:
         self.leader = self.id
         self.elapsed = self.beat = 0
         last_index, _ = self.last()
-        self.progress = {p: Progress(match=0, next=last_index + 1) for p in self.peers}
+        self.progress = {p: Progress(match=0, next=last_index + 1, heard=self.ticks) for p in self.peers}
         self.lease_from = None
+        self.acked = self.applied  # nothing of this term has been acknowledged
+        self.committed_at = []
         self.stable = min(self.stable, last_index)
         # §6.4 (and §3.6.2): a leader commits a blank entry of its own term at the start,
         # which commits everything before it and tells it its commit index.
@@ -432,6 +451,7 @@ class Raft:
             return
         pr.inflight = True
         pr.sent_at = self.ticks
+        pr.commit_sent = max(pr.commit_sent, min(self.commit, prev + len(entries)))
         self.outbox.append(AppendEntries(self.term, self.id, peer, prev, prev_term, tuple(entries), self.commit))
 
     def _broadcast_heartbeat(self, ctx: int | None = None) -> None:
@@ -444,7 +464,20 @@ class Raft:
             self._drop_old_rounds()
         for peer in self.peers:
             pr = self.progress[peer]
+            pr.commit_sent = max(pr.commit_sent, min(pr.match, self.commit))
             self.outbox.append(Heartbeat(self.term, self.id, peer, min(pr.match, self.commit), self.commit, ctx))
+
+    def _send_commits(self, only: int | None = None) -> None:
+        """Tell each backup (or `only` that one) the commit index as soon as it may
+        apply more: an acknowledgement waits for the reachable backups' apply (the
+        rule at the top). The message is a heartbeat of the newest read round (an
+        answer to it confirms the leadership after that round started)."""
+        for peer in (self.peers if only is None else [only]):
+            pr = self.progress[peer]
+            commit = min(pr.match, self.commit)
+            if commit > pr.commit_sent:
+                pr.commit_sent = commit
+                self.outbox.append(Heartbeat(self.term, self.id, peer, commit, self.commit, self.read_ctx))
 
     def _drop_old_rounds(self) -> None:
         """Lease-only rounds that no majority answered within an election timeout are
@@ -494,7 +527,7 @@ class Raft:
             # A stale leader learns our term from the refusal and steps down (§3.3);
             # pre-votes from behind are refused the same way.
             if isinstance(m, (AppendEntries, Heartbeat)):
-                self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index()))
+                self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index(), self.commit))
             elif isinstance(m, RequestVote):
                 self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
             return
@@ -553,12 +586,12 @@ class Raft:
         self.elapsed = 0
         if m.prev_index < self.commit:
             # already committed here: never touch it; say how far we are
-            self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit))
+            self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit, self.commit))
             return
         if self.log.term_at(m.prev_index) != m.prev_term:
             # §3.5: the logs differ at prev_index: the leader must go further back
             hint = min(m.prev_index - 1, self.log.last_index())
-            self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0)))
+            self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0), self.commit))
             return
         fresh: list[Entry] = []
         for i, e in enumerate(m.entries):
@@ -571,14 +604,14 @@ class Raft:
             self.log.append(fresh)
         match = m.prev_index + len(m.entries)
         self._advance_commit(min(m.commit, match))
-        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match))
+        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit))
         self._maybe_join(m.commit)
 
     def _on_heartbeat(self, m: Heartbeat) -> None:
         self.role, self.leader = FOLLOWER, m.src
         self.elapsed = 0
         self._advance_commit(min(m.commit, self.log.last_index()))
-        self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index()))
+        self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index(), self.commit))
         self._maybe_join(m.leader_commit)
 
     def _maybe_join(self, leader_commit: int) -> None:
@@ -596,11 +629,13 @@ class Raft:
         pr = self.progress[m.src]
         pr.active = True
         pr.inflight = False
+        self._heard(pr, m.commit)
         if m.success:
             if m.index > pr.match:
                 pr.match = m.index
             pr.next = max(pr.next, pr.match + 1)
             self._maybe_commit()
+            self._send_commits(m.src)
         else:
             # §3.5: back up, at once to the follower's last index when it is shorter.
             # A follower that lost its disk holds less than it once acknowledged:
@@ -614,6 +649,7 @@ class Raft:
             return
         pr = self.progress[m.src]
         pr.active = True
+        self._heard(pr, m.commit)
         if m.last_index < pr.match:  # it lost entries it had (a wiped disk): start again from there
             pr.match = m.last_index
             pr.next = m.last_index + 1
@@ -650,10 +686,56 @@ class Raft:
         index = matches[self.majority - 1]
         if index > self.commit and self.log.term_at(index) == self.term:
             self.commit = index
+            self.committed_at.append((index, self.ticks))
+            self._send_commits()
             if self.deferred_reads and self.committed_in_term():
                 deferred, self.deferred_reads = self.deferred_reads, []
                 for ctx in deferred:
                     self._start_read_round(ctx)
+
+    # -- acknowledgement ----------------------------------------------------------------
+    def _heard(self, pr: Progress, commit: int) -> None:
+        pr.heard = self.ticks
+        # as it says now (not the most it ever said: a backup that lost its disk has
+        # applied nothing, whatever it once said)
+        pr.applied = min(commit, self.commit)
+        if pr.lagging and pr.applied >= self.commit:
+            pr.lagging = False  # caught up: waited for again
+        self._update_acked()
+
+    def _waited_for(self, pr: Progress) -> bool:
+        """A backup the leader can reach (heard from within two heartbeats) and that
+        keeps up: an acknowledgement waits for its apply."""
+        return not pr.lagging and self.ticks - pr.heard <= 2 * self.heartbeat_ticks + 1
+
+    def _update_acked(self) -> None:
+        """Advance `acked`: committed, applied here, and applied by every backup waited
+        for. An entry committed `ack_wait_ticks` ago that some of them still have not
+        applied stops waiting for those (they lag until they catch up)."""
+        if self.role != LEADER:
+            return
+        for _ in range(2):
+            target = min(self.applied, self.commit)
+            behind = [pr for pr in self.progress.values() if self._waited_for(pr) and pr.applied < target]
+            for pr in behind:
+                target = min(target, pr.applied)
+            if target > self.acked:
+                self.acked = target
+                while self.committed_at and self.committed_at[0][0] <= target:
+                    self.committed_at.pop(0)
+            if not behind or not self.committed_at or self.ticks - self.committed_at[0][1] < self.ack_wait_ticks:
+                return
+            for pr in behind:
+                pr.lagging = True  # late: acknowledge without it from now on
+
+    def acknowledged(self) -> int:
+        """The highest index whose writers may be answered (see the rule at the top)."""
+        if self.role != LEADER:
+            return 0
+        if len(self.voters) == 1:
+            return min(self.applied, self.commit)
+        self._update_acked()
+        return self.acked
 
     # -- output -----------------------------------------------------------------------
     def ready(self) -> Ready:
@@ -661,6 +743,7 @@ class Raft:
         committed = self.log.entries(self.applied + 1, self.commit + 1) if self.commit > self.applied else []
         if committed:
             self.applied = committed[-1].index
+            self._update_acked()
         out, self.outbox = self.outbox, []
         reads, self.reads_ready = self.reads_ready, []
         return Ready(out, committed, reads)

@@ -85,6 +85,9 @@ class Replica:
                          election_ticks=timing.election_ticks, heartbeat_ticks=timing.heartbeat_ticks,
                          rng=rng or random.Random(random.random()))
         self.waiters: dict[int, tuple[int, Deferred[Outcome]]] = {}
+        # outcomes of applied entries whose writers wait for the acknowledgement rule
+        # (every backup the leader can reach has applied them too: `Raft.acknowledged`)
+        self.decided: dict[int, Outcome] = {}
         self.leader_commit = 0  # the commit index the leader last told us
         self.running = False
         self._scheduled: IDelayedCall | None = None
@@ -207,6 +210,7 @@ class Replica:
         for _ in range(min(due, MAX_CATCH_UP_TICKS)):
             self.core.tick()
         self._changed()
+        self._release()
 
     def tick(self) -> None:
         self._catch_up()
@@ -264,6 +268,7 @@ class Replica:
                 self._applied(entry, outcome)
             if not self.core.has_ready(unstable=not early):
                 break
+        self._release()
 
     def _flush_soon(self) -> None:
         if self._flusher is None and self.running:
@@ -289,15 +294,29 @@ class Replica:
         return replies
 
     def _applied(self, entry: Entry, outcome: Outcome) -> None:
-        waiter = self.waiters.pop(entry.index, None)
+        waiter = self.waiters.get(entry.index)
         if waiter is not None:
             term, d = waiter
             if term == entry.term:
-                d.callback(outcome)
+                self.decided[entry.index] = outcome  # answered once acknowledged (`_release`)
             else:
+                del self.waiters[entry.index]
                 d.errback(Unavailable(f"the {self.service} primary changed during the write; retry"))
         if self.is_primary and self.on_commit is not None:
             self.on_commit(outcome)
+
+    def _release(self) -> None:
+        """Answer the writers whose entries the acknowledgement rule now allows."""
+        if not self.decided:
+            return
+        acked = self.core.acknowledged()
+        for index in list(self.decided):
+            if index > acked:
+                break
+            outcome = self.decided.pop(index)
+            waiter = self.waiters.pop(index, None)
+            if waiter is not None:
+                waiter[1].callback(outcome)
 
     def _watch_role(self) -> None:
         leader = self.core.role == raft.LEADER
@@ -312,6 +331,7 @@ class Replica:
 
     def _fail_waiters(self, why: str) -> None:
         waiters, self.waiters = self.waiters, {}
+        self.decided.clear()
         for _, d in waiters.values():
             d.errback(Unavailable(why))
 
@@ -346,6 +366,7 @@ class Replica:
                 continue
             self._step(reply)
         self._changed()
+        self._release()  # an answer may be what an acknowledgement waited for
 
     def _step(self, m: Message) -> None:
         if isinstance(m, raft.Heartbeat):
@@ -395,11 +416,24 @@ class Replica:
                 raise
             except TimeoutError:
                 self.waiters.pop(index, None)
+                self.decided.pop(index, None)
                 raise Unavailable(f"the {self.service} write was not committed in time; retry") from None
+        else:
+            await self._until_acknowledged(done.seq)
         error = done.error()
         if error is not None:
             raise error
         return done
+
+    async def _until_acknowledged(self, index: int) -> None:
+        """A retried request already applied here is answered, like its first sending,
+        once the acknowledgement rule allows its entry (soon: it is committed)."""
+        deadline = self.clock.seconds() + self.write_timeout
+        while index > self.core.acknowledged():
+            if not self.is_primary or self.clock.seconds() >= deadline:
+                raise Unavailable(f"the {self.service} write was not acknowledged in time; retry")
+            await deferLater(self.clock, self.tick_seconds)
+            self._current()
 
     def leader_url(self) -> str:
         self._catch_up()

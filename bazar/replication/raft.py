@@ -249,6 +249,7 @@ class Raft:
     round_sent: dict[int, int] = field(factory=dict)  # read ctx -> tick sent
     term_start: int = 0  # index of this leader's no-op
     stable: int = 0  # the last index of our own log known to be on disk
+    elections: int = 0  # campaigns this replica started as a candidate (a term of its own; pre-votes not counted)
 
     def __attrs_post_init__(self) -> None:
         # Only applied entries are known committed after a restart (commit is volatile, §3.8).
@@ -338,6 +339,7 @@ class Raft:
             self.role = CANDIDATE
             term = self.term + 1
             self.log.set_hard_state(term, self.id)
+            self.elections += 1
         self.leader = None
         self.votes = {self.id: True}
         self._reset_timeout()

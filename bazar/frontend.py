@@ -4,12 +4,13 @@ search, round robin over live replicas, writes through the primaries."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from prometheus_client import Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, ensureDeferred
@@ -21,7 +22,7 @@ from bazar.balancer import ReplicaSet, ReplicaState
 from bazar.cache import LRUCache
 from bazar.config import BazarOptions, parse_redis, parse_urls, secret_of
 from bazar.errors import Invalid, Unavailable
-from bazar.http.app import JsonApp, Raw
+from bazar.http.app import Created, JsonApp, Raw
 from bazar.http.client import error_of, passthrough
 from bazar.http.request import parse_id, read_object, require_admin, require_secret
 from bazar.invalidation import Announcement, InvalidationStream, Refused, subscribe
@@ -114,6 +115,35 @@ class Frontend:
         return status, body
 
 
+class FrontendFigures(Collector):
+    """What a front end counts and sees, read at scrape time (the cache keeps plain
+    ints: nothing more on the hot path): its cache, whether it knows each service's
+    primary, and the invalidation messages it did not take (unsigned, forged,
+    malformed, oversized, or naming writes no replica confirmed), by reason."""
+
+    def __init__(self, fe: Frontend):
+        self.fe = fe
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.fe.cache
+        yield CounterMetricFamily("bazar_cache_hits", "reads answered from the front end's cache", value=cache.hits)
+        yield CounterMetricFamily("bazar_cache_misses", "cacheable reads the cache could not answer",
+                                  value=cache.misses)
+        yield CounterMetricFamily("bazar_cache_evictions", "entries the cache dropped to stay within its capacity",
+                                  value=cache.evictions)
+        yield GaugeMetricFamily("bazar_cache_entries", "entries in the cache", value=len(cache.entries))
+        known = GaugeMetricFamily("bazar_service_primary_known", "1 while this front end's health checks know "
+                                  "the service's primary, else 0", labels=["service"])
+        for replicas in (self.fe.catalog, self.fe.order):
+            known.add_metric([replicas.service], 1.0 if replicas.primary_state() is not None else 0.0)
+        yield known
+        dropped = CounterMetricFamily("bazar_invalidations_dropped", "invalidation messages not taken",
+                                      labels=["reason"])
+        for reason, n in sorted(self.fe.stream.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
 def frontend_app(fe: Frontend) -> JsonApp:
     api = JsonApp("frontend")
     token = fe.admin_token
@@ -141,11 +171,12 @@ def frontend_app(fe: Frontend) -> JsonApp:
             raise Unavailable("the invalidation channel (Redis) is not subscribed")
         return {"ready": True, "service": "frontend"}
 
-    @api.route("/bazar/info/all", "GET", "info_all")
+    # the reads whose answer is a whole representation carry an ETag of it (If-None-Match: 304)
+    @api.route("/bazar/info/all", "GET", "info_all", etag=True)
     async def info_all(request: IRequest) -> tuple[int, bytes]:
         return passthrough(*await fe.all_books())
 
-    @api.route("/bazar/info/<string:book_id>", "GET", "info")
+    @api.route("/bazar/info/<string:book_id>", "GET", "info", etag=True)
     async def info(request: IRequest, book_id: str) -> tuple[int, bytes]:
         return passthrough(*await fe.info(parse_id(book_id)))
 
@@ -157,9 +188,9 @@ def frontend_app(fe: Frontend) -> JsonApp:
         hit: bytes | None = fe.cache.hit(info_key(int(rest)))
         return hit
 
-    api.fast("GET", "/bazar/info/", "info", info_hit)
+    api.fast("GET", "/bazar/info/", "info", info_hit, etag=True)
 
-    @api.route("/bazar/search/<text:topic>", "GET", "search")
+    @api.route("/bazar/search/<text:topic>", "GET", "search", etag=True)
     async def search(request: IRequest, topic: str) -> tuple[int, bytes]:
         return passthrough(*await fe.search(topic))
 
@@ -185,12 +216,12 @@ def frontend_app(fe: Frontend) -> JsonApp:
         return await fe.catalog_write(Restock(rid=new_rid(), id=ident, quantity=quantity))
 
     @api.route("/bazar/books", "POST", "add_book")
-    async def add_book(request: IRequest) -> tuple[int, dict[str, Any]]:
+    async def add_book(request: IRequest) -> Created:
         require_admin(request, token)
         new = parse_new_book(read_object(request) or {})
         book = await fe.catalog_write(AddBook(rid=new_rid(), title=new.title, topic=new.topic, price=new.price,
                                               quantity=new.quantity))
-        return 201, book
+        return Created(f"/bazar/info/{book['id']}", book)
 
     @api.route("/bazar/orders", "GET", "orders")
     async def orders(request: IRequest) -> tuple[int, bytes]:
@@ -229,24 +260,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
             fe.stream.receive(announcement.seq, announcement.keys)
         return {"ok": True, "upto": fe.stream.upto}
 
-    def figure(name: str) -> Callable[[], float]:
-        return lambda: float(fe.cache.stats()[name])
-
-    for name in ("hits", "misses", "evictions", "size"):
-        Gauge(f"bazar_cache_{name}", f"front-end cache {name}", registry=api.registry).set_function(figure(name))
-
-    class Dropped:
-        """Invalidation messages not taken (unsigned, forged, malformed, oversized, or
-        naming writes no replica confirmed), by reason."""
-
-        def collect(self) -> Any:
-            family = CounterMetricFamily("bazar_invalidations_dropped", "invalidation messages not taken",
-                                         labels=["reason"])
-            for reason, n in sorted(fe.stream.dropped.items()):
-                family.add_metric([reason], n)
-            yield family
-
-    api.registry.register(Dropped())
+    api.registry.register(FrontendFigures(fe))
 
     # the browser pages: storefront at / and the live cluster page
     install_storefront(api, fe)

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import sys
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import FileLogObserver, Logger, formatEvent
 
 log = Logger()
 
@@ -119,12 +121,30 @@ def watch_parent(parent: MultiService, reactor: Any) -> None:
     TimerService(1.0, check).setServiceParent(parent)
 
 
-def json_logger() -> Any:
-    """For `twistd --logger=bazar.lifecycle.json_logger`: one JSON event per line on
-    stdout (what container log collectors want)."""
-    from twisted.logger import jsonFileLogObserver
+def json_line(event: dict[str, Any]) -> str:
+    """One log event as one line of plain JSON: `time` (ISO 8601, UTC), `level`,
+    `namespace`, `message` (rendered from its format), and `traceback` when it carries
+    a failure. (Twisted's own JSON observer writes a record separator before each event
+    and nests its private fields, which log collectors do not read.)"""
+    when = datetime.fromtimestamp(event.get("log_time") or 0.0, timezone.utc)
+    record = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+              "level": getattr(event.get("log_level"), "name", "info"),
+              "namespace": event.get("log_namespace") or "",
+              "message": formatEvent(event)}
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:  # a log line is no place to fail: say what it was
+            record["traceback"] = repr(failure)
+    # default=str: nothing an event holds can keep it from being written
+    return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
-    return jsonFileLogObserver(sys.stdout)
+
+def json_logger() -> Any:
+    """For `twistd --logger=bazar.lifecycle.json_logger`: one JSON object per line on
+    stdout (what container log collectors want); see `json_line`."""
+    return FileLogObserver(sys.stdout, json_line)
 
 
 def refuse_to_start(who: str, why: str) -> None:

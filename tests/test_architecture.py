@@ -47,7 +47,7 @@ def modules() -> dict[str, Path]:
     found = {}
     for path in sorted((ROOT / "bazar").rglob("*.py")):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        if name != "bazar":  # (the package itself holds nothing)
+        if name != "bazar":  # (the package itself holds only its version)
             found[name] = path
     return found
 
@@ -89,7 +89,8 @@ def room_graph() -> dict[str, set[str]]:
         mine = room_of(module)
         graph[mine]
         for target in imports(path):
-            if target == "bazar" or target.startswith("bazar."):
+            # (`bazar` itself, its `__version__`, is no room's: any may read it)
+            if target.startswith("bazar."):
                 theirs = room_of(target)
                 if theirs != mine:
                     graph[mine].add(theirs)

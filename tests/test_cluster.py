@@ -109,7 +109,10 @@ def test_metrics_on_every_process_and_openapi(cluster: Cluster) -> None:
     for url in cluster.everyone:
         r = call("GET", url + "/metrics")
         assert r.status == 200 and r.content_type.startswith("text/plain"), (url, r.status, r.content_type)
-        assert b"# TYPE" in r.body and b"bazar_requests" in r.body
+        assert b"# TYPE" in r.body and b"bazar_requests" in r.body and b"bazar_build_info{" in r.body
+        assert b"process_resident_memory_bytes" in r.body
+        figure = b"bazar_service_primary_known" if url in cluster.fronts else b"bazar_replica_role"
+        assert figure in r.body, url
     r = call("GET", cluster.front + "/openapi.json")
     assert r.status == 200 and r.content_type.startswith("application/json")
     spec = r.json
@@ -131,6 +134,32 @@ def test_info_all_and_one_hold_the_seed_books(cluster: Cluster) -> None:
         assert set(b) == BOOK_FIELDS
         assert (b["title"], b["topic"], b["price"], b["quantity"]) == (title, topic, price, quantity)
         assert book(cluster, book_id) == b
+
+
+def test_304_has_no_body_and_the_connection_goes_on(cluster: Cluster) -> None:
+    """If-None-Match over a real socket, on a kept-alive connection: a cache hit's
+    304 (the fast path) and an uncached one's (a Klein route) carry the ETag and
+    neither body nor Content-Length, and the next request on the connection is
+    answered as usual."""
+    import http.client
+
+    host, port = urllib.parse.urlsplit(cluster.front).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for path in ("/bazar/info/1", "/bazar/info/1", "/bazar/info/all"):  # the second: from the cache
+            connection.request("GET", path)
+            first = connection.getresponse()
+            body, tag = first.read(), first.getheader("ETag")
+            assert first.status == 200 and tag, path
+            connection.request("GET", path, headers={"If-None-Match": tag})
+            again = connection.getresponse()
+            assert (again.status, again.read(), again.getheader("ETag")) == (304, b"", tag), path
+            assert again.getheader("Content-Length") is None and again.getheader("Transfer-Encoding") is None
+            connection.request("GET", path, headers={"If-None-Match": '"else"'})
+            other = connection.getresponse()
+            assert (other.status, other.read()) == (200, body)
+    finally:
+        connection.close()
 
 
 @pytest.mark.parametrize("bad", ["99", "abc", "-1", "1.5", "%201", "1e3", "0x1", "99999999999999999999999",

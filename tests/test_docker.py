@@ -373,18 +373,36 @@ def test_dockerfile_shows_how_to_run_a_service() -> None:
     assert "--logger=bazar.lifecycle.json_logger" in DOCKERFILE.read_text()
 
 
-def test_json_logger_writes_one_json_event_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_logger_writes_one_plain_json_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """What a container's log collector reads: a JSON object per line (no record
+    separator, no nesting), with the time in UTC, the level, the namespace, the
+    rendered message and, for a failure, its traceback as text."""
     import json
+    from datetime import datetime, timedelta, timezone
 
     from twisted.logger import Logger
 
     from bazar.lifecycle import json_logger
 
-    observer = json_logger()
-    Logger(observer=observer, namespace="bazar.test").info("applied {seq}", seq=7)
-    lines = [line for line in capsys.readouterr().out.replace("\x1e", "").splitlines() if line.strip()]
-    event = json.loads(lines[-1])
-    assert event["seq"] == 7 and event["log_namespace"] == "bazar.test"
+    log = Logger(observer=json_logger(), namespace="bazar.test")
+    log.info("applied {seq}\nof {service}", seq=7, service="catalog")
+    try:
+        raise ZeroDivisionError("the failure's own words")
+    except ZeroDivisionError:
+        log.failure("sending to replica {peer} failed", peer=2)
+    out = capsys.readouterr().out
+    assert "\x1e" not in out and out.endswith("\n")
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    info, failure = (json.loads(line) for line in lines)
+    assert info == {"time": info["time"], "level": "info", "namespace": "bazar.test",
+                    "message": "applied 7\nof catalog"}
+    assert info["time"].endswith("Z")
+    when = datetime.fromisoformat(info["time"].replace("Z", "+00:00"))
+    assert abs(datetime.now(timezone.utc) - when) < timedelta(minutes=1)
+    assert set(failure) == {"time", "level", "namespace", "message", "traceback"}
+    assert (failure["level"], failure["message"]) == ("critical", "sending to replica 2 failed")
+    assert failure["traceback"].startswith("Traceback") and "the failure's own words" in failure["traceback"]
 
 
 # --- running the compose commands as local processes ----------------------------

@@ -442,7 +442,7 @@ def test_metrics(shop: Shop) -> None:
     r = shop.api("GET", "/metrics")
     assert r.code == 200 and r.header("Content-Type").startswith("text/plain")
     text = r.body.decode()
-    assert "bazar_cache_hits 1.0" in text and "bazar_cache_misses 1.0" in text
+    assert "bazar_cache_hits_total 1.0" in text and "bazar_cache_misses_total 1.0" in text
     assert 'bazar_requests_total{route="info",service="frontend",status="200"} 2.0' in text
     for port in (CATALOG_PORT, 5201):
         assert shop.http("GET", url_of(port) + "/metrics").code == 200
@@ -465,12 +465,75 @@ def test_unknown_routes_and_methods_are_json(shop: Shop, method: str, path: str,
     error(shop.api(method, path, admin=True), status)
 
 
-def test_no_replica_is_503(shop: Shop) -> None:
+@pytest.mark.parametrize("method, path, allowed", [
+    ("POST", "/", "GET, HEAD"), ("POST", "/bazar/info/1", "GET, HEAD"), ("DELETE", "/bazar/info/all", "GET, HEAD"),
+    ("GET", "/bazar/purchase/1", "POST"), ("POST", "/bazar/update_price/1", "PUT"), ("GET", "/bazar/books", "POST"),
+    ("PUT", "/bazar/cache", "GET, HEAD"), ("POST", "/bazar/cache/1", "DELETE"), ("GET", "/internal/invalidate", "POST"),
+    ("POST", "/metrics", "GET, HEAD"), ("PUT", "/book/1", "GET, HEAD"),
+])
+def test_405_says_which_methods_are_allowed(shop: Shop, method: str, path: str, allowed: str) -> None:
+    r = shop.api(method, path, admin=True)
+    error(r, 405)
+    assert r.header("Allow") == allowed
+
+
+def test_no_replica_is_503_with_retry_after(shop: Shop) -> None:
+    """Every way the public API can find no replica able to answer says when to retry:
+    reads (a cache miss, the whole list, a search), writes, purchases, orders, readiness."""
+    ok(shop.api("GET", "/bazar/info/1"))  # cached: still answered from memory below
     shop.network.kill(CATALOG_PORT)
-    shop.network.kill(5201)
+    shop.network.kill(ORDER_PORT)
     shop.run(0.5)
-    error(shop.api("GET", "/bazar/info/all"), 503)
-    error(shop.api("POST", "/bazar/purchase/1"), 503)
+    for method, path, body in [
+            ("GET", "/bazar/info/all", None), ("GET", "/bazar/info/2", None), ("GET", "/bazar/search/new", None),
+            ("POST", "/bazar/purchase/1", {"quantity": 1}), ("PUT", "/bazar/update_price/1", {"price": 5}),
+            ("POST", "/bazar/restock/1", {"quantity": 1}),
+            ("POST", "/bazar/books", {"title": "T", "topic": "t", "price": 5, "quantity": 1}),
+            ("GET", "/bazar/orders", None), ("GET", "/ready", None)]:
+        r = shop.api(method, path, json=body, admin=True)
+        error(r, 503)
+        assert r.header("Retry-After") == "1", (method, path)
+    assert ok(shop.api("GET", "/bazar/info/1"))["id"] == 1
+    r = shop.http("GET", url_of(FRONTEND_PORT) + "/book/2")  # the storefront's error page too
+    assert (r.code, r.header("Retry-After")) == (503, "1")
+
+
+# -- HTTP details: Location, ETag ------------------------------------------------------------
+
+def test_a_new_book_is_201_with_its_location(shop: Shop) -> None:
+    r = shop.api("POST", "/bazar/books", json={"title": "T", "topic": "t", "price": 5, "quantity": 2}, admin=True)
+    book = ok(r, 201)
+    assert r.header("Location") == f"/bazar/info/{book['id']}"
+    assert ok(shop.api("GET", r.header("Location") or "")) == book
+
+
+@pytest.mark.parametrize("path", ["/bazar/info/1", "/bazar/info/all", "/bazar/search/distributed%20systems"])
+def test_reads_carry_an_etag_and_answer_if_none_match_with_304(shop: Shop, path: str) -> None:
+    first = shop.api("GET", path)
+    tag = first.header("ETag")
+    assert first.code == 200 and tag is not None and tag.startswith('"') and tag.endswith('"')
+    again = shop.api("GET", path)  # from the cache, for info and search: the same bytes, the same tag
+    assert (again.body, again.header("ETag")) == (first.body, tag)
+    for asked in (tag, f"W/{tag}", f'"other", {tag}', "*"):
+        r = shop.api("GET", path, headers={"If-None-Match": asked})
+        assert (r.code, r.body, r.header("ETag")) == (304, b"", tag), asked
+        assert r.header("Content-Length") is None and r.header("Content-Type") is None
+    r = shop.api("GET", path, headers={"If-None-Match": '"other"'})
+    assert (r.code, r.body, r.header("ETag")) == (200, first.body, tag)
+    # a write changes the body, so the tag: the old one no longer matches
+    ok(shop.api("PUT", "/bazar/update_price/1", json={"price": 33.5}, admin=True))
+    new = {"title": "Paxos Made Simple", "topic": "distributed systems", "price": 12, "quantity": 3}
+    ok(shop.api("POST", "/bazar/books", json=new, admin=True), 201)
+    r = shop.api("GET", path, headers={"If-None-Match": tag})
+    assert r.code == 200 and r.header("ETag") not in (None, tag) and r.body != first.body
+    metrics = shop.api("GET", "/metrics").body.decode()
+    assert 'status="304"' in metrics
+
+
+def test_errors_carry_no_etag(shop: Shop) -> None:
+    r = shop.api("GET", "/bazar/info/99", headers={"If-None-Match": "*"})
+    error(r, 404)
+    assert r.header("ETag") is None
 
 
 # -- malformed requests change nothing ---------------------------------------------------------

@@ -422,6 +422,7 @@ def test_unknown_methods_are_405_json_on_every_route(cluster: Cluster) -> None:
                 body = {"quantity": 1} if method in ("POST", "PUT", "PATCH") else None
                 r = call(method, base + path, body, token=TOKEN)
                 assert_json_error(r, 405)
+                assert allowed in r.headers.get("allow", "").split(", "), (base + path, method, r.headers)
                 checked += 1
     assert checked > 300
     assert state(cluster) == before

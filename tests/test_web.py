@@ -17,7 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
 from bazar.http import request as web
-from bazar.http.app import JsonApp, Raw
+from bazar.http.app import Created, JsonApp, Raw, etag_of, none_match
 from bazar.http.request import MAX_BODY, NO_BODY, parse_id, read_json, read_object, require_admin
 from bazar.testing.memory import SECRET, TOKEN, Cluster, Response, result_of, url_of
 
@@ -48,8 +48,8 @@ def sample_app() -> JsonApp:
         return {"ok": True}
 
     @api.route("/created", "POST", "created")
-    def created(request: Any) -> tuple[int, Any]:
-        return 201, read_object(request)
+    def created(request: Any) -> Created:
+        return Created("/created/1", read_object(request))
 
     @api.route("/optional", "POST", "optional")
     def optional(request: Any) -> Any:
@@ -62,6 +62,18 @@ def sample_app() -> JsonApp:
     @api.route("/teapot", "GET", "teapot")
     def teapot(request: Any) -> Any:
         raise Unavailable("short and stout", retry_after=3)
+
+    @api.route("/unsure", "GET", "unsure")
+    def unsure(request: Any) -> Any:
+        raise Unavailable("no idea when", retry_after=None)
+
+    @api.route("/busy", "GET", "busy")
+    def busy(request: Any) -> tuple[int, Any]:
+        return 503, {"error": "a handler's own 503"}
+
+    @api.route("/tagged", "GET", "tagged", etag=True)
+    def tagged(request: Any) -> bytes:
+        return b'{"tagged":true}'
 
     @api.route("/boom", "GET", "boom")
     def boom(request: Any) -> Any:
@@ -107,7 +119,8 @@ def test_json_success_and_status_pairs(stub: StubTreq) -> None:
     r = exchange(stub, "GET", URL + "/plain")
     assert (r.code, r.json(), r.header("Content-Type")) == (200, {"ok": True}, "application/json")
     r = exchange(stub, "POST", URL + "/created", data=b'{"a": [1, "x"]}')
-    assert (r.code, r.json()) == (201, {"a": [1, "x"]})
+    assert (r.code, r.json(), r.header("Location")) == (201, {"a": [1, "x"]}, "/created/1")
+    assert exchange(stub, "GET", URL + "/plain").header("Location") is None
     r = exchange(stub, "GET", URL + "/async")
     assert (r.code, r.json()) == (200, [1, 2, 3])
 
@@ -122,6 +135,46 @@ def test_errors_carry_status_headers_and_sentence(stub: StubTreq) -> None:
     assert assert_json_error(r, 503) == {"error": "short and stout"}
     assert r.header("Retry-After") == "3"
     assert assert_json_error(exchange(stub, "GET", URL + "/async-error"), 409) == {"error": "conflict, later"}
+
+
+@pytest.mark.parametrize("path", ["/unsure", "/busy"])
+def test_every_503_carries_retry_after(stub: StubTreq, path: str) -> None:
+    r = exchange(stub, "GET", URL + path)
+    assert_json_error(r, 503)
+    assert r.header("Retry-After") == "1"
+
+
+def test_405_from_routes_carries_allow(stub: StubTreq) -> None:
+    r = exchange(stub, "PUT", URL + "/plain")
+    assert_json_error(r, 405)
+    assert r.header("Allow") == "GET, HEAD"
+    r = exchange(stub, "GET", URL + "/created")
+    assert_json_error(r, 405)
+    assert r.header("Allow") == "POST"
+    assert exchange(stub, "GET", URL + "/nowhere").header("Allow") is None  # a 404 allows nothing
+
+
+def test_etag_and_if_none_match(stub: StubTreq) -> None:
+    body = b'{"tagged":true}'
+    tag = etag_of(body)
+    r = exchange(stub, "GET", URL + "/tagged")
+    assert (r.code, r.body, r.header("ETag")) == (200, body, tag.decode())
+    r = exchange(stub, "GET", URL + "/tagged", headers={"If-None-Match": tag})
+    assert (r.code, r.body, r.header("ETag"), r.header("Content-Length")) == (304, b"", tag.decode(), None)
+    r = exchange(stub, "GET", URL + "/tagged", headers={"If-None-Match": ['"a"', tag]})  # given twice: both count
+    assert r.code == 304
+    assert exchange(stub, "GET", URL + "/tagged", headers={"If-None-Match": '"a"'}).code == 200
+    assert exchange(stub, "GET", URL + "/plain").header("ETag") is None  # only routes that ask for it
+
+
+def test_etags_name_the_bytes_and_if_none_match_compares_weakly() -> None:
+    tag = etag_of(b"[1]")
+    assert tag == etag_of(b"[1]") != etag_of(b"[2]")
+    assert tag.startswith(b'"') and tag.endswith(b'"') and len(tag) == 18
+    for header in (tag, b"W/" + tag, b'"x", ' + tag, b"*", b' "x" ,W/' + tag + b" "):
+        assert none_match(header, tag), header
+    for header in (b'"x"', b"", tag[1:-1], b'"x", W/"y"'):
+        assert not none_match(header, tag), header
 
 
 @pytest.mark.parametrize("path", ["/boom", "/async-boom"])

@@ -12,17 +12,33 @@ Three ways in, tried in this order by `JsonResource.render`:
 - fast paths (`fast`): try first, else fall through to the route of the same name.
   Only for answers from memory (cache hits), where routing costs more than the work;
 - Klein's routes (`route`), for everything public.
+
+Beyond bodies and statuses, the headers DESIGN.md promises are set here, once for
+every route: `Retry-After` on every 503, `Allow` on every 405, `Location` on every 201
+(a handler returns `Created`), and, on the routes that ask for it, an `ETag` of the
+body with `If-None-Match` answered 304. Every app's registry also holds the process,
+platform and garbage-collector collectors and `bazar_build_info`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Union, cast
 
 from klein import Klein
 from klein.resource import KleinResource
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -32,6 +48,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from bazar import __version__
 from bazar.codec import dumps
 from bazar.errors import (
     BazarError,
@@ -72,9 +89,20 @@ class Raw:
         self.content_type = content_type
 
 
+class Created:
+    """A 201 answer: what was made (`body`, as a handler would return it) and where it
+    can be read from now on (`location`, a path: the `Location` header)."""
+
+    __slots__ = ("body", "location")
+
+    def __init__(self, location: str, body: Any):
+        self.location = location
+        self.body = body
+
+
 # What a handler may return: data to encode as JSON, JSON already encoded, a Raw body,
-# or any of those with a status: (201, data).
-Result = Union[Any, bytes, Raw, tuple[int, Any]]
+# a Created, or data, JSON or a Raw with a status: (409, data).
+Result = Union[Any, bytes, Raw, Created, tuple[int, Any]]
 Handler = Callable[..., Union[Result, Awaitable[Result], Deferred[Result]]]
 FastHandler = Callable[[IRequest, bytes], Union[Result, None]]
 
@@ -85,9 +113,39 @@ def error_body(message: str) -> bytes:
 
 def respond(request: IRequest, body: bytes, status: int = 200, content_type: bytes = JSON) -> bytes:
     request.setResponseCode(status)
+    if status == 503 and not request.responseHeaders.hasHeader(b"Retry-After"):
+        # every 503 says when to try again (DESIGN.md), whichever way it came about
+        request.setHeader(b"Retry-After", b"1")
     request.setHeader(b"Content-Type", content_type)
     # a known length spares both sides chunked transfer encoding
     request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def etag_of(body: bytes) -> bytes:
+    """A strong validator of a body: the same bytes give the same tag in every process
+    (two front ends agree). BLAKE2b cut to 64 bits costs well under a microsecond for
+    a book, and two versions of one resource do not collide in practice."""
+    return b'"' + hashlib.blake2b(body, digest_size=8).hexdigest().encode("ascii") + b'"'
+
+
+def none_match(header: bytes, tag: bytes) -> bool:
+    """Does an If-None-Match value name `tag`, or `*`? The weak comparison of RFC 9110
+    §13.1.2 (a `W/` prefix is ignored), over a comma-separated list."""
+    for candidate in header.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == tag:
+            return True
+    return False
+
+
+def without_body(request: IRequest, body: bytes) -> bytes | int:
+    """What a resource's render returns for `body`: the bytes, except after a 304,
+    which is finished here, bodiless (returned bytes would get a `Content-Length: 0`
+    from Twisted, which a 304 must not carry: RFC 9110 §8.6)."""
+    if cast(Request, request).code == 304:
+        request.finish()
+        return NOT_DONE_YET
     return body
 
 
@@ -100,11 +158,14 @@ class TextConverter(PathConverter):
 
 class Answer:
     """Turns a handler's result or failure into the JSON response, and counts it
-    (per-status counter and latency histogram of one route)."""
+    (per-status counter and latency histogram of one route). With `etag`, a 200 carries
+    the ETag of its body, and a request whose If-None-Match names it gets a bodiless
+    304 instead."""
 
-    def __init__(self, api: JsonApp, name: str):
+    def __init__(self, api: JsonApp, name: str, etag: bool = False):
         self.api = api
         self.name = name
+        self.etag = etag
         self.counters: dict[int, Any] = {}
         self.histogram = api.latency.labels(api.service, name)
 
@@ -119,10 +180,23 @@ class Answer:
         status = 200
         if isinstance(result, tuple):
             status, result = result
-        self.count(status, started)
+        elif isinstance(result, Created):
+            request.setHeader(b"Location", result.location.encode("ascii"))
+            status, result = 201, result.body
         if isinstance(result, Raw):
-            return respond(request, result.body, status, result.content_type)
-        return respond(request, result if isinstance(result, bytes) else dumps(result), status)
+            body, content_type = result.body, result.content_type
+        else:
+            body, content_type = result if isinstance(result, bytes) else dumps(result), JSON
+        if self.etag and status == 200:
+            tag = etag_of(body)
+            request.setHeader(b"ETag", tag)
+            wanted = request.requestHeaders.getRawHeaders(b"if-none-match")
+            if wanted is not None and none_match(b",".join(wanted), tag):
+                self.count(304, started)
+                request.setResponseCode(304)
+                return b""
+        self.count(status, started)
+        return respond(request, body, status, content_type)
 
     def fail(self, request: IRequest, failure: Failure, started: float) -> bytes:
         error = failure.value
@@ -157,7 +231,7 @@ class Answer:
         written when they come (unless the client has gone)."""
         answer = self.run(request, handler)
         if not isinstance(answer, Deferred):
-            return answer
+            return without_body(request, answer)
         gone: list[bool] = []
         cast(Request, request).notifyFinish().addErrback(lambda _: gone.append(True))
 
@@ -185,6 +259,13 @@ class JsonApp:
                                  ["service", "route"], registry=self.registry,
                                  buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
                                           .1, .25, .5, 1, 2.5, 5, 10))
+        # what every process exposes besides its own figures (each app its own
+        # collectors: several apps can share a test process, and none may see another's)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info("bazar_build", "the Bazar release this process runs", registry=self.registry).info(
+            {"version": __version__})
         self.rpcs: dict[bytes, dict[bytes, tuple[Answer, Handler]]] = {}
         self.fast_paths: list[tuple[bytes, bytes, Answer, FastHandler]] = []
         self._install_error_pages()
@@ -197,6 +278,10 @@ class JsonApp:
             code = getattr(exc, "code", None) or 400
             messages = {404: "no such resource", 405: "method not allowed on this resource"}
             message = messages.get(code, getattr(exc, "description", None) or "bad request")
+            allowed = getattr(exc, "valid_methods", None)
+            if code == 405 and allowed:
+                # the methods of every route this path matches (werkzeug's MethodNotAllowed)
+                request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
             self.requests.labels(self.service, "unmatched", str(code)).inc()
             return respond(request, error_body(message), code)
 
@@ -205,12 +290,14 @@ class JsonApp:
             log.failure("unhandled error in {service}", failure, service=self.service)
             return respond(request, error_body("internal error"), 500)
 
-    def route(self, path: str, method: str, name: str) -> Callable[[Handler], Handler]:
+    def route(self, path: str, method: str, name: str, *, etag: bool = False) -> Callable[[Handler], Handler]:
         """Register `handler(request, **path_values)` as a Klein route; it may be async
-        and returns JSON-able data, bytes (JSON already), a `Raw`, or (status, one of those)."""
+        and returns JSON-able data, bytes (JSON already), a `Raw`, a `Created`, or
+        (status, one of the first three). With `etag`, its 200s carry an ETag and
+        answer If-None-Match (for reads whose body is the whole representation)."""
 
         def register(handler: Handler) -> Handler:
-            answer = Answer(self, name)
+            answer = Answer(self, name, etag)
 
             def endpoint(request: IRequest, **kw: Any) -> Any:
                 return answer.run(request, lambda: handler(request, **kw))
@@ -230,10 +317,11 @@ class JsonApp:
 
         return register
 
-    def fast(self, method: str, prefix: str, name: str, handler: FastHandler) -> None:
+    def fast(self, method: str, prefix: str, name: str, handler: FastHandler, *, etag: bool = False) -> None:
         """Try `handler(request, rest_of_path)` before Klein's routing; it answers from
-        memory at once, or returns None to let the route registered as `name` answer."""
-        self.fast_paths.append((method.encode(), prefix.encode(), Answer(self, name), handler))
+        memory at once, or returns None to let the route registered as `name` answer
+        (`etag` as for that route)."""
+        self.fast_paths.append((method.encode(), prefix.encode(), Answer(self, name, etag), handler))
 
     def _metrics(self, request: IRequest) -> Raw:
         return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
@@ -270,7 +358,7 @@ class JsonResource(KleinResource):
                     return answer.fail(request, Failure(), started)
                 if found is None:
                     break
-                return answer.finish(request, found, started)
+                return without_body(request, answer.finish(request, found, started))
         if b"//" in path:
             # "//x" is not "/x": no route has an empty segment (werkzeug would redirect,
             # echoing the Host, before any route's checks)

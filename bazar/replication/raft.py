@@ -265,6 +265,7 @@ class Raft:
     stable: int = 0  # the last index of our own log known to be on disk
     acked: int = 0  # the highest committed index that may be acknowledged to clients
     committed_at: list[tuple[int, int]] = field(factory=list)  # (commit index, tick) of commits not yet acked
+    elections: int = 0  # campaigns this replica started as a candidate (a term of its own; pre-votes not counted)
 
     def __attrs_post_init__(self) -> None:
         # Only applied entries are known committed after a restart (commit is volatile, §3.8).
@@ -355,6 +356,7 @@ class Raft:
             self.role = CANDIDATE
             term = self.term + 1
             self.log.set_hard_state(term, self.id)
+            self.elections += 1
         self.leader = None
         self.votes = {self.id: True}
         self._reset_timeout()

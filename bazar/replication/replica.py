@@ -30,6 +30,7 @@ are monotonic and see its own writes.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 from typing import Any, Callable
@@ -89,6 +90,9 @@ class Replica:
         # (every backup the leader can reach has applied them too: `Raft.acknowledged`)
         self.decided: dict[int, Outcome] = {}
         self.leader_commit = 0  # the commit index the leader last told us
+        # snapshots taken of the store and installed from a leader, by kind ("taken",
+        # "installed"): log compaction counts them here, /metrics reads them
+        self.snapshots: collections.Counter[str] = collections.Counter()
         self.running = False
         self._scheduled: IDelayedCall | None = None
         self._flusher: IDelayedCall | None = None
@@ -127,6 +131,14 @@ class Replica:
     @property
     def status(self) -> str:
         return OK if self.serving else RECOVERING
+
+    @property
+    def lag(self) -> int:
+        """Entries this replica has yet to apply of those its leader last told it are
+        committed; a leader: 0 (its own commit index is the news)."""
+        if self.is_primary:
+            return 0
+        return max(0, self.leader_commit - self.store.applied)
 
     def health(self) -> dict[str, Any]:
         return {"service": self.service, "replica": self.replica_id, "pid": os.getpid(),

@@ -1,11 +1,14 @@
-"""The doors every replica has besides its service's own: readiness (public) and the
-internal RPCs of replication (Raft messages, status, forwarded writes), behind the
-cluster secret."""
+"""The doors every replica has besides its service's own: readiness (public), the
+replica's figures on /metrics, and the internal RPCs of replication (Raft messages,
+status, forwarded writes), behind the cluster secret."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.web.iweb import IRequest
 
 from bazar.codec import JSONDecodeError, dumps, loads
@@ -13,7 +16,15 @@ from bazar.errors import Invalid, Unavailable
 from bazar.http.app import JsonApp
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
 from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
-from bazar.replication.replica import Replica
+from bazar.replication import raft
+from bazar.replication.replica import PRIMARY, Replica
+
+# bazar_replica_role's `role` label, one series per role (1 for the one it holds): the
+# Raft role, with the leader named as /health names it. /health's "backup" is any of
+# the other three.
+ROLES = {raft.LEADER: PRIMARY, raft.FOLLOWER: "follower", raft.PRE_CANDIDATE: "pre-candidate",
+         raft.CANDIDATE: "candidate"}
+SNAPSHOT_KINDS = ("taken", "installed")
 
 
 def readiness(replica: Replica) -> dict[str, Any]:
@@ -48,9 +59,58 @@ def internal_body(request: IRequest, secret: str | None) -> dict[str, Any]:
     return body
 
 
+class ReplicaFigures(Collector):
+    """A replica's state as Prometheus reads it, at scrape time: nothing is kept up to
+    date on the hot path. Every series is labelled with the service and replica id, so
+    that rules group by service whatever the scrape configuration calls its jobs."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self.replica
+        serving = replica.serving  # first: it brings the replica up to now (missed ticks)
+        names = ["service", "replica"]
+        ids = [replica.service, str(replica.replica_id)]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(ids, value)
+            return family
+
+        role = GaugeMetricFamily("bazar_replica_role", "1 for the Raft role this replica holds "
+                                 "(primary, follower, pre-candidate, candidate), 0 for the others",
+                                 labels=[*names, "role"])
+        for core_role, name in ROLES.items():
+            role.add_metric([*ids, name], 1.0 if replica.core.role == core_role else 0.0)
+        yield role
+        yield gauge("bazar_replica_epoch", "the Raft term (epoch) this replica is in", replica.epoch)
+        yield gauge("bazar_replica_commit_index", "the highest log index this replica knows committed",
+                    replica.core.commit)
+        yield gauge("bazar_replica_applied_index", "the highest log index applied to this replica's tables",
+                    replica.store.applied)
+        yield gauge("bazar_replica_lag_entries", "a backup: committed entries its primary told it of that it "
+                    "has not applied yet; a primary: 0", replica.lag)
+        yield gauge("bazar_replica_serving", "1 while this replica may answer reads (status ok), "
+                    "0 while recovering", 1.0 if serving else 0.0)
+        yield gauge("bazar_replica_voter", "1 when this replica votes, 0 while a learner catching up",
+                    1.0 if replica.store.voter else 0.0)
+        elections = CounterMetricFamily("bazar_elections", "elections this replica started as a candidate, "
+                                        "since its process started (pre-votes that went no further not counted)",
+                                        labels=names)
+        elections.add_metric(ids, replica.core.elections)
+        yield elections
+        snapshots = CounterMetricFamily("bazar_snapshots", "snapshots of the store taken, and installed from "
+                                        "a primary, since the process started", labels=[*names, "kind"])
+        for kind in sorted(set(SNAPSHOT_KINDS) | set(replica.snapshots)):
+            snapshots.add_metric([*ids, kind], replica.snapshots[kind])
+        yield snapshots
+
+
 def install_routes(api: JsonApp, replica: Replica) -> None:
     secret = replica.secret
     api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
+    api.registry.register(ReplicaFigures(replica))
 
     @api.rpc(RAFT_PATH, "POST", "raft")
     def message(request: IRequest) -> bytes:

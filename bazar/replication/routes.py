@@ -4,6 +4,7 @@ cluster secret."""
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -12,7 +13,7 @@ from bazar.codec import JSONDecodeError, dumps, loads
 from bazar.errors import Invalid, Unavailable
 from bazar.http.app import JsonApp
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
-from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
+from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication.replica import Replica
 
 
@@ -59,6 +60,14 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
             return dumps(replica.receive(body))
         except (KeyError, TypeError, ValueError) as exc:
             raise Invalid(f"malformed internal message: {exc.__class__.__name__}") from None
+
+    @api.rpc(SNAPSHOT_PATH, "POST", "snapshot")
+    def snapshot(request: IRequest) -> dict[str, Any]:
+        body = internal_body(request, secret)
+        try:
+            return replica.receive_snapshot(body)
+        except (KeyError, TypeError, ValueError, sqlite3.Error) as exc:
+            raise Invalid(f"malformed snapshot chunk: {exc.__class__.__name__}") from None
 
     @api.rpc(STATUS_PATH, "GET", "status")
     def status(request: IRequest) -> dict[str, Any]:

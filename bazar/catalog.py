@@ -41,6 +41,7 @@ class CatalogMachine:
     same order and ends with the same books."""
 
     tables: tuple[str, ...] = ("books",)
+    state_tables: tuple[str, ...] = ("books", "sales")
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, "

@@ -20,6 +20,7 @@ WRITE_PATH = "/internal/write"  # POST {"op": operation}: a write, forwarded to 
 PURCHASE_PATH = "/internal/purchase"  # POST PurchaseRequest to the order primary: Purchased
 SALES_PATH = "/internal/sales"  # GET ?after=INDEX: the catalog's sales after a log index, SALES_PAGE at most
 PUSH_PATH = "/internal/invalidate"  # POST {"messages": [announcement, ...]} to a front end
+SNAPSHOT_PATH = "/internal/snapshot"  # POST a chunk of the leader's state to a backup that needs it (§5.3)
 
 SALES_PAGE = 500
 HOPS_HEADER = b"X-Bazar-Hops"  # how many replicas a forwarded request has passed through

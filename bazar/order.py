@@ -71,6 +71,7 @@ def record_op(sale: Sale) -> RecordOrder:
 
 class OrderMachine:
     tables: tuple[str, ...] = ("orders",)
+    state_tables: tuple[str, ...] = ("orders",)
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, "

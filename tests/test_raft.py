@@ -20,6 +20,7 @@ from bazar.replication.raft import (
     AppendReply,
     Entry,
     Heartbeat,
+    InstallSnapshot,
     MemoryLog,
     Message,
     NotLeader,
@@ -325,7 +326,8 @@ def test_messages_travel_as_json() -> None:
 # -- random schedules --------------------------------------------------------------------
 
 class World:
-    """N cores on a lossy, reordering, duplicating bus with partitions, crashes and disk loss."""
+    """N cores on a lossy, reordering, duplicating bus with partitions, crashes and disk loss,
+    each compacting its log now and then; a snapshot goes over the same bus (§5.3)."""
 
     def __init__(self, seed: int, n: int = 3):
         self.rng = random.Random(seed)
@@ -373,6 +375,9 @@ class World:
             if i in self.down:
                 continue
             n = self.nodes[i]
+            disk = self.disks[i]
+            if rng.random() < 0.05 and n.applied > disk.snapshot_index:
+                disk.compact(rng.randint(disk.snapshot_index + 1, n.applied))  # §5.1: up to an applied index
             if rng.random() < 0.9:
                 n.tick()
             if n.role == LEADER and rng.random() < 0.3:
@@ -383,12 +388,36 @@ class World:
         rng.shuffle(due)
         for _, _, m in due:
             if m.dst in self.down or (m.src, m.dst) in self.cut:
+                if isinstance(m, InstallSnapshot) and m.src not in self.down:
+                    self.nodes[m.src].unreachable(m.dst)
+                continue
+            if isinstance(m, InstallSnapshot):
+                self.install(m)
                 continue
             self.nodes[m.dst].step(m)
             self.flush(m.dst)
         for i, n in self.nodes.items():
             if n.role == LEADER and i not in self.down:
                 self.leaders.setdefault(n.term, set()).add(i)
+
+    def install(self, m: InstallSnapshot) -> None:
+        """The caller's part of §5.3: the leader's state as of its applied index goes to
+        the follower, which installs it if newer, and its answer comes back."""
+        leader, follower = self.nodes[m.src], self.nodes[m.dst]
+        if leader.role != LEADER or leader.term != m.term:
+            leader.unreachable(m.dst)
+            return
+        index = leader.applied
+        term = self.disks[m.src].term_at(index)
+        assert term is not None
+        if follower.accepts_snapshot(m.term, m.src, index):
+            self.disks[m.dst].reset(index, term)
+            self.applied[m.dst] = list(self.applied[m.src][:index])
+            follower.restore(index, term)
+        answer = AppendReply(follower.term, m.dst, m.src, follower.term == m.term, follower.commit, follower.commit)
+        self.flush(m.dst)
+        self.order += 1
+        self.queue.append((self.now + 1, self.order, answer))
 
     def flush(self, i: int) -> None:
         ready = self.nodes[i].ready()
@@ -399,6 +428,8 @@ class World:
             self.applied[i].append(e)
         for m in ready.messages:
             if self.rng.random() < 0.1:
+                if isinstance(m, InstallSnapshot):
+                    self.nodes[i].unreachable(m.dst)  # a transfer that fails is known to its sender
                 continue  # lost
             copies = 2 if self.rng.random() < 0.05 else 1
             for _ in range(copies):
@@ -418,7 +449,7 @@ class World:
             if n.role == LEADER and i not in self.down:
                 assert n.acknowledged() <= min(n.commit, n.applied), f"seed {self.seed}: {i} acknowledged too much"
                 for index, e in self.committed.items():
-                    if e.term <= n.term:
+                    if e.term <= n.term and index > n.log.snapshot_index:
                         assert n.log.entries(index, index + 1) == [e], f"seed {self.seed}: leader {i} lacks {e}"
 
     def heal_and_settle(self) -> None:
@@ -441,6 +472,9 @@ class World:
         due = sorted(q for q in self.queue if q[0] <= self.now)
         self.queue = [q for q in self.queue if q[0] > self.now]
         for _, _, m in due:
+            if isinstance(m, InstallSnapshot):
+                self.install(m)
+                continue
             self.nodes[m.dst].step(m)
             self.flush_reliably(m.dst)
 

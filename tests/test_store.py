@@ -776,3 +776,97 @@ def test_a_store_of_the_first_layout_keeps_its_recorded_outcomes(tmp_path: Path)
     store = reopen(store)  # once upgraded, opened as it is
     assert store.recorded(sold_out) is not None and store.recorded(sold_out).failed == "OutOfStock"
     store.close()
+
+
+# -- compaction and snapshots (§5) ------------------------------------------------------------
+
+
+def test_compaction_forgets_the_log_up_to_an_applied_index_and_survives_a_restart(tmp_path: Path) -> None:
+    store = catalog(tmp_path, compact_after=4, keep_entries=2)
+    feed(store, *[restock(f"r{i}", 1, 1) for i in range(8)])
+    assert store.compaction_due() == 6
+    assert not store.compact(9) and not store.compact(0)  # not applied / nothing to forget
+    assert store.compact(6)
+    assert (store.snapshot_index, store.last_index(), store.term_at(6), store.term_at(5)) == (6, 8, 1, None)
+    with pytest.raises(ValueError, match="compacted"):
+        store.entries(5, 7)
+    assert [e.index for e in store.entries(7, 9)] == [7, 8]
+    store = reopen(store)
+    assert (store.snapshot_index, store.last_index(), store.term_at(6), store.applied) == (6, 8, 1, 8)
+    assert list(store.db.execute("SELECT min(idx) FROM raft_log")) == [(7,)]
+    feed(store, restock("after", 1, 1))  # the log goes on from there
+    assert store.last_index() == 9 and quantity(store, 1) == 69
+    store.close()
+
+
+def test_request_ids_are_forgotten_after_the_retention_at_the_same_log_index_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bazar.replication import store as store_module
+
+    monkeypatch.setattr(store_module, "RETAIN_REQUESTS", 5)
+    monkeypatch.setattr(store_module, "EXPIRE_EVERY", 4)
+    store = catalog(tmp_path)
+    feed(store, *[restock(f"r{i}", 1, 1) for i in range(7)])  # indexes 1..7: at 4, ids of seq <= -1 go
+    assert store.recorded(restock("r0", 1, 1)) is not None
+    feed(store, restock("r7", 1, 1))  # index 8: ids of seq <= 3 go
+    assert store.recorded(restock("r0", 1, 1)) is None and store.recorded(restock("r2", 1, 1)) is None
+    assert store.recorded(restock("r3", 1, 1)) is not None
+    store.close()
+
+
+def snapshot_of(store: Store) -> tuple[int, int, list[dict[str, list[list[Any]]]]]:
+    reader = store.snapshot_reader()
+    chunks = []
+    while (chunk := reader.chunk(rows=3)) is not None:
+        chunks.append(chunk)
+    reader.close()
+    return reader.index, reader.term, chunks
+
+
+def test_a_snapshot_is_the_committed_state_read_in_chunks_and_installs_in_one_step(tmp_path: Path) -> None:
+    leader = catalog(tmp_path, "leader.sqlite3")
+    sell = {"op": "sell", "rid": "sale:k", "key": "k", "id": 2, "quantity": 3, "created": "now", "created_ts": 1.0}
+    feed(leader, restock("a", 0, 2), add_book("b"), sell, term=3)
+    leader.flush()
+    reader = leader.snapshot_reader()
+    feed(leader, restock("later", 1, 5), term=3)  # after the read began: not in this snapshot
+    leader.flush()
+    chunks = []
+    while (chunk := reader.chunk(rows=3)) is not None:
+        chunks.append(chunk)
+    reader.close()
+    assert (reader.index, reader.term) == (3, 3)
+    assert {name for chunk in chunks for name in chunk} == {"books", "sales", "requests"}
+
+    follower = catalog(tmp_path, "follower.sqlite3")
+    feed(follower, restock("own", 4, 9))  # it will be replaced
+    for i, chunk in enumerate(chunks):
+        follower.stage_snapshot(i == 0, chunk)
+    follower.install_snapshot(3, 3)
+    assert (follower.applied, follower.snapshot_index, follower.last_index(), follower.term_at(3)) == (3, 3, 3, 3)
+    assert books(follower) != books(leader)  # the leader went on after its snapshot
+    leader_then = [b if b[0] != 1 else (*b[:4], b[4] - 5) for b in books(leader)]
+    assert books(follower) == leader_then
+    assert list(follower.db.execute("SELECT key, seq FROM sales")) == [("k", 3)]
+    assert follower.recorded(sell) is not None and follower.recorded(restock("own", 4, 9)) is None
+    follower = reopen(follower)  # installed for good
+    assert (follower.applied, follower.snapshot_index) == (3, 3) and books(follower) == leader_then
+    assert not [t for (t,) in follower.db.execute("SELECT name FROM sqlite_master") if t.startswith("staged_")]
+    follower.close()
+    leader.close()
+
+
+def test_a_snapshot_staged_but_not_installed_changes_nothing(tmp_path: Path) -> None:
+    leader = catalog(tmp_path, "leader.sqlite3")
+    feed(leader, restock("a", 0, 2))
+    leader.flush()
+    _, _, chunks = snapshot_of(leader)
+    follower = catalog(tmp_path, "follower.sqlite3")
+    feed(follower, restock("own", 4, 9))
+    follower.flush()
+    before = everything(follower)
+    follower.stage_snapshot(True, chunks[0])
+    follower = crash(follower)  # died before the last chunk
+    assert everything(follower) == before
+    follower.close()
+    leader.close()

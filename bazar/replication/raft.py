@@ -32,6 +32,11 @@ Each rule lives in one named place with its section beside it:
   (`_update_acked`).
 - §9.6       pre-vote: a candidate first asks whether it could win, persisting nothing
              (`_campaign(pre=True)`).
+- §5.1–5.4   log compaction: the caller compacts its log up to an applied index (the
+             state machine's tables are the snapshot); a follower that needs entries
+             the leader no longer holds is sent a snapshot (`InstallSnapshot`, carried
+             out by the caller, which steps the follower's answer back in), and a
+             follower installs one only if it is newer than what it has (`restore`).
 
 Names: the rest of Bazar says *epoch* for term and *seq* for index.
 """
@@ -49,6 +54,7 @@ CANDIDATE = "candidate"
 LEADER = "leader"
 
 MAX_BATCH = 512  # entries in one AppendEntries
+SNAPSHOT_PATIENCE = 40  # election timeouts a snapshot's transfer may take before it is tried again
 
 
 @frozen
@@ -152,6 +158,15 @@ class HeartbeatReply(Message):
 
 
 @frozen
+class InstallSnapshot(Message):
+    """§5.3: the follower needs entries this leader has compacted away. The caller
+    streams the leader's state (as of an index it reads then) to the follower and
+    steps the follower's `AppendReply` back in; this message itself is never sent."""
+
+    kind: ClassVar[str] = "install_snapshot"
+
+
+@frozen
 class RequestVote(Message):
     kind: ClassVar[str] = "vote"
     last_index: int
@@ -173,6 +188,7 @@ class Log(Protocol):
     term: int
     vote: int | None
     voter: bool
+    snapshot_index: int  # the last index the log was compacted up to (0: never); its term is term_at()
 
     def set_hard_state(self, term: int, vote: int | None) -> None: ...
 
@@ -206,6 +222,7 @@ class Progress:
     inflight: bool = False
     sent_at: int = 0  # tick at which the append in flight left
     active: bool = True  # heard from since the last check-quorum round (§6.2)
+    snapshotting: bool = False  # a snapshot is on its way to it (§5.3): no appends meanwhile
     applied: int = 0  # the highest index it said it has applied
     heard: int = 0  # tick of its last answer
     commit_sent: int = 0  # the highest commit index it has been told
@@ -446,8 +463,12 @@ class Raft:
         last_index = self.log.last_index()
         prev = pr.next - 1
         prev_term = self.log.term_at(prev)
-        if prev_term is None:  # not in our log (cannot happen without compaction): start over
-            pr.next, prev, prev_term = 1, 0, 0
+        if prev_term is None or prev < self.log.snapshot_index:
+            # §5.3: compacted away here: the follower gets the state instead
+            pr.inflight = pr.snapshotting = True
+            pr.sent_at = self.ticks
+            self.outbox.append(InstallSnapshot(self.term, self.id, peer))
+            return
         entries = self.log.entries(pr.next, min(last_index + 1, pr.next + MAX_BATCH))
         if not entries and pr.match >= last_index and pr.match > 0:
             return
@@ -505,7 +526,28 @@ class Raft:
         """The caller could not deliver to `peer`: the message is lost, try again later."""
         pr = self.progress.get(peer)
         if pr is not None:
-            pr.inflight = False
+            pr.inflight = pr.snapshotting = False
+
+    def restore(self, index: int, term: int) -> None:
+        """§5.3, a follower: the caller has replaced the state machine with a snapshot as
+        of `index` (of `term`), and the log with an empty one compacted up to there.
+        Everything up to `index` is committed and applied."""
+        assert self.log.snapshot_index == index and self.log.term_at(index) == term, "the log was not reset"
+        self.commit = max(self.commit, index)
+        self.applied = index
+        self.stable = max(self.stable, index)
+
+    def accepts_snapshot(self, term: int, leader: int, index: int) -> bool:
+        """Is a snapshot from `leader` in `term`, as of `index`, one to install now?
+        A leader of an older term is refused; one of this term (or a newer one) is
+        followed like any leader's message; a snapshot no newer than our commit is
+        not installed (§5.3: it would take us back)."""
+        if term < self.term or leader not in self.voters or leader == self.id:
+            return False
+        if term > self.term or self.role != FOLLOWER or self.leader != leader:
+            self._become_follower(term, leader)
+        self.elapsed = 0
+        return index > self.commit
 
     # -- receiving --------------------------------------------------------------------
     def step(self, m: Message) -> None:
@@ -630,7 +672,7 @@ class Raft:
             return
         pr = self.progress[m.src]
         pr.active = True
-        pr.inflight = False
+        pr.inflight = pr.snapshotting = False
         self._heard(pr, m.commit)
         if m.success:
             if m.index > pr.match:
@@ -655,8 +697,11 @@ class Raft:
         if m.last_index < pr.match:  # it lost entries it had (a wiped disk): start again from there
             pr.match = m.last_index
             pr.next = m.last_index + 1
-        if pr.inflight and self.ticks - pr.sent_at >= self.election_ticks // 2:
-            pr.inflight = False  # the follower answers beats, so that append (or its answer) was lost
+        if pr.inflight and self.ticks - pr.sent_at >= self.election_ticks * (SNAPSHOT_PATIENCE if pr.snapshotting
+                                                                           else 1) // 2:
+            # the follower answers beats, so that append (or its answer) was lost; a
+            # snapshot's transfer is given much longer (its caller says when it fails)
+            pr.inflight = pr.snapshotting = False
         if pr.match < self.log.last_index() or m.last_index != pr.match:
             self._send_append(m.src)
         self._ack_read(m.ctx, m.src)
@@ -758,12 +803,15 @@ class Raft:
 
 @define
 class MemoryLog:
-    """A `Log` in memory, for tests and simulations: what a disk would hold."""
+    """A `Log` in memory, for tests and simulations: what a disk would hold. `log`
+    holds the entries after `snapshot_index` (the compacted prefix is gone)."""
 
     term: int = 0
     vote: int | None = None
     voter: bool = True
     log: list[Entry] = field(factory=list)
+    snapshot_index: int = 0
+    snapshot_term: int = 0
 
     def set_hard_state(self, term: int, vote: int | None) -> None:
         self.term, self.vote = term, vote
@@ -772,22 +820,38 @@ class MemoryLog:
         self.voter = True
 
     def last_index(self) -> int:
-        return len(self.log)
+        return self.snapshot_index + len(self.log)
 
     def term_at(self, index: int) -> int | None:
-        if index == 0:
-            return 0
-        if 1 <= index <= len(self.log):
-            return self.log[index - 1].term
+        if index == self.snapshot_index:
+            return self.snapshot_term
+        if self.snapshot_index < index <= self.last_index():
+            return self.log[index - self.snapshot_index - 1].term
         return None
 
     def entries(self, lo: int, hi: int) -> list[Entry]:
-        return self.log[max(lo, 1) - 1:max(hi - 1, 0)]
+        base = self.snapshot_index
+        if lo <= base and hi > lo:
+            raise ValueError(f"entries from {lo} are compacted (up to {base})")
+        return self.log[max(lo - base, 1) - 1:max(hi - base - 1, 0)]
 
     def append(self, entries: list[Entry]) -> None:
         if entries:
             first = entries[0].index
-            if not 1 <= first <= len(self.log) + 1:
+            if not self.snapshot_index < first <= self.last_index() + 1:
                 raise ValueError(f"entry {first} does not follow the log")
-            del self.log[first - 1:]
+            del self.log[first - self.snapshot_index - 1:]
             self.log.extend(entries)
+
+    def compact(self, upto: int) -> None:
+        """Forget the entries up to `upto` (applied: the state holds them)."""
+        if self.snapshot_index < upto <= self.last_index():
+            term = self.term_at(upto)
+            assert term is not None
+            del self.log[:upto - self.snapshot_index]
+            self.snapshot_index, self.snapshot_term = upto, term
+
+    def reset(self, index: int, term: int) -> None:
+        """An installed snapshot: an empty log compacted up to `index` (of `term`)."""
+        self.log = []
+        self.snapshot_index, self.snapshot_term = index, term

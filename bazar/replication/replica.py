@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from bazar.errors import NotFound, Unavailable
 from bazar.http.client import Unreachable, call, error_of
-from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
+from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.raft import Entry, Message, NotLeader, Raft, message_from_json
 from bazar.replication.store import Outcome, Store
@@ -90,8 +90,8 @@ class Replica:
         # (every backup the leader can reach has applied them too: `Raft.acknowledged`)
         self.decided: dict[int, Outcome] = {}
         self.leader_commit = 0  # the commit index the leader last told us
-        # snapshots taken of the store and installed from a leader, by kind ("taken",
-        # "installed"): log compaction counts them here, /metrics reads them
+        # snapshots by kind: "taken" (the log compacted), "sent" (to a backup that needed
+        # one), "installed" (from the leader); /metrics reads them
         self.snapshots: collections.Counter[str] = collections.Counter()
         self.running = False
         self._scheduled: IDelayedCall | None = None
@@ -100,6 +100,8 @@ class Replica:
         self._was_leader = False
         self._probing = False
         self._processing = False
+        self.transfers: set[int] = set()  # backups a snapshot is being sent to
+        self.staging: tuple[int, int, int] | None = None  # (term, leader, index) of the snapshot being received
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -226,6 +228,8 @@ class Replica:
 
     def tick(self) -> None:
         self._catch_up()
+        if self.running and not self._processing:
+            self._compact()
 
     def _current(self) -> None:
         """Bring the replica up to now before it answers: the ticks it missed, and on a
@@ -352,8 +356,100 @@ class Replica:
         url = self.others.get(m.dst)
         if url is None:
             return
+        if isinstance(m, raft.InstallSnapshot):
+            if m.dst not in self.transfers:
+                self.transfers.add(m.dst)
+                d = ensureDeferred(self._transfer(url, m))
+                d.addErrback(lambda f: log.failure("sending a snapshot to replica {peer} failed", f, peer=m.dst))
+                d.addBoth(lambda _: self.transfers.discard(m.dst))
+            return
         d = ensureDeferred(self._exchange(url, m))
         d.addErrback(lambda f: log.failure("sending to replica {peer} failed", f, peer=m.dst))
+
+    async def _transfer(self, url: str, m: raft.InstallSnapshot) -> None:
+        """§5.3, the leader's part: stream its state, as of the applied index a read
+        transaction of its own sees, to a backup that needs entries compacted away,
+        one chunk per request; the backup's last answer is stepped in like an append's."""
+        reader = self.store.snapshot_reader()
+        log.info("sending replica {peer} a snapshot as of index {index}", peer=m.dst, index=reader.index)
+        self.snapshots["sent"] += 1
+        try:
+            first, answer = True, None
+            while self.running and self.core.role == raft.LEADER and self.core.term == m.term:
+                tables = reader.chunk()
+                body = {"term": m.term, "src": self.replica_id, "index": reader.index, "snap_term": reader.term,
+                        "first": first, "done": tables is None, "tables": tables or {}}
+                try:
+                    status, answer, _ = await call(self.http, self.clock, "POST", url + SNAPSHOT_PATH, body=body,
+                                                   secret=self.secret, timeout=4 * self.rpc_timeout)
+                except Unreachable:
+                    status = 0
+                if status != 200 or not isinstance(answer, dict) or answer.get("refused"):
+                    break
+                first = False
+                if tables is None or answer.get("messages"):
+                    break
+        finally:
+            reader.close()
+        if not self.running:
+            return
+        replies = answer.get("messages") if isinstance(answer, dict) else None
+        if not replies:
+            self.core.unreachable(m.dst)  # it did not take it: tried again later
+        else:
+            self._catch_up()
+            for data in replies:
+                self._step(message_from_json(data))
+        self._changed()
+        self._release()
+
+    def receive_snapshot(self, body: dict[str, Any]) -> dict[str, Any]:
+        """§5.3, a backup's part: a chunk of the leader's state. Staged until the last
+        one, then installed in one durable transaction if it is newer than what this
+        replica has; the answer to the last chunk is the leader's `AppendReply`."""
+        term, src, index, snap_term = body["term"], body["src"], body["index"], body["snap_term"]
+        tables, first, done = body["tables"], body["first"], body["done"]
+        if not all(type(v) is int for v in (term, src, index, snap_term)) or not isinstance(tables, dict):
+            raise ValueError("a malformed snapshot chunk")
+        if not self.running:
+            return {"refused": True}
+        self._catch_up()
+        if not self.core.accepts_snapshot(term, src, index):
+            # an old leader learns the term; a snapshot we need not, where we are
+            reply = raft.AppendReply(self.core.term, self.replica_id, src, term == self.core.term,
+                                     self.core.commit, self.core.commit)
+            self._process()
+            return {"messages": [reply.to_json()]}
+        if first:
+            self.staging = (term, src, index)
+        elif self.staging != (term, src, index):
+            return {"refused": True}  # a chunk of a transfer that is not the one staged
+        self.store.stage_snapshot(bool(first), tables)
+        if not done:
+            self._process()
+            return {"messages": []}
+        self.staging = None
+        self.store.install_snapshot(index, snap_term)
+        self.core.restore(index, snap_term)
+        self.leader_commit = max(self.leader_commit, index)
+        self.snapshots["installed"] += 1
+        log.info("installed a snapshot of replica {src} as of index {index}", src=src, index=index)
+        self._process()
+        return {"messages": [raft.AppendReply(self.core.term, self.replica_id, src, True, index, index).to_json()]}
+
+    def _compact(self) -> None:
+        """§5.1: forget the log up to a point the tables already hold. A leader keeps
+        what its reachable backups have not yet got, so that they need no snapshot."""
+        upto = self.store.compaction_due()
+        if upto is None:
+            return
+        if self.core.role == raft.LEADER:
+            reachable = [pr.match for pr in self.core.progress.values() if self.core.ticks - pr.heard <= 20]
+            floor = self.store.applied - 5 * (self.store.compact_after + self.store.keep_entries)
+            upto = max(min([upto, *reachable]), floor)  # (not for ever: a backup that never catches up)
+        if self.store.compact(upto):
+            self.snapshots["taken"] += 1  # (the tables are the snapshot: compacting is taking one)
+            log.info("log compacted up to index {index}", index=upto)
 
     async def _exchange(self, url: str, m: Message) -> None:
         try:

@@ -4,6 +4,7 @@ status, forwarded writes), behind the cluster secret."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from bazar.codec import JSONDecodeError, dumps, loads
 from bazar.errors import Invalid, Unavailable
 from bazar.http.app import JsonApp
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
-from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
+from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.replica import PRIMARY, Replica
 
@@ -24,7 +25,9 @@ from bazar.replication.replica import PRIMARY, Replica
 # the other three.
 ROLES = {raft.LEADER: PRIMARY, raft.FOLLOWER: "follower", raft.PRE_CANDIDATE: "pre-candidate",
          raft.CANDIDATE: "candidate"}
-SNAPSHOT_KINDS = ("taken", "installed")
+# taken: the log compacted (the tables are the snapshot); sent: to a backup that needed
+# one; installed: from the leader
+SNAPSHOT_KINDS = ("taken", "sent", "installed")
 
 
 def readiness(replica: Replica) -> dict[str, Any]:
@@ -100,8 +103,9 @@ class ReplicaFigures(Collector):
                                         labels=names)
         elections.add_metric(ids, replica.core.elections)
         yield elections
-        snapshots = CounterMetricFamily("bazar_snapshots", "snapshots of the store taken, and installed from "
-                                        "a primary, since the process started", labels=[*names, "kind"])
+        snapshots = CounterMetricFamily("bazar_snapshots", "snapshots of the store taken (log compacted), sent to "
+                                        "a backup and installed from a primary, since the process started",
+                                        labels=[*names, "kind"])
         for kind in sorted(set(SNAPSHOT_KINDS) | set(replica.snapshots)):
             snapshots.add_metric([*ids, kind], replica.snapshots[kind])
         yield snapshots
@@ -119,6 +123,14 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
             return dumps(replica.receive(body))
         except (KeyError, TypeError, ValueError) as exc:
             raise Invalid(f"malformed internal message: {exc.__class__.__name__}") from None
+
+    @api.rpc(SNAPSHOT_PATH, "POST", "snapshot")
+    def snapshot(request: IRequest) -> dict[str, Any]:
+        body = internal_body(request, secret)
+        try:
+            return replica.receive_snapshot(body)
+        except (KeyError, TypeError, ValueError, sqlite3.Error) as exc:
+            raise Invalid(f"malformed snapshot chunk: {exc.__class__.__name__}") from None
 
     @api.rpc(STATUS_PATH, "GET", "status")
     def status(request: IRequest) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import hashlib
 import os
 import sqlite3
 import time
+import weakref
 from typing import Any, Protocol
 
 from attrs import frozen
@@ -83,9 +84,11 @@ class Outcome:
 class StateMachine(Protocol):
     """A service's deterministic state: the same entries in the same order give the
     same tables on every replica. `apply` changes the tables or raises a BazarError
-    (the operation is then an outcome that changed nothing)."""
+    (the operation is then an outcome that changed nothing). `tables` are its tables
+    with an `id`; `state_tables`, every table a snapshot carries."""
 
     tables: tuple[str, ...]
+    state_tables: tuple[str, ...]
 
     def create(self, db: sqlite3.Connection) -> None: ...
 
@@ -101,6 +104,22 @@ VOLATILE = frozenset({"rid", "created", "created_ts"})
 
 TAIL = 4096
 
+# Request ids are kept for the service's next RETAIN_REQUESTS writes, then forgotten:
+# checked at every EXPIRE_EVERY-th log index, as part of applying that entry, so every
+# replica forgets the same ids at the same point of the log (a protocol constant: it
+# must be the same on every replica).
+RETAIN_REQUESTS = 50_000
+EXPIRE_EVERY = 1_000
+# The log is compacted once COMPACT_AFTER entries are applied past the last compaction,
+# up to KEEP_ENTRIES before the applied index (a backup a little behind still gets
+# entries, not a snapshot).
+COMPACT_AFTER = 10_000
+KEEP_ENTRIES = 2_000
+# The WAL file is cut back to this size after a checkpoint (SQLite lets it grow to the
+# largest transaction otherwise).
+WAL_LIMIT = 16 * 1024 * 1024
+SNAPSHOT_ROWS = 2_000  # rows of one table in one chunk of a snapshot
+
 # What the tables themselves refuse (a CHECK constraint, an integer beyond 64 bits):
 # the operation was malformed.
 REFUSED_BY_TABLES = (OverflowError, sqlite3.IntegrityError)
@@ -115,11 +134,14 @@ def fingerprint(op: dict[str, Any]) -> str:
 class Store:
     """The `bazar.replication.raft.Log` of one replica, and its state machine."""
 
-    def __init__(self, path: str, machine: StateMachine, *, synchronous: str = "FULL"):
+    def __init__(self, path: str, machine: StateMachine, *, synchronous: str = "FULL",
+                 compact_after: int = COMPACT_AFTER, keep_entries: int = KEEP_ENTRIES):
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
         self.machine = machine
         self.synchronous = synchronous
+        self.compact_after = compact_after
+        self.keep_entries = keep_entries
         self.healed = False
         try:
             self._open(synchronous)
@@ -145,6 +167,7 @@ class Store:
         self.db = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             db.execute(f"PRAGMA synchronous={synchronous}")
             self._mode = synchronous
             check = db.execute("PRAGMA quick_check").fetchone()
@@ -158,13 +181,19 @@ class Store:
                            "fp TEXT NOT NULL, outcome TEXT NOT NULL, result TEXT NOT NULL, keys TEXT NOT NULL)")
                 self._upgrade(db)
                 self.machine.create(db)
+                for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name LIKE 'staged\\_%' ESCAPE '\\'").fetchall():
+                    db.execute(f"DROP TABLE {name}")  # a snapshot that was never installed
             self.term = self._meta("term")
             vote = self._meta("vote")
             self.vote: int | None = vote if vote > 0 else None
             self.voter = bool(self._meta("voter"))
             self.applied = self._meta("applied")
-            self._terms: list[int] = [0]  # _terms[i]: term of entry i (index 0: the empty log)
-            for (term,) in db.execute("SELECT term FROM raft_log ORDER BY idx"):
+            # the log: compacted up to snapshot_index (§5.1); _terms[i]: the term of
+            # entry snapshot_index + i (index 0: the compacted prefix's last entry)
+            self.snapshot_index = self._meta("snapshot_index")
+            self._terms: list[int] = [self._meta("snapshot_term")]
+            for (term,) in db.execute("SELECT term FROM raft_log WHERE idx > ? ORDER BY idx", (self.snapshot_index,)):
                 self._terms.append(int(term))
         except BaseException:
             db.close()
@@ -172,6 +201,7 @@ class Store:
         self._in_tx = False
         self._durable_tx = False
         self._tail: list[Entry] = []  # the last TAIL entries of the log, as appended
+        self.readers: weakref.WeakSet[SnapshotReader] = weakref.WeakSet()  # open snapshot reads
 
     @staticmethod
     def _upgrade(db: sqlite3.Connection) -> None:
@@ -238,18 +268,21 @@ class Store:
             self.voter = True
 
     def last_index(self) -> int:
-        return len(self._terms) - 1
+        return self.snapshot_index + len(self._terms) - 1
 
     def term_at(self, index: int) -> int | None:
-        if 0 <= index < len(self._terms):
-            return self._terms[index]
+        offset = index - self.snapshot_index
+        if 0 <= offset < len(self._terms):
+            return self._terms[offset]
         return None
 
     def entries(self, lo: int, hi: int) -> list[Entry]:
         lo = max(lo, 1)
-        hi = min(hi, len(self._terms))
+        hi = min(hi, self.last_index() + 1)
         if lo >= hi:
             return []
+        if lo <= self.snapshot_index:
+            raise ValueError(f"entries from {lo} are compacted (up to {self.snapshot_index})")
         tail = self._tail
         if tail and lo >= tail[0].index and hi - 1 <= tail[-1].index:
             start = lo - tail[0].index
@@ -262,16 +295,16 @@ class Store:
         if not entries:
             return
         first = entries[0].index
-        if not 1 <= first <= len(self._terms):
+        if not self.snapshot_index < first <= self.last_index() + 1:
             raise ValueError(f"entry {first} does not follow the log (last {self.last_index()})")
         if first <= self.applied:
             raise ValueError(f"entry {first} would replace an applied entry (applied {self.applied})")
         if any(b.index != a.index + 1 for a, b in zip(entries, entries[1:])):
             raise ValueError("entries to append must be consecutive")
         self._begin()
-        if first < len(self._terms):
+        if first <= self.last_index():
             self.db.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
-            del self._terms[first:]
+            del self._terms[first - self.snapshot_index:]
         self.db.executemany("INSERT INTO raft_log (idx, term, op) VALUES (?, ?, ?)",
                             [(e.index, e.term, dumps(e.op).decode() if e.op is not None else None)
                              for e in entries])
@@ -285,6 +318,74 @@ class Store:
             self._tail = tail = list(entries)
         if len(tail) > TAIL:
             del tail[:len(tail) - TAIL]
+
+    # -- compaction (§5.1) ---------------------------------------------------------------
+    def compact(self, upto: int) -> bool:
+        """Forget the log up to `upto`, an applied index: the tables hold what those
+        entries did. Part of this turn's transaction (losing it in a crash only means
+        compacting again)."""
+        if not self.snapshot_index < upto <= min(self.applied, self.last_index()):
+            return False
+        term = self.term_at(upto)
+        assert term is not None
+        self._begin(durable=False)
+        self.db.execute("DELETE FROM raft_log WHERE idx <= ?", (upto,))
+        self._set_meta("snapshot_index", upto, durable=False)
+        self._set_meta("snapshot_term", term, durable=False)
+        del self._terms[:upto - self.snapshot_index]
+        self.snapshot_index = upto
+        self._tail = [e for e in self._tail if e.index > upto]
+        return True
+
+    def compaction_due(self) -> int | None:
+        """Where to compact now, if it is time (`compact_after` entries applied past the
+        last compaction; `keep_entries` kept before the applied index)."""
+        if self.applied - self.snapshot_index >= self.compact_after + self.keep_entries:
+            return self.applied - self.keep_entries
+        return None
+
+    def snapshot_reader(self) -> SnapshotReader:
+        """The state as of the last committed transaction, read in chunks over as many
+        turns as the caller likes (a read transaction of its own keeps it consistent)."""
+        reader = SnapshotReader(self.path, self.machine.state_tables + ("requests",))
+        self.readers.add(reader)
+        return reader
+
+    def stage_snapshot(self, first: bool, tables: dict[str, list[list[Any]]]) -> None:
+        """A chunk of a snapshot being installed, kept in staging tables of this file
+        until `install_snapshot` (a crash meanwhile leaves the state as it was)."""
+        names = self.machine.state_tables + ("requests",)
+        unknown = set(tables) - set(names)
+        if unknown:
+            raise ValueError(f"a snapshot with an unknown table {sorted(unknown)[0]!r}")
+        self._begin(durable=False)
+        if first:
+            for name in names:
+                self.db.execute(f"DROP TABLE IF EXISTS staged_{name}")
+                self.db.execute(f"CREATE TABLE staged_{name} AS SELECT * FROM {name} WHERE 0")
+        for name, rows in tables.items():
+            if rows:
+                marks = ", ".join("?" * len(rows[0]))
+                self.db.executemany(f"INSERT INTO staged_{name} VALUES ({marks})", rows)
+        self.flush()
+
+    def install_snapshot(self, index: int, term: int) -> None:
+        """Replace the state with the staged snapshot as of `index` (of `term`), and the
+        log with an empty one compacted up to there, in one durable transaction (§5.3)."""
+        names = self.machine.state_tables + ("requests",)
+        self.flush()
+        self._begin()
+        for name in names:
+            self.db.execute(f"DELETE FROM {name}")
+            self.db.execute(f"INSERT INTO {name} SELECT * FROM staged_{name}")
+            self.db.execute(f"DROP TABLE staged_{name}")
+        self.db.execute("DELETE FROM raft_log")
+        for key, value in (("applied", index), ("snapshot_index", index), ("snapshot_term", term), ("seeded", 1)):
+            self._set_meta(key, value)
+        self.flush()
+        self.applied = self.snapshot_index = index
+        self._terms = [term]
+        self._tail = []
 
     @property
     def last_seq(self) -> int:
@@ -347,6 +448,8 @@ class Store:
             outcome = previous if previous is not None else self._run(entry)
         self.applied = entry.index
         self._set_meta("applied", entry.index, durable=False)
+        if entry.index % EXPIRE_EVERY == 0:
+            self.db.execute("DELETE FROM requests WHERE seq <= ?", (entry.index - RETAIN_REQUESTS,))
         return outcome
 
     def _run(self, entry: Entry) -> Outcome:
@@ -380,5 +483,57 @@ class Store:
     def close(self) -> None:
         try:
             self.flush()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without committing what this turn wrote (as a process that dies does)."""
+        for reader in list(self.readers):
+            reader.close()
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+FIRST_ROWID = -(2**63)  # below every rowid (book 0 has rowid 0)
+
+
+class SnapshotReader:
+    """A replica's state (the tables a snapshot carries, and the applied index and its
+    term) as of one moment, read in chunks: its own connection holds a read
+    transaction, which WAL mode keeps consistent while the replica goes on writing."""
+
+    def __init__(self, path: str, tables: tuple[str, ...]):
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("BEGIN")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'applied'").fetchone()
+        self.index = int(row[0]) if row else 0
+        found = self.db.execute("SELECT term FROM raft_log WHERE idx = ?", (self.index,)).fetchone()
+        if found is None:  # the applied index is where the log was compacted (or an empty store)
+            found = self.db.execute("SELECT value FROM meta WHERE key = 'snapshot_term'").fetchone()
+        self.term = int(found[0]) if found else 0
+        self.pending = list(tables)
+        self.after = FIRST_ROWID  # the last rowid read of the first pending table
+        self.closed = False
+
+    def chunk(self, rows: int = SNAPSHOT_ROWS) -> dict[str, list[list[Any]]] | None:
+        """The next rows (of one table), or None once everything was read."""
+        while self.pending:
+            table = self.pending[0]
+            found = self.db.execute(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                    (self.after, rows)).fetchall()
+            if found:
+                self.after = found[-1][0]
+                return {table: [list(r[1:]) for r in found]}
+            self.pending.pop(0)
+            self.after = FIRST_ROWID
+        return None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.db.execute("COMMIT")
         finally:
             self.db.close()

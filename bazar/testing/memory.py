@@ -56,7 +56,8 @@ class Cluster(Driver):
 
     def __init__(self, root: str, n: int = 3, *, service: str = "catalog", base_port: int = 5100,
                  network: Network | None = None, clock: SimClock | None = None, start: bool = True,
-                 latency: float = 0.01, app: Callable[[Replica], JsonApp] | None = None, **replica_kw: Any):
+                 latency: float = 0.01, app: Callable[[Replica], JsonApp] | None = None,
+                 store_kw: dict[str, Any] | None = None, **replica_kw: Any):
         super().__init__(network, clock, latency)
         self.root = root
         self.service = service
@@ -64,6 +65,7 @@ class Cluster(Driver):
         self.ids = list(range(1, n + 1))
         self.peers = {i: url_of(base_port + i) for i in self.ids}
         self.timing = RaftTiming(**replica_kw)
+        self.store_kw = store_kw or {}
         self.make_app = app or catalog_app
         self.replicas: dict[int, Replica] = {}
         self.alive: set[int] = set()
@@ -86,7 +88,7 @@ class Cluster(Driver):
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(self.path(i) + suffix):
                     os.remove(self.path(i) + suffix)
-        store = Store(self.path(i), self.machine())
+        store = Store(self.path(i), self.machine(), **self.store_kw)
         settings = ReplicaSettings(service=self.service, replica_id=i, peers=self.peers, secret=SECRET,
                                    admin_token=TOKEN, timing=self.timing)
         replica = Replica(settings, store=store, http=self.network.client(self.port(i)), clock=self.clock)
@@ -150,9 +152,11 @@ class Cluster(Driver):
             rows += [(table, *r) for r in db.execute(f"SELECT * FROM {table} ORDER BY id")]  # noqa: S608
         return rows
 
-    def log(self, i: int) -> list[tuple[int, int, dict[str, Any] | None]]:
+    def log(self, i: int, start: int = 1) -> list[tuple[int, int, dict[str, Any] | None]]:
+        """Replica i's log from `start` (or from where it was compacted, if later)."""
         store = self.replicas[i].store
-        return [(e.index, e.term, e.op) for e in store.entries(1, store.last_index() + 1)]
+        first = max(start, store.snapshot_index + 1)
+        return [(e.index, e.term, e.op) for e in store.entries(first, store.last_index() + 1)]
 
     def close(self) -> None:
         for i in self.ids:

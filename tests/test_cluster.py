@@ -593,3 +593,34 @@ def test_a_second_start_refuses_at_once_and_disturbs_nothing(cluster: Cluster, t
     time.sleep(1.0)
     after = {name: (h["role"], h["epoch"]) for name, h in cluster.healths().items() if h and "epoch" in h}
     assert after == before
+
+
+@pytest.mark.parametrize("plugin", ["bazar-frontend", "bazar-catalog", "bazar-order"])
+def test_a_process_that_cannot_have_its_port_exits_at_once_with_one_line(tmp_path: Any, plugin: str) -> None:
+    """A bind failure is not only logged: the process ends, non-zero, saying why in one
+    line, and a replica leaves its data directory to the next taker."""
+    import socket
+    import sys
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                f"--logfile={tmp_path / 'twistd.log'}", plugin, "--port", str(port)]
+        if plugin != "bazar-frontend":
+            argv += ["--data", str(tmp_path / "data")]
+        started = time.monotonic()
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, timeout=60,  # noqa: S603
+                              env={k: v for k, v in os.environ.items() if not k.startswith("BAZAR_")})
+        assert done.returncode == 1 and time.monotonic() - started < 30
+        lines = done.stderr.decode().strip().splitlines()
+        assert lines == [f"bazar: cannot listen on 127.0.0.1:{port} (Address already in use); not starting"], lines
+    finally:
+        holder.close()
+    if plugin != "bazar-frontend":  # the lock on its data directory went with it
+        import fcntl
+
+        with open(tmp_path / "data" / f"{plugin}.lock", "r+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

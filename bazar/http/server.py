@@ -8,11 +8,13 @@ the name-mangled first-line flag) is kept here and nowhere else, each with its r
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request, Site
 
@@ -264,9 +266,39 @@ class QuietSite(Site):
         pass
 
 
+class Listener(StreamServerEndpointService):
+    """The process's port. One that cannot be had (in use, not allowed) ends the
+    process at start, with one line on stderr and a non-zero exit: a replica that
+    cannot be reached must not run on (it would vote and hold its store for nothing)."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, endpoint: Any, site: Site, where: str):
+        super().__init__(endpoint, site)
+        self.where = where
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as exc:
+            self._refuse(exc)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, exc: CannotListenError) -> None:
+        why = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+        # the terminal's stderr (twistd has turned sys.stderr into a log)
+        print(f"bazar: cannot listen on {self.where} ({why}); not starting", file=sys.__stderr__, flush=True)
+        raise SystemExit(1) from None
+
+
 def listen(parent: MultiService, reactor: Any, resource: Any, host: str, port: int) -> Site:
     site = QuietSite(resource, timeout=IDLE_TIMEOUT)
     endpoint = serverFromString(reactor, f"tcp:{port}:interface={host}")
-    StreamServerEndpointService(endpoint, site).setServiceParent(parent)
+    Listener(endpoint, site, f"{host}:{port}").setServiceParent(parent)
     return site
 

@@ -314,6 +314,45 @@ def test_an_acknowledgement_does_not_count_a_backup_that_lost_its_state() -> Non
     assert leader.commit == index and leader.acknowledged() < index  # waits for the wiped backup
 
 
+def test_a_leader_that_was_starved_steps_down_only_on_what_it_hears_after_it_wakes() -> None:
+    """A leader whose process was starved catches up on its ticks quietly (its lease
+    runs out at once) and judges check-quorum (§6.2) only once it has read what its
+    followers sent meanwhile: merely slow, it stays; really alone, it steps down."""
+    bus = cluster()
+    leader = bus.elect()
+    bus.tick(4)
+    for _ in range(leader.election_ticks * 2):  # starved: the ticks come all at once
+        leader.tick(quiet=True)
+    assert leader.role == LEADER and not leader.lease_valid()
+    bus.deliver()  # what the followers sent meanwhile (they answer its heartbeats)
+    leader.due()
+    assert leader.role == LEADER
+    bus.cut = {frozenset((leader.id, i)) for i in bus.nodes if i != leader.id}
+    for _ in range(leader.election_ticks * 2):
+        leader.tick(quiet=True)
+    bus.deliver()
+    leader.due()
+    assert leader.role == FOLLOWER
+
+
+def test_a_follower_that_was_starved_campaigns_only_if_the_leader_is_silent_after_it_wakes() -> None:
+    bus = cluster()
+    leader = bus.elect()
+    follower = next(n for n in bus.nodes.values() if n is not leader)
+    for _ in range(follower.election_ticks * 3):
+        follower.tick(quiet=True)
+    assert follower.role == FOLLOWER  # no election on the evidence of its own silence
+    leader.tick()
+    leader.tick()  # a heartbeat waiting to be read
+    bus.deliver()
+    follower.due()
+    assert follower.role == FOLLOWER and follower.term == leader.term
+    for _ in range(follower.election_ticks * 3):
+        follower.tick(quiet=True)
+    follower.due()  # nothing came: now it campaigns (pre-vote first)
+    assert follower.role == PRE_CANDIDATE
+
+
 def test_messages_travel_as_json() -> None:
     m = AppendEntries(3, 1, 2, 4, 2, (Entry(5, 3, op(5)), Entry(6, 3, None)), 4)
     assert message_from_json(m.to_json()) == m

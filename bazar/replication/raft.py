@@ -327,31 +327,48 @@ class Raft:
         self.elapsed = 0
         self.timeout = self.election_ticks + self.rng.randrange(self.election_ticks)
 
-    def tick(self) -> None:
+    def tick(self, quiet: bool = False) -> None:
+        """One tick of logical time. `quiet`: the caller is catching up on ticks it
+        missed (its process was starved or paused) and has not yet read what its peers
+        sent meanwhile; the timers advance (the lease runs out, §6.4.1), but a timeout
+        is only noted, and acted on by `due()` once those messages have been read: a
+        process that was merely slow must not start an election or step down on the
+        evidence of its own silence."""
         self.ticks += 1
         if self.role == LEADER:
-            self._tick_leader()
+            self._tick_leader(quiet)
             return
         self.elapsed += 1
-        if self.elapsed >= self.timeout and self.log.voter:
+        if self.elapsed >= self.timeout and self.log.voter and not quiet:
             self._campaign(pre=self.pre_vote)
 
-    def _tick_leader(self) -> None:
+    def due(self) -> None:
+        """Act on what quiet ticks left due (see `tick`)."""
+        if self.role == LEADER:
+            if self.elapsed >= self.election_ticks:
+                self._check_quorum()
+        elif self.elapsed >= self.timeout and self.log.voter:
+            self._campaign(pre=self.pre_vote)
+
+    def _tick_leader(self, quiet: bool = False) -> None:
         self.beat += 1
         self.elapsed += 1
         self._update_acked()
         if self.beat >= self.heartbeat_ticks:
             self.beat = 0
             self._broadcast_heartbeat()
-        if self.elapsed >= self.election_ticks:
-            self.elapsed = 0
-            if self.check_quorum:
-                # §6.2: step down when a majority has not been heard from within an election timeout
-                active = 1 + sum(1 for p, pr in self.progress.items() if pr.active)
-                for pr in self.progress.values():
-                    pr.active = False
-                if active < self.majority:
-                    self._become_follower(self.term, None)
+        if self.elapsed >= self.election_ticks and not quiet:
+            self._check_quorum()
+
+    def _check_quorum(self) -> None:
+        """§6.2: step down when a majority has not been heard from within an election timeout."""
+        self.elapsed = 0
+        if self.check_quorum:
+            active = 1 + sum(1 for p, pr in self.progress.items() if pr.active)
+            for pr in self.progress.values():
+                pr.active = False
+            if active < self.majority:
+                self._become_follower(self.term, None)
 
     # -- roles ------------------------------------------------------------------------
     def _become_follower(self, term: int, leader: int | None) -> None:

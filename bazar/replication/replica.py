@@ -56,6 +56,7 @@ BACKUP = "backup"
 OK = "ok"
 RECOVERING = "recovering"
 MAX_CATCH_UP_TICKS = 10_000
+STALL_TICKS = 3  # ticks missed at once that mean a stall (the timer fires every tick otherwise)
 
 
 class Replica:
@@ -96,6 +97,7 @@ class Replica:
         self.running = False
         self._scheduled: IDelayedCall | None = None
         self._flusher: IDelayedCall | None = None
+        self._after_stall: IDelayedCall | None = None
         self._tick_base = clock.seconds()
         self._was_leader = False
         self._probing = False
@@ -171,10 +173,10 @@ class Replica:
 
     def stop(self) -> None:
         self.running = False
-        for pending in (self._scheduled, self._flusher):
+        for pending in (self._scheduled, self._flusher, self._after_stall):
             if pending is not None and pending.active():
                 pending.cancel()
-        self._scheduled = self._flusher = None
+        self._scheduled = self._flusher = self._after_stall = None
         self._fail_waiters("this replica is shutting down; retry")
 
     async def _bootstrap(self) -> None:
@@ -214,17 +216,31 @@ class Replica:
 
     # -- time -------------------------------------------------------------------------
     def _catch_up(self) -> None:
-        """Bring the core's logical time up to the clock (after a pause too)."""
+        """Bring the core's logical time up to the clock (after a pause too). More than
+        STALL_TICKS at once means this process was starved or paused: the ticks are
+        quiet (the lease runs out at once, but no election starts and no step-down
+        happens) until the next turn of the reactor, which first reads what the peers
+        sent meanwhile (`Raft.tick`)."""
         if not self.running:
             return
         due = int((self.clock.seconds() - self._tick_base) / self.tick_seconds)
         if due <= 0:
             return
         self._tick_base += due * self.tick_seconds
+        quiet = due > STALL_TICKS
         for _ in range(min(due, MAX_CATCH_UP_TICKS)):
-            self.core.tick()
+            self.core.tick(quiet)
+        if quiet and self._after_stall is None:
+            self._after_stall = self.clock.callLater(0, self._stalled)
         self._changed()
         self._release()
+
+    def _stalled(self) -> None:
+        self._after_stall = None
+        if self.running:
+            self._catch_up()
+            self.core.due()
+            self._changed()
 
     def tick(self) -> None:
         self._catch_up()

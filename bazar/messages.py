@@ -23,6 +23,10 @@ PUSH_PATH = "/internal/invalidate"  # POST {"messages": [announcement, ...]} to 
 
 SALES_PAGE = 500
 HOPS_HEADER = b"X-Bazar-Hops"  # how many replicas a forwarded request has passed through
+SEQ_HEADER = b"X-Bazar-Seq"  # on a replica's read answer: the index of the last write it applied
+# On a read: the index of the oldest state the reader can use. A replica that has not
+# applied it answers 503 at once, rather than build an answer the reader would drop.
+MIN_SEQ_HEADER = b"X-Bazar-Min-Seq"
 
 
 @frozen

@@ -99,7 +99,8 @@ class StateMachine(Protocol):
 VOLATILE = frozenset({"rid", "created", "created_ts"})
 
 
-TAIL = 4096
+TAIL = 4096  # entries kept in memory at the end of the log (`Store.entries` serves them without SQLite) ...
+TAIL_BYTES = 4 * 1024 * 1024  # ... and about this many bytes of them as JSON: an import's entry is up to 64 KiB
 
 # What the tables themselves refuse (a CHECK constraint, an integer beyond 64 bits):
 # the operation was malformed.
@@ -171,7 +172,9 @@ class Store:
             raise
         self._in_tx = False
         self._durable_tx = False
-        self._tail: list[Entry] = []  # the last TAIL entries of the log, as appended
+        self._tail: list[Entry] = []  # the last entries of the log, as appended (TAIL, TAIL_BYTES)
+        self._tail_sizes: list[int] = []  # their sizes as JSON
+        self._tail_bytes = 0
 
     @staticmethod
     def _upgrade(db: sqlite3.Connection) -> None:
@@ -272,19 +275,30 @@ class Store:
         if first < len(self._terms):
             self.db.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
             del self._terms[first:]
+        texts = [dumps(e.op).decode() if e.op is not None else None for e in entries]
         self.db.executemany("INSERT INTO raft_log (idx, term, op) VALUES (?, ?, ?)",
-                            [(e.index, e.term, dumps(e.op).decode() if e.op is not None else None)
-                             for e in entries])
+                            [(e.index, e.term, text) for e, text in zip(entries, texts)])
         self._terms.extend(e.term for e in entries)
         # the newest entries stay in memory: they are sent to the followers and applied soon
-        tail = self._tail
+        tail, sizes = self._tail, self._tail_sizes
         if tail and tail[0].index <= first <= tail[-1].index + 1:
-            del tail[first - tail[0].index:]
-            tail.extend(entries)
+            cut = first - tail[0].index
+            self._tail_bytes -= sum(sizes[cut:])
+            del tail[cut:], sizes[cut:]
         else:
-            self._tail = tail = list(entries)
-        if len(tail) > TAIL:
-            del tail[:len(tail) - TAIL]
+            tail.clear()
+            sizes.clear()
+            self._tail_bytes = 0
+        tail.extend(entries)
+        sizes.extend(len(text) if text is not None else 0 for text in texts)
+        self._tail_bytes += sum(sizes[len(sizes) - len(entries):])
+        over, drop, dropped = len(tail) - TAIL, 0, 0
+        while drop < len(tail) - 1 and (drop < over or self._tail_bytes - dropped > TAIL_BYTES):
+            dropped += sizes[drop]
+            drop += 1
+        if drop:
+            self._tail_bytes -= dropped
+            del tail[:drop], sizes[:drop]
 
     @property
     def last_seq(self) -> int:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from bazar.errors import Unavailable
 from bazar.http.client import Unreachable, call, error_of
-from bazar.messages import WRITE_PATH
+from bazar.messages import MIN_SEQ_HEADER, SEQ_HEADER, WRITE_PATH
 from bazar.replication.store import Outcome
 from bazar.settings import ClientTiming
 
@@ -115,12 +115,18 @@ class ReplicaSet:
             slots.release()
 
     # -- reads ----------------------------------------------------------------
-    def read_order(self) -> list[ReplicaState]:
-        """Live replicas in round-robin order; replicas not known live come last."""
+    def read_order(self, min_seq: int = 0) -> list[ReplicaState]:
+        """Live replicas in round-robin order; replicas not known live come last. A read
+        of a state newer than any replica was last seen at (a read after a write) asks
+        the primary first: it applies a write before the backups hear that it is
+        committed."""
         n = len(self.replicas)
         start = next(self._turn) % n
         ordered = self.replicas[start:] + self.replicas[:start]
-        return [r for r in ordered if r.ok] + [r for r in ordered if not r.ok]
+        live = [r for r in ordered if r.ok]
+        if min_seq > max((r.last_seq for r in live), default=min_seq):
+            live.sort(key=lambda r: not r.primary)
+        return live + [r for r in ordered if not r.ok]
 
     async def read(self, path: str, min_seq: int = 0,
                    headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, int]:
@@ -148,7 +154,7 @@ class ReplicaSet:
         busy: list[ReplicaState] = []
 
         def attempts() -> Iterator[tuple[ReplicaState, bool]]:
-            for replica in self.read_order():
+            for replica in self.read_order(min_seq):
                 yield replica, False
             if busy:  # no other replica could answer: wait for a slot on a saturated one
                 yield busy[0], True
@@ -157,8 +163,11 @@ class ReplicaSet:
             # A replica not known to be caught up must at least be as new as the
             # newest state seen on the healthy ones.
             floor = min_seq if replica.ok else max(min_seq, self.high_water())
+            # the replica refuses (503) at once when it is older than that, rather than
+            # build an answer (a whole catalogue, maybe) that would be dropped here
+            asked = {**(headers or {}), MIN_SEQ_HEADER: b"%d" % floor} if floor else headers
             try:
-                status, body, hdrs = await self._call(replica, "GET", path, headers=headers,
+                status, body, hdrs = await self._call(replica, "GET", path, headers=asked,
                                                       timeout=self.timing.timeout, parse=False, wait=wait)
             except Busy:
                 busy.append(replica)
@@ -166,7 +175,7 @@ class ReplicaSet:
             except Unreachable:
                 replica.alive = replica.ok = False
                 continue
-            seq_header = hdrs.getRawHeaders(b"X-Bazar-Seq")
+            seq_header = hdrs.getRawHeaders(SEQ_HEADER)
             seq = int(seq_header[0]) if seq_header and seq_header[0].isdigit() else 0
             if status in RETRYABLE or seq < floor:
                 continue

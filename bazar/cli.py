@@ -2,6 +2,7 @@
 
     bazar info [ID] | search TOPIC | buy ID [--quantity N] [--key K] | orders
     bazar price ID P | restock ID N | add --title T --topic T --price P --quantity N
+    bazar import FILE   many books from a CSV or JSON file, in batches that fit a request
     bazar status     every replica's /health in one table; exit 1 when a service is broken
     bazar verify     the invariants of DESIGN.md (guarantee 3) read from every replica; exit 1 when one breaks
 
@@ -14,6 +15,8 @@ be reached.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -23,7 +26,8 @@ import urllib.request
 from typing import Any, Sequence
 from urllib.parse import quote
 
-from bazar.records import SEED_BOOKS
+from bazar.errors import Invalid
+from bazar.records import MAX_BODY, SEED_BOOKS, NewBook, parse_csv_books, parse_new_books
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 
@@ -41,14 +45,16 @@ class Unreachable(Exception):
 
 
 def request(method: str, url: str, body: Any = None, *, token: str | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, Any, dict[str, str]]:
-    """(status, parsed JSON body or None, lower-case headers); Unreachable when no answer came."""
+            headers: dict[str, str] | None = None, timeout: float = 10.0, raw: bytes | None = None,
+            content_type: str = "application/json") -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON body or None, lower-case headers); Unreachable when no answer came.
+    The body is `body` as JSON, or `raw` bytes of `content_type`."""
     if not url.startswith(("http://", "https://")):
         raise Unreachable(f"{url!r} is not an http:// or https:// URL")
-    data = json.dumps(body).encode() if body is not None else None
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) only, checked above
     if data is not None:
-        req.add_header("Content-Type", "application/json")
+        req.add_header("Content-Type", content_type)
     if token:
         req.add_header("Authorization", "Bearer " + token)
     for key, value in (headers or {}).items():
@@ -83,10 +89,10 @@ class Client:
         self.token = token
 
     def call(self, method: str, path: str, body: Any = None, *, admin: bool = False,
-             headers: dict[str, str] | None = None) -> Any:
+             headers: dict[str, str] | None = None, **kw: Any) -> Any:
         try:
             status, parsed, _ = request(method, self.url + path, body, token=self.token if admin else None,
-                                        headers=headers)
+                                        headers=headers, **kw)
         except Unreachable as exc:
             raise Failed(f"cannot reach the front end at {self.url}: {exc}", 2) from None
         if status >= 400:
@@ -148,6 +154,92 @@ def cmd_add(args: argparse.Namespace, client: Client) -> int:
     book = client.call("POST", "/bazar/books", {"title": args.title, "topic": args.topic, "price": args.price,
                                                 "quantity": args.quantity}, admin=True)
     show(args, book, BOOK_COLUMNS)
+    return 0
+
+
+# -- import ----------------------------------------------------------------------------------
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise Invalid("a book has a key more than once")
+    return dict(pairs)
+
+
+def read_import(path: str) -> tuple[NewBook, ...]:
+    """Every book of FILE, checked as the front end checks them (a bad one is named by
+    its row in the file): CSV for a .csv name, JSON for .json, else by the content
+    (a JSON list starts with '[')."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise Failed(f"cannot read {path}: {exc.strerror or exc}") from None
+    suffix = os.path.splitext(path)[1].lower()
+    is_json = suffix == ".json" or (suffix != ".csv" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["))
+    try:
+        if not is_json:
+            return parse_csv_books(data)
+        try:
+            body = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise Invalid(f"not a JSON list of books ({exc})") from None
+        return parse_new_books(body)
+    except Invalid as exc:
+        raise Failed(f"{path}: {exc.message}; nothing was imported") from None
+
+
+def csv_batches(books: Sequence[NewBook], limit: int = MAX_BODY) -> list[tuple[bytes, int]]:
+    """The books as CSV bodies of at most `limit` bytes, each with its header: (body, books in it)."""
+    def line(row: Sequence[Any]) -> bytes:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(row)
+        return out.getvalue().encode()
+
+    header = line(("title", "topic", "price", "quantity"))
+    batches: list[tuple[bytes, int]] = []
+    lines: list[bytes] = []
+    size = len(header)
+    for book in books:
+        encoded = line((book.title, book.topic, repr(book.price), book.quantity))
+        if lines and size + len(encoded) > limit:
+            batches.append((header + b"".join(lines), len(lines)))
+            lines, size = [], len(header)
+        lines.append(encoded)
+        size += len(encoded)
+    if lines:
+        batches.append((header + b"".join(lines), len(lines)))
+    return batches
+
+
+def id_ranges(ids: Sequence[int]) -> str:
+    """The ids as runs: "7-9, 12, 15-20"."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(f"{ids[i]}" if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def cmd_import(args: argparse.Namespace, client: Client) -> int:
+    books = read_import(args.file)
+    ids: list[int] = []
+    for body, count in csv_batches(books):
+        try:
+            answer = client.call("POST", "/bazar/books/import", admin=True, raw=body, content_type="text/csv")
+        except Failed as exc:
+            done = f" (ids {id_ranges(ids)})" if ids else ""
+            raise Failed(f"{exc}; {len(ids)} of {len(books)} books were imported before this batch of {count}"
+                         f"{done}", exc.code) from None
+        ids += answer["ids"]
+    if args.json:
+        print(json.dumps({"ids": ids}))
+    else:
+        print(f"imported {len(ids)} books: ids {id_ranges(ids)}")
     return 0
 
 
@@ -395,6 +487,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--price", type=float, required=True)
     s.add_argument("--quantity", type=positive, required=True)
     s.set_defaults(run=cmd_add)
+    s = sub.add_parser("import", parents=[common], help="add many books from a CSV or JSON file (admin)",
+                       description="Reads FILE: CSV with the header title,topic,price,quantity, or a JSON list of "
+                       "{title, topic, price, quantity} (by the .csv or .json name, else by the content). Every book "
+                       "is checked first: a bad one is named by its row and nothing is sent. Then the books go in "
+                       "batches that fit a request (64 KiB), each added all or nothing; if one fails, the books of the "
+                       "batches before it stay, and the error says which.")
+    s.add_argument("file")
+    s.set_defaults(run=cmd_import)
     s = sub.add_parser("status", parents=[common],
                        help="every replica and the front end; exit 1 when a service is broken",
                        description="Reads the front end's /health (which lists the replicas) and each replica's "

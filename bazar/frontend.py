@@ -24,15 +24,18 @@ from bazar.config import BazarOptions, parse_redis, parse_urls, secret_of
 from bazar.errors import Invalid, Unavailable
 from bazar.http.app import Created, JsonApp, Raw
 from bazar.http.client import error_of, passthrough
-from bazar.http.request import parse_id, read_object, require_admin, require_secret
+from bazar.http.request import INTERNAL_BODY, page_of, parse_id, read_books, read_object, require_admin, require_secret
 from bazar.invalidation import Announcement, InvalidationStream, Refused, subscribe
 from bazar.messages import PURCHASE_PATH, PUSH_PATH, Purchased, PurchaseRequest
-from bazar.ops import AddBook, Restock, UpdatePrice, new_rid
+from bazar.ops import AddBook, ImportBooks, Restock, UpdatePrice, new_rid
 from bazar.pages.clusterpage import install_cluster_page
 from bazar.pages.storefront import install_storefront
 from bazar.process import Node, serve, the_reactor
 from bazar.records import (
+    NewBook,
+    Page,
     info_key,
+    page_key,
     parse_idempotency_key,
     parse_new_book,
     parse_price,
@@ -67,32 +70,50 @@ class Frontend:
                            consumeErrors=True)
 
     # -- reads ----------------------------------------------------------------
-    async def cached_read(self, key: str, path: str) -> tuple[int, bytes]:
+    async def cached_read(self, key: str, path: str, under: str | None = None) -> tuple[int, bytes]:
+        """`path`'s answer, from the cache under `key` or from a replica at least as new
+        as the last invalidation of `key` (or of `under`, the list a page is filed under)."""
         hit = self.cache.get(key)
         if hit is not None:
             return 200, hit
         generation = self.cache.generation
-        status, body, seq = await self.catalog.read(path, self.cache.required(key))
+        status, body, seq = await self.catalog.read(path, self.cache.required(under if under is not None else key))
         if status == 200:
-            self.cache.put(key, body, seq, generation)
+            self.cache.put(key, body, seq, generation, under)
         return status, body
 
     async def info(self, book_id: int) -> tuple[int, bytes]:
         return await self.cached_read(info_key(book_id), f"/books/{book_id}")
 
-    async def search(self, topic: str) -> tuple[int, bytes]:
-        return await self.cached_read(search_key(topic), "/books?topic=" + quote(topic, safe=""))
+    async def search(self, topic: str, page: Page | None = None) -> tuple[int, bytes]:
+        key, path = search_key(topic), "/books?topic=" + quote(topic, safe="")
+        if page is None:
+            return await self.cached_read(key, path)
+        # A page of a topic is cached too, filed under the topic's key: every write that
+        # changes the topic's list (a new book in it) announces that key, which drops all
+        # its pages at once (bazar.cache). The pages of info/all are not cached: no key
+        # stands for the whole catalogue, so nothing would ever invalidate them.
+        return await self.cached_read(page_key(key, page), f"{path}&{page.query()}", under=key)
 
-    async def all_books(self) -> tuple[int, bytes]:
+    async def all_books(self, page: Page | None = None) -> tuple[int, bytes]:
         # no replica older than any write this front end made or heard of
-        status, body, _ = await self.catalog.read("/books", max(self.stream.upto or 0, self.stream.newest))
+        path = "/books" if page is None else "/books?" + page.query()
+        status, body, _ = await self.catalog.read(path, max(self.stream.upto or 0, self.stream.newest))
         return status, body
 
     # -- writes ---------------------------------------------------------------
-    async def catalog_write(self, op: AddBook | UpdatePrice | Restock) -> dict[str, Any]:
+    async def catalog_write(self, op: AddBook | ImportBooks | UpdatePrice | Restock) -> dict[str, Any]:
         outcome = await self.catalog.write(op.to_json())
         self.stream.written(outcome.seq, outcome.keys)  # read-your-writes
         return outcome.result
+
+    async def import_books(self, books: tuple[NewBook, ...]) -> list[int]:
+        """Add every book in one replicated write (all or nothing): their new ids, in order."""
+        result = await self.catalog_write(ImportBooks(rid=new_rid(), books=tuple(book.row() for book in books)))
+        ids = result.get("ids")
+        if not isinstance(ids, list) or len(ids) != len(books):
+            raise Unavailable("the catalog answered an import with something malformed")
+        return ids
 
     async def purchase(self, book_id: int, quantity: int, key: str | None) -> dict[str, Any]:
         # Without a client key, make one: the retries below must never buy twice.
@@ -109,9 +130,10 @@ class Frontend:
         self.order_floor = max(self.order_floor, purchased.seq)
         return {"order": purchased.order}
 
-    async def orders(self) -> tuple[int, bytes]:
+    async def orders(self, page: Page | None = None) -> tuple[int, bytes]:
         headers = {b"Authorization": b"Bearer " + (self.admin_token or "").encode()}
-        status, body, _ = await self.order.read("/orders", self.order_floor, headers=headers)
+        path = "/orders" if page is None else "/orders?" + page.query()
+        status, body, _ = await self.order.read(path, self.order_floor, headers=headers)
         return status, body
 
 
@@ -174,7 +196,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
     # the reads whose answer is a whole representation carry an ETag of it (If-None-Match: 304)
     @api.route("/bazar/info/all", "GET", "info_all", etag=True)
     async def info_all(request: IRequest) -> tuple[int, bytes]:
-        return passthrough(*await fe.all_books())
+        return passthrough(*await fe.all_books(page_of(request)))
 
     @api.route("/bazar/info/<string:book_id>", "GET", "info", etag=True)
     async def info(request: IRequest, book_id: str) -> tuple[int, bytes]:
@@ -192,7 +214,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
 
     @api.route("/bazar/search/<text:topic>", "GET", "search", etag=True)
     async def search(request: IRequest, topic: str) -> tuple[int, bytes]:
-        return passthrough(*await fe.search(topic))
+        return passthrough(*await fe.search(topic, page_of(request)))
 
     @api.route("/bazar/purchase/<string:book_id>", "POST", "purchase")
     async def purchase(request: IRequest, book_id: str) -> dict[str, Any]:
@@ -223,10 +245,16 @@ def frontend_app(fe: Frontend) -> JsonApp:
                                               quantity=new.quantity))
         return Created(f"/bazar/info/{book['id']}", book)
 
+    @api.route("/bazar/books/import", "POST", "import_books")
+    async def import_books(request: IRequest) -> tuple[int, dict[str, Any]]:
+        require_admin(request, token)
+        books = read_books(request)  # every row checked before anything is written
+        return 201, {"ids": await fe.import_books(books)}
+
     @api.route("/bazar/orders", "GET", "orders")
     async def orders(request: IRequest) -> tuple[int, bytes]:
         require_admin(request, token)
-        return passthrough(*await fe.orders())
+        return passthrough(*await fe.orders(page_of(request, "order")))
 
     @api.route("/bazar/cache/<string:book_id>", "DELETE", "cache_drop")
     def cache_drop(request: IRequest, book_id: str) -> dict[str, Any]:
@@ -248,7 +276,8 @@ def frontend_app(fe: Frontend) -> JsonApp:
     @api.rpc(PUSH_PATH, "POST", "invalidate")
     def invalidate(request: IRequest) -> dict[str, Any]:
         require_secret(request, fe.secret)
-        body = read_object(request) or {}
+        # (a push may hold an import's keys, a key per book: the limit of internal doors)
+        body = read_object(request, limit=INTERNAL_BODY) or {}
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise Invalid("expected {\"messages\": [{\"seq\", \"keys\"}, ...]}")

@@ -47,6 +47,9 @@ MAX_MESSAGE = 64 * 1024  # bytes of one Redis message
 MAX_KEYS = 1_000  # keys in one announcement
 MAX_KEY = 300  # characters of one cache key
 MAX_SEQ = 2**62
+ANNOUNCED_BYTES = 24 * 1024  # bytes of keys in one announcement (signed, it stays well under MAX_MESSAGE)
+PUSH_MESSAGES = 1_000  # announcements in one push ...
+PUSH_BYTES = 256 * 1024  # ... and about this many bytes of keys (a write's announcements never split)
 
 
 class Refused(ValueError):
@@ -104,6 +107,41 @@ def signed(raw: bytes, secret: str | None) -> Announcement:
     return announced
 
 
+def announcements(seq: int, keys: tuple[str, ...]) -> list[Announcement]:
+    """A committed write as the front ends hear of it: one announcement, or, when its
+    keys would not fit one message (an import changes a key per book), several of the
+    same seq, each within MAX_KEYS keys and ANNOUNCED_BYTES. A front end takes any of
+    them as the write's; the publisher sends them together (one push, consecutive
+    Redis messages), so a front end gets all of them or sees the write missing."""
+    if len(keys) <= 8:
+        return [Announcement(seq, keys)]
+    parts: list[Announcement] = []
+    part: list[str] = []
+    size = 0
+    for key in keys:
+        n = len(dumps(key)) + 1
+        if part and (len(part) >= MAX_KEYS or size + n > ANNOUNCED_BYTES):
+            parts.append(Announcement(seq, tuple(part)))
+            part, size = [], 0
+        part.append(key)
+        size += n
+    parts.append(Announcement(seq, tuple(part)))
+    return parts
+
+
+def next_push(queue: list[dict[str, Any]]) -> int:
+    """How many announcements at the head of `queue` go in the next push: up to
+    PUSH_MESSAGES and about PUSH_BYTES, never splitting one write's announcements."""
+    size = taken = 0
+    for message in queue:
+        if taken and message["seq"] != queue[taken - 1]["seq"] \
+                and (taken >= PUSH_MESSAGES or size >= PUSH_BYTES):
+            break
+        size += sum(len(key) + 3 for key in message["keys"])
+        taken += 1
+    return taken
+
+
 def redis_address(url: str) -> tuple[str, int]:
     parsed = urlparse(url)
     if parsed.scheme != "redis" or not parsed.hostname:
@@ -151,20 +189,26 @@ class Publisher:
         return None
 
     def committed(self, outcome: Outcome) -> None:
-        announced = Announcement(outcome.seq, outcome.keys)
-        message = announced.to_json()
+        parts = announcements(outcome.seq, outcome.keys)
+        messages = [announced.to_json() for announced in parts]
         for url, queue in self.queues.items():
-            queue.append(message)
+            queue.extend(messages)
             if len(queue) > MAX_QUEUE:
-                del queue[: len(queue) - MAX_QUEUE]  # the front end will see the gap and flush
+                # the front end will see the gap and flush; cut between two writes, never
+                # inside one (the rest of a write's keys would pass for all of them)
+                cut = len(queue) - MAX_QUEUE
+                while cut < len(queue) and queue[cut]["seq"] == queue[cut - 1]["seq"]:
+                    cut += 1
+                del queue[:cut]
             if url not in self.sending:
                 self.sending.add(url)
                 # a moment later: the write's own answer leaves first, and the writes of
                 # that moment travel together
                 self.clock.callLater(self.push_delay, self._start_drain, url)
         if self.redis is not None:
-            d = self.redis.publish(CHANNEL, dumps(announced.signed_json(self.secret or "", self.epoch())).decode())
-            d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
+            for announced in parts:
+                d = self.redis.publish(CHANNEL, dumps(announced.signed_json(self.secret or "", self.epoch())).decode())
+                d.addErrback(lambda f: log.warn("redis publish failed: {why}", why=f.getErrorMessage()))
 
     def _start_drain(self, url: str) -> None:
         ensureDeferred(self._drain(url)).addErrback(lambda f: log.failure("push failed", f))
@@ -174,7 +218,7 @@ class Publisher:
         failures = 0
         try:
             while queue and self.running:
-                batch = queue[:1000]
+                batch = queue[:next_push(queue)]
                 try:
                     status, _, _ = await call(self.http, self.clock, "POST", url + PUSH_PATH,
                                               body={"messages": batch}, secret=self.secret, timeout=1.0)

@@ -24,6 +24,10 @@ SNAPSHOT_PATH = "/internal/snapshot"  # POST a chunk of the leader's state to a 
 
 SALES_PAGE = 500
 HOPS_HEADER = b"X-Bazar-Hops"  # how many replicas a forwarded request has passed through
+SEQ_HEADER = b"X-Bazar-Seq"  # on a replica's read answer: the index of the last write it applied
+# On a read: the index of the oldest state the reader can use. A replica that has not
+# applied it answers 503 at once, rather than build an answer the reader would drop.
+MIN_SEQ_HEADER = b"X-Bazar-Min-Seq"
 
 
 @frozen

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 from attrs import asdict, fields, frozen
 
@@ -44,6 +44,23 @@ class AddBook(Op):
     topic: str
     price: float
     quantity: int
+
+
+# One book of an import: (title, topic, price, quantity), as validated at the front end.
+BookRow = tuple[str, str, float, int]
+
+
+@frozen
+class ImportBooks(Op):
+    """Many new books in one entry: applied all or nothing, each taking the next id
+    (at apply time, like `AddBook`, so no two replicas or imports can give one id twice)."""
+
+    kind: ClassVar[str] = "import_books"
+    books: tuple[BookRow, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        # (attrs' asdict would walk every row looking for attrs instances)
+        return {"op": self.kind, "rid": self.rid, "books": [list(book) for book in self.books]}
 
 
 @frozen
@@ -100,33 +117,63 @@ class RecordOrder(Op):
     created_ts: float
 
 
-CatalogOp = Union[AddBook, UpdatePrice, Restock, Sell, Decrement]
+CatalogOp = Union[AddBook, ImportBooks, UpdatePrice, Restock, Sell, Decrement]
 OrderOp = RecordOrder
 Operation = Union[CatalogOp, OrderOp]
 
-CATALOG_OPS: dict[str, type[Op]] = {cls.kind: cls for cls in (AddBook, UpdatePrice, Restock, Sell, Decrement)}
+CATALOG_OPS: dict[str, type[Op]] = {cls.kind: cls for cls in (AddBook, ImportBooks, UpdatePrice, Restock, Sell,
+                                                               Decrement)}
 ORDER_OPS: dict[str, type[Op]] = {RecordOrder.kind: RecordOrder}
 
 
-def _field(data: dict[str, Any], name: str, kind: type | None) -> Any:
-    if name not in data:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _scalar(kind: type | None) -> Callable[[str, Any], Any]:
+    """The reader of one field of type `kind` (None: an optional string)."""
+    wanted = "an integer" if kind is int else "a number" if kind is float else "a string"
+
+    def read(name: str, value: Any) -> Any:
         if kind is None:
-            return None
-        raise Invalid(f"malformed operation: no {name!r}")
-    value = data[name]
-    if kind is None:  # an optional string
-        ok = value is None or isinstance(value, str)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        wanted = "an integer" if kind is int else "a number" if kind is float else "a string"
-        raise Invalid(f"malformed operation: {name!r} is not {wanted}")
-    return value
+            ok = value is None or isinstance(value, str)
+        elif kind is int:
+            ok = _is_int(value)
+        elif kind is float:
+            ok = _is_number(value)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise Invalid(f"malformed operation: {name!r} is not {wanted}")
+        return value
+
+    return read
+
+
+def _book_rows(name: str, value: Any) -> tuple[BookRow, ...]:
+    """A list of [title, topic, price, quantity] rows, each exactly that: the types are
+    checked here, the limits at the front end (as for `AddBook`)."""
+    if not isinstance(value, list):
+        raise Invalid(f"malformed operation: {name!r} is not a list of books")
+    rows = []
+    for i, row in enumerate(value, 1):
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and isinstance(row[1], str)
+                and _is_number(row[2]) and _is_int(row[3])):
+            raise Invalid(f"malformed operation: {name!r} row {i} is not [title, topic, price, quantity]")
+        rows.append((row[0], row[1], float(row[2]), row[3]))
+    return tuple(rows)
+
+
+# A field's reader, by its annotation as written in the record above.
+READERS: dict[str, Callable[[str, Any], Any]] = {
+    "int": _scalar(int), "float": _scalar(float), "str": _scalar(str), "str | None": _scalar(None),
+    "tuple[BookRow, ...]": _book_rows,
+}
 
 
 def operation_from_json(data: Any, known: dict[str, type[Op]], service: str) -> Op:
@@ -136,6 +183,12 @@ def operation_from_json(data: Any, known: dict[str, type[Op]], service: str) -> 
     cls = known.get(data.get("op"))  # type: ignore[arg-type]
     if cls is None:
         raise Invalid(f"unknown {service} operation {data.get('op')!r}")
-    types: dict[str, type | None] = {"int": int, "float": float, "str": str, "str | None": None}
-    values = {a.name: _field(data, a.name, types[str(a.type)]) for a in fields(cls)}
+    values: dict[str, Any] = {}
+    for a in fields(cls):
+        if a.name not in data:
+            if a.type != "str | None":
+                raise Invalid(f"malformed operation: no {a.name!r}")
+            values[a.name] = None
+        else:
+            values[a.name] = READERS[str(a.type)](a.name, data[a.name])
     return cls(**values)

@@ -38,11 +38,11 @@ from bazar.codec import dumps, loads
 from bazar.config import ReplicaOptions, parse_urls
 from bazar.errors import Invalid, NotFound
 from bazar.http.app import JsonApp
-from bazar.http.request import SECRET_HEADER, read_object, require_admin, require_secret
-from bazar.messages import PURCHASE_PATH, SALES_PAGE, SALES_PATH, Purchased, PurchaseRequest
+from bazar.http.request import SECRET_HEADER, min_seq_of, page_of, read_object, require_admin, require_secret
+from bazar.messages import PURCHASE_PATH, SALES_PAGE, SALES_PATH, SEQ_HEADER, Purchased, PurchaseRequest
 from bazar.ops import ORDER_OPS, Op, RecordOrder, Sell, operation_from_json
 from bazar.process import Node, serve
-from bazar.records import ORDER_FIELDS, Order, Sale
+from bazar.records import ALL, ORDER_FIELDS, Order, Sale
 from bazar.replication.replica import Replica
 from bazar.replication.routes import hop_count, install_routes
 from bazar.replication.store import Outcome, Store
@@ -180,11 +180,15 @@ def order_app(replica: Replica, purchases: Purchases) -> JsonApp:
 
     @api.route("/orders", "GET", "orders")
     def orders(request: IRequest) -> bytes:
+        """Every confirmed order, or a page of them (`?limit=&after=`), in id order."""
         require_admin(request, admin_token)
-        replica.require_serving()
-        request.setHeader(b"X-Bazar-Seq", str(replica.store.applied).encode())
-        rows = replica.store.db.execute(f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY id")
-        return dumps([order_json(tuple(r)) for r in rows])
+        page = page_of(request, "order") or ALL
+        replica.require_serving(min_seq_of(request))
+        request.setHeader(SEQ_HEADER, str(replica.store.applied).encode())
+        rows = replica.store.db.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id > ? ORDER BY id LIMIT ?",
+                                        page.sql())
+        # each row straight into the dict Order.to_json makes (its first fields, in order)
+        return dumps([dict(zip(ORDER_FIELDS, r)) for r in rows])
 
     @api.rpc(PURCHASE_PATH, "POST", "purchase")
     async def purchase(request: IRequest) -> Any:

@@ -21,8 +21,9 @@ from bazar.testing.memory import (
     ORDER_PORT,
     SECRET,
     TOKEN,
-    Response,
     Shop,
+    error,
+    ok,
     restock,
     update_price,
     url_of,
@@ -38,18 +39,6 @@ def shop(tmp_path: Path) -> Iterator[Shop]:
     s = Shop(str(tmp_path))
     yield s
     s.close()
-
-
-def ok(r: Response, status: int = 200) -> Any:
-    assert r.code == status, r
-    assert r.header("Content-Type") == "application/json"
-    return r.json()
-
-
-def error(r: Response, status: int) -> str:
-    body = ok(r, status)
-    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
-    return str(body["error"])
 
 
 def stock(shop: Shop, book: int) -> int:

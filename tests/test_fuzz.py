@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from bazar.records import NewBook, parse_csv_books
 from bazar.testing.processes import SEED, TOKEN, Cluster, call
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,8 @@ class Ledger:
 
 
 LEDGER = Ledger()
-ADMIN = {"/bazar/update_price/{id}", "/bazar/restock/{id}", "/bazar/books", "/bazar/orders", "/bazar/cache/{id}"}
+ADMIN = {"/bazar/update_price/{id}", "/bazar/restock/{id}", "/bazar/books", "/bazar/books/import", "/bazar/orders",
+         "/bazar/cache/{id}"}
 COUNTS: dict[str, int] = {}  # requests per phase and operation
 STATUSES: dict[str, dict[int, int]] = {}  # ... and their statuses
 MODES: dict[str, int] = {}  # requests per phase, schemathesis phase and generation mode
@@ -152,6 +154,13 @@ def record(case: Any, response: Any) -> None:
     if method == "POST" and path == "/bazar/books":
         LEDGER.books[body["id"]] = dict(body)
         LEDGER.initial[body["id"]] = body["quantity"]
+    elif method == "POST" and path == "/bazar/books/import":
+        sent = case.body
+        books = parse_csv_books(sent.encode()) if isinstance(sent, str) else [NewBook(**book) for book in sent]
+        for ident, book in zip(body["ids"], books, strict=True):
+            LEDGER.books[ident] = {"id": ident, "title": book.title, "topic": book.topic, "price": float(book.price),
+                                   "quantity": book.quantity}
+            LEDGER.initial[ident] = book.quantity
     elif method == "PUT" and path.startswith("/bazar/update_price/"):
         LEDGER.books[body["id"]]["price"] = case.body["price"]
     elif method == "POST" and path.startswith("/bazar/restock/"):

@@ -12,8 +12,10 @@ from twisted.web.iweb import IRequest
 
 from bazar.codec import JSONDecodeError, loads
 from bazar.errors import Forbidden, Invalid, NotFound, TooLarge, Unauthorized
+from bazar.messages import MIN_SEQ_HEADER
+from bazar.records import MAX_BODY, NewBook, Page, parse_csv_books, parse_new_books, parse_page
 
-MAX_BODY = 64 * 1024  # bytes of a public request's body
+# MAX_BODY (bazar.records): bytes of a public request's body
 INTERNAL_BODY = 512 * 1024 * 1024  # bytes of an internal one (a batch of log entries)
 SECRET_HEADER = b"X-Bazar-Secret"
 NO_BODY = object()
@@ -72,6 +74,48 @@ def read_object(request: IRequest, *, optional: bool = False, limit: int = MAX_B
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object")
     return body
+
+
+def read_books(request: IRequest) -> tuple[NewBook, ...]:
+    """The books of an import: CSV when the Content-Type says text/csv, else a JSON list."""
+    content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip().lower()
+    data = read_body(request)
+    if content_type == b"text/csv":
+        return parse_csv_books(data)
+    if not data.strip():
+        raise Invalid("a JSON list of books (or CSV, with Content-Type: text/csv) is required")
+    return parse_new_books(parse_json(data))
+
+
+def min_seq_of(request: IRequest) -> int:
+    """The oldest state a reader can use (`MIN_SEQ_HEADER`); 0 when it does not say
+    or says something else than an index."""
+    value = request.getHeader(MIN_SEQ_HEADER)
+    return int(value) if value is not None and value.isdigit() and len(value) <= 18 else 0
+
+
+PAGING = frozenset({b"limit", b"after"})
+
+
+def page_of(request: IRequest, what: str = "book", allowed: frozenset[bytes] = PAGING) -> Page | None:
+    """`?limit=N&after=ID` of a list's request (None: neither, the whole list); each
+    given at most once, and no other query parameter than those `allowed`."""
+    args = request.args
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        names = ", ".join(repr(name.decode("utf-8", "replace"))[:40] for name in unknown[:5])
+        raise Invalid(f"unknown query parameter(s): {names}")
+
+    def one(name: bytes) -> str | None:
+        values = args.get(name)
+        if values is None:
+            return None
+        if len(values) != 1:
+            raise Invalid(f"{name.decode()} is given more than once")
+        value: bytes = values[0]
+        return value.decode("latin-1")  # (anything but ASCII digits is refused next)
+
+    return parse_page(one(b"limit"), one(b"after"), what)
 
 
 def bearer(request: IRequest) -> bytes | None:

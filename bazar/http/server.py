@@ -19,7 +19,8 @@ from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request, Site
 
 from bazar.http.app import error_body
-from bazar.http.request import INTERNAL_BODY, MAX_BODY
+from bazar.http.request import INTERNAL_BODY
+from bazar.records import MAX_BODY
 
 HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers (and a small body)
 MIN_BODY_RATE = 64 * 1024  # bytes/s: a body of n bytes adds n / MIN_BODY_RATE seconds to the deadline

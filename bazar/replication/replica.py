@@ -589,10 +589,13 @@ class Replica:
             raise error_of(status, parsed)
         return Outcome.from_json(parsed)
 
-    def require_serving(self) -> None:
-        """Reads are answered only from state known current (see `serving`)."""
+    def require_serving(self, min_seq: int = 0) -> None:
+        """Reads are answered only from state known current (see `serving`), and at
+        least as new as the reader asks (`min_seq`: it would drop an older answer)."""
         if not self.serving:
             raise Unavailable(f"this {self.service} replica is not caught up with a primary; retry")
+        if self.store.applied < min_seq:
+            raise Unavailable(f"this {self.service} replica has not applied write {min_seq} yet; retry")
 
     def not_ready_because(self) -> str | None:
         """Why this replica may not serve reads now (None: it may)."""

@@ -102,7 +102,8 @@ class StateMachine(Protocol):
 VOLATILE = frozenset({"rid", "created", "created_ts"})
 
 
-TAIL = 4096
+TAIL = 4096  # entries kept in memory at the end of the log (`Store.entries` serves them without SQLite) ...
+TAIL_BYTES = 4 * 1024 * 1024  # ... and about this many bytes of them as JSON: an import's entry is up to 64 KiB
 
 # Request ids are kept for the service's next RETAIN_REQUESTS writes, then forgotten:
 # checked at every EXPIRE_EVERY-th log index, as part of applying that entry, so every
@@ -200,7 +201,9 @@ class Store:
             raise
         self._in_tx = False
         self._durable_tx = False
-        self._tail: list[Entry] = []  # the last TAIL entries of the log, as appended
+        self._tail: list[Entry] = []  # the last entries of the log, as appended (TAIL, TAIL_BYTES)
+        self._tail_sizes: list[int] = []  # their sizes as JSON
+        self._tail_bytes = 0
         self.readers: weakref.WeakSet[SnapshotReader] = weakref.WeakSet()  # open snapshot reads
 
     @staticmethod
@@ -305,19 +308,30 @@ class Store:
         if first <= self.last_index():
             self.db.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
             del self._terms[first - self.snapshot_index:]
+        texts = [dumps(e.op).decode() if e.op is not None else None for e in entries]
         self.db.executemany("INSERT INTO raft_log (idx, term, op) VALUES (?, ?, ?)",
-                            [(e.index, e.term, dumps(e.op).decode() if e.op is not None else None)
-                             for e in entries])
+                            [(e.index, e.term, text) for e, text in zip(entries, texts)])
         self._terms.extend(e.term for e in entries)
         # the newest entries stay in memory: they are sent to the followers and applied soon
-        tail = self._tail
+        tail, sizes = self._tail, self._tail_sizes
         if tail and tail[0].index <= first <= tail[-1].index + 1:
-            del tail[first - tail[0].index:]
-            tail.extend(entries)
+            cut = first - tail[0].index
+            self._tail_bytes -= sum(sizes[cut:])
+            del tail[cut:], sizes[cut:]
         else:
-            self._tail = tail = list(entries)
-        if len(tail) > TAIL:
-            del tail[:len(tail) - TAIL]
+            tail.clear()
+            sizes.clear()
+            self._tail_bytes = 0
+        tail.extend(entries)
+        sizes.extend(len(text) if text is not None else 0 for text in texts)
+        self._tail_bytes += sum(sizes[len(sizes) - len(entries):])
+        over, drop, dropped = len(tail) - TAIL, 0, 0
+        while drop < len(tail) - 1 and (drop < over or self._tail_bytes - dropped > TAIL_BYTES):
+            dropped += sizes[drop]
+            drop += 1
+        if drop:
+            self._tail_bytes -= dropped
+            del tail[:drop], sizes[:drop]
 
     # -- compaction (§5.1) ---------------------------------------------------------------
     def compact(self, upto: int) -> bool:
@@ -334,7 +348,9 @@ class Store:
         self._set_meta("snapshot_term", term, durable=False)
         del self._terms[:upto - self.snapshot_index]
         self.snapshot_index = upto
-        self._tail = [e for e in self._tail if e.index > upto]
+        gone = sum(1 for e in self._tail if e.index <= upto)
+        self._tail_bytes -= sum(self._tail_sizes[:gone])
+        del self._tail[:gone], self._tail_sizes[:gone]
         return True
 
     def compaction_due(self) -> int | None:
@@ -385,7 +401,7 @@ class Store:
         self.flush()
         self.applied = self.snapshot_index = index
         self._terms = [term]
-        self._tail = []
+        self._tail, self._tail_sizes, self._tail_bytes = [], [], 0
 
     @property
     def last_seq(self) -> int:

@@ -45,7 +45,7 @@ from bazar.sim.network import (
 )
 
 __all__ = ["HOST", "SECRET", "TOKEN", "Cluster", "Driver", "Gate", "Network", "Response", "Router", "Shop", "SimClock",
-           "body_producer", "restock", "result_of", "rid", "update_price", "url_of"]
+           "body_producer", "error", "ok", "restock", "result_of", "rid", "update_price", "url_of"]
 
 SECRET = "cluster-secret-for-tests"
 TOKEN = "admin-token-for-tests"
@@ -177,6 +177,20 @@ def restock(book_id: int, quantity: int = 1) -> dict[str, Any]:
 
 def update_price(book_id: int, price: float) -> dict[str, Any]:
     return {"op": "update_price", "rid": rid(), "id": book_id, "price": price}
+
+
+def ok(r: Response, status: int = 200) -> Any:
+    """The JSON body of an answer that must be `status`, in JSON."""
+    assert r.code == status, r
+    assert r.header("Content-Type") == "application/json"
+    return r.json()
+
+
+def error(r: Response, status: int) -> str:
+    """The sentence of an answer that must be a JSON error of `status`."""
+    body = ok(r, status)
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    return str(body["error"])
 
 
 FRONTEND_PORT = 5000

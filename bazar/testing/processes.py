@@ -804,6 +804,7 @@ ADMIN_CALLS = [
     ("PUT", "/bazar/update_price/1", {"price": 30.5}),
     ("POST", "/bazar/restock/1", {"quantity": 5}),
     ("POST", "/bazar/books", {"title": "Unauthorised", "topic": "nope", "price": 1.0, "quantity": 1}),
+    ("POST", "/bazar/books/import", [{"title": "Unauthorised", "topic": "nope", "price": 1.0, "quantity": 1}]),
     ("GET", "/bazar/orders", None),
     ("DELETE", "/bazar/cache/1", None),
 ]

@@ -14,6 +14,7 @@ from bazar.http.app import JsonApp
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
 from bazar.messages import HOPS_HEADER, RAFT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication.replica import Replica
+from bazar.trace import trace
 
 
 def readiness(replica: Replica) -> dict[str, Any]:
@@ -55,10 +56,14 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
     @api.rpc(RAFT_PATH, "POST", "raft")
     def message(request: IRequest) -> bytes:
         body = internal_body(request, secret)
+        trace("receive", None, frm=body.get("src"), kind=body.get("kind"), prev=body.get("prev_index"))
         try:
-            return dumps(replica.receive(body))
+            answer = replica.receive(body)  # (a follower's answer leaves once what it promises is on disk)
         except (KeyError, TypeError, ValueError) as exc:
             raise Invalid(f"malformed internal message: {exc.__class__.__name__}") from None
+        trace("durable", None, frm=body.get("src"), kind=body.get("kind"), prev=body.get("prev_index"),
+              n=len(body.get("entries") or ()))
+        return dumps(answer)
 
     @api.rpc(STATUS_PATH, "GET", "status")
     def status(request: IRequest) -> dict[str, Any]:

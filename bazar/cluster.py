@@ -33,6 +33,7 @@ from bazar.config import BazarOptions, env_name
 from bazar.http.client import TRANSPORT_FAILURES, quiet_pool
 from bazar.lifecycle import every, hold_directory, refuse_to_start, safe_signals
 from bazar.process import the_reactor
+from bazar.trace import ENV as TRACE_ENV
 
 log = Logger()
 
@@ -198,7 +199,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
     if busy:
         refuse_to_start("bazar-cluster", f"port(s) {', '.join(map(str, busy))} on {options['host']} already in use")
     values = load_secrets(data, options)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BAZAR_")}
+    # the children take their settings from their flags, not from the supervisor's BAZAR_ variables;
+    # the trace file (bazar.trace) is no setting: every process of the store traces into it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAZAR_") or k == TRACE_ENV}
     env.update(BAZAR_ADMIN_TOKEN=values["admin_token"], BAZAR_CLUSTER_SECRET=values["cluster_secret"],
                BAZAR_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
     monitor = ProcessMonitor(reactor=reactor)

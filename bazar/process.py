@@ -22,6 +22,7 @@ from twisted.web.resource import IResource
 from bazar.http.client import make_http
 from bazar.http.server import listen
 from bazar.lifecycle import Hooks, every, watch_parent
+from bazar.trace import identify
 
 
 @define
@@ -52,11 +53,18 @@ def the_reactor(reactor: Any = None) -> Any:
     return reactor
 
 
+def process_name(options: usage.Options) -> str:
+    """This process in traces (bazar.trace): "catalog-1", as bazar-cluster names it, or "frontend"."""
+    service = getattr(options, "service", "")
+    return f"{service}-{options['id']}" if service else "frontend"
+
+
 def serve(build: Callable[[IReactorTime, HTTPClient], Node], options: usage.Options,
           reactor: Any = None) -> MultiService:
     """The twistd service of a process: the node `build` wires (with the reactor as its
     clock, and one pooled HTTP client) served on the options' host and port."""
     reactor = the_reactor(reactor)
+    identify(process_name(options))
     http, pool = make_http(reactor)
     return serve_node(build(reactor, http), reactor, options["host"], options["port"], pool)
 

@@ -20,6 +20,8 @@ ROOMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "records": ("what the store is about: books, orders, sales, operations, errors, settings, "
                 "the messages between processes",
                 ("bazar.errors", "bazar.codec", "bazar.records", "bazar.ops", "bazar.settings", "bazar.messages")),
+    "trace": ("opt-in tracing: one JSON line per step of a request, when BAZAR_TRACE names a file "
+              "(imports nothing of Bazar, so every room may use it)", ("bazar.trace",)),
     "replication": ("Raft: the core without I/O, the SQLite log and state machine, the replica driver",
                     ("bazar.replication",)),
     "http": ("the edge: JSON app and routes, reading requests, the hardened server, the client to peers",
@@ -37,7 +39,7 @@ ROOMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "testing": ("what the tests and the bench start: in-memory stores, real processes, faults",
                 ("bazar.testing",)),
 }
-STORE = ("records", "replication", "http", "services", "pages", "process")  # what runs in production
+STORE = ("records", "trace", "replication", "http", "services", "pages", "process")  # what runs in production
 DOMAIN = ("bazar.errors", "bazar.codec", "bazar.records", "bazar.ops", "bazar.settings", "bazar.messages",
           "bazar.cache", "bazar.replication.raft", "bazar.replication.store")
 HTTP = ("bazar.http", "klein", "treq", "twisted.web", "werkzeug")

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import collections
+import http.client
 import http.server
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import pytest
 
-from bazar.bench import cli
-from bazar.bench.http import ProtocolError, build_request, read_response
+from bazar.bench import cli, compare, phases, timeline
+from bazar.bench.http import LeanConn, ProtocolError, build_request, read_response
 from bazar.bench.load import LoadRun, run_load
 from bazar.bench.report import evaluate_targets, info_latency_split, render_report, targets_text
-from bazar.bench.stats import RefLRU, make_cache, percentile, replay_lru, summarize, zipf_topk_mass, zipf_trace
+from bazar.bench.stats import (
+    RefLRU,
+    fmt_stats,
+    make_cache,
+    percentile,
+    replay_lru,
+    summarize,
+    zipf_topk_mass,
+    zipf_trace,
+)
 from bazar.testing.processes import Cluster, free_ports
 from bazar.testing.procfs import is_descendant, parse_proc_stat, proc_cpu_seconds, read_proc_stat
 
@@ -382,9 +394,49 @@ def fixed_results():
     }
 
 
+def _cpu(st, seconds):
+    return st | {"server_cpu_s": seconds, "server_processes": 3}
+
+
+def side_by_side_results():
+    """fixed_results() with the measurements beside other servers, the start-up and the timeline."""
+    res = fixed_results()
+    res["references"] = {
+        "path": "/bazar/info/0", "body_bytes": 128, "reference_bytes": {"twisted": 128, "klein": 128},
+        "conns": ["1", "16", "64"],
+        "bazar": {"1": _cpu(_st(5000, 0.15), 0.2), "16": _cpu(_st(9500, 1.6), 0.15), "64": _st(9000, 7.0)},
+        "twisted": {"1": _st(5500, 0.14), "16": _st(9000, 1.7), "64": _st(9100, 6.9)},
+        "klein": {"1": _st(4000, 0.2), "16": _st(6000, 2.5), "64": _st(6100, 10.0)},
+    }
+    res["compare"] = {"conns": ["1", "16"],
+                      "bazar": {"info": {"1": _st(5000, 0.15), "16": _st(9500, 1.6)},
+                                "purchase": {"1": _st(250, 4.0), "16": _st(300, 50.0)}},
+                      "stores": [{"name": "flask", "spec": "name=flask,info=http://127.0.0.1:8000/info/{id}",
+                                  "info": {"1": _st(1000, 0.9), "16": _st(1900, 8.0)},
+                                  "purchase": {"1": _st(125, 8.0)}}]}
+    res["startup"] = {"cluster": "cache-on", "all_ready_s": 2.5, "poll_s": 0.05, "timeout_s": 60.0,
+                      "processes": {"order-1": 2.1, "frontend": 2.3, "catalog-1": 2.5}}
+    res["etcd"] = {"members": 3, "etcd_version": "etcd 3.4.23",
+                   "bazar_processes": ["catalog-1", "catalog-2", "catalog-3", "frontend"],
+                   "bazar": {"write": {"1": _cpu(_st(400, 2.4, n=800), 2.4), "16": _cpu(_st(900, 17.0, n=1800), 2.7)},
+                             "purchase": {"1": _st(200, 4.8), "16": _st(590, 27.0)},
+                             "read": {"1": _st(7000, 0.13), "16": _st(15000, 1.0)}},
+                   "etcd": {"put": {"1": _cpu(_st(1000, 2.0, n=2000), 1.0), "16": _cpu(_st(2000, 8.0, n=4000), 2.0)},
+                            "range": {"1": _st(1200, 0.8), "16": _st(2300, 7.0)}}}
+    res["timeline"] = {"sent": 3, "writes": 3, "events": 120, "book": 1, "client": _st(None, 2.1, n=3),
+                       "steps": {"fe_in": {"label": "front end: request in → forwarded", "median_ms": 0.3, "n": 3},
+                                 "total": {"label": "the whole write at the front end", "median_ms": 2.0, "n": 3}},
+                       "typical": {"rid": "fe:1", "index": 9, "primary": "catalog-1",
+                                   "spans": [["fe_in", "front end: request in → forwarded", "frontend", 0.0, 0.3],
+                                             ["b1_fsync", "1st backup: append fsync'd", "catalog-2", 0.9, 1.4],
+                                             ["forward", "front end → primary (HTTP)", "network", 0.3, 0.5],
+                                             ["total", "the whole write at the front end", "frontend", 0.0, 2.0]]}}
+    return res
+
+
 def test_evaluate_targets_verdicts():
     rows = {r["name"]: r for r in evaluate_targets(fixed_results())}
-    assert len(rows) == 7
+    assert len(rows) == 14
     assert rows["cached info throughput, 16 conns"]["verdict"] == "PASS"
     assert rows["cached info p50, 1 conn"]["verdict"] == "PASS"
     assert rows["uncached info throughput, 16 conns"]["verdict"] == "PASS"
@@ -445,14 +497,16 @@ def test_render_report_with_skipped_sections():
     assert "Skipped — needs the admin token." in md
     assert "Not measured." in md
     assert "Not run." in md  # lru
-    assert md.count("**n/a") == 7
+    assert md.count("**n/a") == 14
 
 
 def test_write_plots(tmp_path):
     from bazar.bench import plots
 
     made = plots.write_plots(fixed_results(), str(tmp_path))
-    assert set(made) == {"latency", "invalidation", "crash", "lru", "throughput"}
+    assert set(made) == {"latency", "invalidation", "crash", "lru", "throughput"}  # nothing to draw Bazar beside
+    made = plots.write_plots(side_by_side_results(), str(tmp_path))
+    assert set(made) == {"latency", "invalidation", "crash", "lru", "throughput", "connections", "timeline"}
     for name in made.values():
         data = (tmp_path / name).read_bytes()
         assert data.startswith(b"\x89PNG")
@@ -648,3 +702,369 @@ def test_committed_report_is_what_the_generator_makes_of_the_committed_results()
     body = [r for r in rows if not any(r.startswith(h) for h in ("| op |", "| step |", "| killed |", "| cache size"))]
     assert len(body) == len(set(body)), "a table row appears twice"
     assert "| 1 | 13999 |" not in _section(md, 5)
+
+
+# ---------------------------------------------------------------- beside other servers: report
+
+
+def test_side_by_side_targets_are_ratios_with_verdicts():
+    rows = {r["name"]: r for r in evaluate_targets(side_by_side_results())}
+    tw = rows["cached info ÷ raw twisted.web: throughput, 16 conns"]
+    assert tw["measured"] == pytest.approx(9500 / 9000) and tw["verdict"] == "PASS" and tw["target"] == "≥ 1×"
+    p50 = rows["cached info ÷ raw twisted.web: p50, 1 conn"]
+    assert p50["measured"] == pytest.approx(0.15 / 0.14) and p50["verdict"] == "FAIL"
+    assert rows["start-up: bazar-cluster to every /ready 200"]["verdict"] == "PASS"
+    write = rows["replicated write ÷ etcd put: p50, 1 conn"]
+    assert write["measured"] == pytest.approx(1.2) and write["verdict"] == "PASS"
+    assert rows["replicated write ÷ etcd put: throughput, 16 conns"]["measured"] == pytest.approx(0.45)
+    assert rows["replicated write ÷ etcd put: throughput, 16 conns"]["verdict"] == "FAIL"
+    cpu = rows["replicated write ÷ etcd put: server CPU per write"]
+    assert cpu["measured"] == pytest.approx((2.7 / 1800) / (2.0 / 4000)) and cpu["verdict"] == "FAIL"
+    assert rows["purchase p50 ÷ etcd put p50, 1 conn"]["measured"] == pytest.approx(2.4)
+    assert "0.45×" in targets_text(list(rows.values()))
+
+
+def test_without_etcd_the_report_says_not_measured():
+    res = side_by_side_results()
+    res["etcd"]["etcd"] = {"skipped": "not measured (no etcd on PATH)"}
+    rows = {r["name"]: r for r in evaluate_targets(res)}
+    for name in ("replicated write ÷ etcd put: p50, 1 conn", "purchase p50 ÷ etcd put p50, 1 conn"):
+        assert (rows[name]["verdict"], rows[name]["why"]) == ("n/a", "not measured (no etcd on PATH)")
+    md = render_report(res)
+    assert "etcd: not measured (no etcd on PATH); Bazar's side was measured all the same." in md
+    assert "| write p50, 1 conn (ms): update_price vs put | 2.400 | — | — |" in md
+    assert md.count("**n/a (not measured (no etcd on PATH))**") == 4
+
+
+def test_render_report_sections_beside_other_servers():
+    md = render_report(side_by_side_results())
+    refs = _section(md, 7)
+    assert "128 bytes; theirs: twisted 128, klein 128" in refs
+    assert "| raw twisted.web | 16 | 9,000 | 1.700 | 5.100 | 0 | — | 1.06× | 0.94× |" in refs
+    assert "| Bazar (cached info) | 1 | 5,000 | 0.150 | 0.450 | 0 | 200 |  |  |" in refs
+    assert "**PASS**" in refs and "**FAIL**" in refs
+    cmp = _section(md, 8)
+    assert "| flask | info | 16 | 1,900 | 8.000 | 0 | 9,500 | 1.600 | 5.00× | 0.20× |" in cmp
+    assert "| flask | purchase | 1 | 125 | 8.000 | 0 | 250 | 4.000 | 2.00× | 0.50× |" in cmp
+    assert "`--compare 'name=flask,info=http://127.0.0.1:8000/info/{id}'`" in cmp
+    assert "| catalog-1 | 2.50 |" in _section(md, 9) and "2.50 s, wanted ≤ 3 s: **PASS**" in _section(md, 9)
+    etcd = _section(md, 10)
+    assert "(etcd 3.4.23)" in etcd
+    assert "| server CPU per write, 16 conns (ms) | 1.500 | 0.500 | 3.00× |" in etcd
+    assert "| etcd | put | 16 | 4000 | 2,000 |" in etcd
+    tl = _section(md, 11)
+    assert "| the whole write at the front end | 2.000 | 3 |" in tl and "entry 9 at primary catalog-1" in tl
+    # with nothing of these measured, each section says so
+    md = render_report(fixed_results())
+    assert "Not measured: no store named with `--compare`." in _section(md, 8)
+    for number in (7, 9, 10, 11):
+        assert "Not measured." in _section(md, number)
+
+
+def test_connections_and_timeline_figures():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from bazar.bench import plots
+
+    fig = plots.fig_connections(side_by_side_results())
+    try:
+        labels = [fig.axes[0].get_legend_handles_labels()[1], fig.axes[2].get_legend_handles_labels()[1]]
+        assert labels[0] == ["Bazar", "raw twisted.web", "bare Klein", "flask info"]
+        assert labels[1] == ["Bazar purchase", "Bazar update_price", "etcd put", "flask purchase"]
+        assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+    finally:
+        plt.close(fig)
+    fig = plots.fig_timeline(side_by_side_results())
+    try:
+        assert len(fig.axes[0].patches) == 4
+    finally:
+        plt.close(fig)
+    assert plots.fig_timeline(fixed_results()) is None
+    fig = plots.fig_throughput(side_by_side_results())
+    try:
+        assert "raw twisted.web req/s" in fig.axes[0].get_legend_handles_labels()[1] or \
+            "raw twisted.web req/s" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------- --compare
+
+
+def test_parse_store_syntax():
+    store = compare.parse_store("name=flask,info=http://127.0.0.1:8000/info/{id},"
+                                "purchase=POST http://localhost:8000/buy/{id}?x=1,id=3")
+    assert store.name == "flask"
+    assert (store.info.method, store.info.port, store.info.path) == ("GET", 8000, "/info/3")
+    assert (store.purchase.method, store.purchase.path) == ("POST", "/buy/3?x=1")
+    assert store.body is None
+    store = compare.parse_store('name=x,info=PUT http://127.0.0.1:9/i,body={"quantity": 1, "a": [1,2]}')
+    assert store.purchase is None and store.body == {"quantity": 1, "a": [1, 2]}
+    assert store.info.method == "PUT"
+    for bad in ("info=http://127.0.0.1:1/x", "name=a", "name=a,info=http://10.0.0.1:1/x",
+                "name=a,info=https://127.0.0.1:1/x", "name=a,info=http://127.0.0.1:1/x,id=one",
+                "name=a,info=http://127.0.0.1:1/x,body={nope", "colour=red,name=a,info=http://127.0.0.1:1/x",
+                "name=a,name=b,info=http://127.0.0.1:1/x", "name=a,info=get http://127.0.0.1:1/x"):
+        with pytest.raises(ValueError):
+            compare.parse_store(bad)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--compare", "name=a"])
+    assert cli.parse_args(["--compare", "name=a,info=http://127.0.0.1:1/x"]).compare[0].name == "a"
+
+
+class _Store(http.server.BaseHTTPRequestHandler):
+    """A tiny store: GET /info/<id>, POST /buy/<id> (HTTP/1.1, keep-alive); and, when it
+    plays Bazar, the few doors bazar-bench asks of a front end."""
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = 65536
+    disable_nagle_algorithm = True
+
+    def answer(self, status, data):
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/health":
+            self.answer(200, {"service": "frontend", "pid": 1, "status": "ok", "catalog": [], "order": []})
+        elif self.path.startswith(("/info/", "/bazar/info/")):
+            self.answer(200, {"id": int(self.path.rsplit("/", 1)[1]), "title": "t", "price": 1.0})
+        else:
+            self.answer(404, {"error": "no"})
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/bazar/books":
+            self.answer(201, {"id": 7})
+        elif self.path.startswith(("/buy/", "/bazar/purchase/")):
+            self.answer(200, {"ok": True})
+        else:
+            self.answer(404, {"error": "no"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stores():
+    """Two stdlib stores: one plays Bazar's front end, the other is the store compared."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Store) for _ in range(2)]
+    for srv in servers:
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield [srv.server_address[1] for srv in servers]
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_compare_runs_the_same_workloads_against_another_store(stores, tmp_path, monkeypatch):
+    bazar, other = stores
+    monkeypatch.setenv("BAZAR_ADMIN_TOKEN", "t")
+    spec = f"name=peer,info=http://127.0.0.1:{other}/info/{{id}},purchase=POST http://127.0.0.1:{other}/buy/{{id}}"
+    out = tmp_path / "out"
+    assert cli.main(["--url", f"http://127.0.0.1:{bazar}", "--only", "compare", "--compare", spec,
+                     "--duration", "0.1", "--out", str(out), "--no-plots"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    row = res["compare"]["stores"][0]
+    assert row["name"] == "peer" and row["spec"] == spec
+    for op in ("info", "purchase"):
+        assert set(row[op]) == set(res["compare"]["bazar"][op]) == {"1", "16", "64"}
+        assert all(st["n"] > 0 and st["errors"] == 0 for st in row[op].values())
+    md = (out / "report.md").read_text()
+    assert "| peer | purchase | 16 |" in _section(md, 8)
+
+
+# ---------------------------------------------------------------- the reference servers, etcd, start-up
+
+
+def test_reference_servers_answer_a_book_sized_json_body(tmp_path):
+    from bazar.bench.references import book_body
+
+    assert len(book_body(128)) == 128 and json.loads(book_body(300))["topic"] == "distributed systems"
+    assert len(book_body(10)) > 10  # never less than a book with an empty title
+    servers = compare.ReferenceServers(str(tmp_path), 150).start()
+    try:
+        for kind in ("twisted", "klein"):
+            port = servers.ports[kind]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/bazar/info/0")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200 and len(body) == 150
+            assert resp.getheader("Content-Type") == "application/json"
+            assert resp.getheader("Content-Length") == "150"
+            conn.close()
+            assert is_descendant(servers.pid(kind), os.getpid())
+        pids = [servers.pid(kind) for kind in ("twisted", "klein")]
+    finally:
+        servers.stop()
+    assert all(not os.path.exists(f"/proc/{pid}") or proc_stat_state(pid) == "Z" for pid in pids)
+
+
+def proc_stat_state(pid):
+    try:
+        return parse_proc_stat(read_proc_stat(pid))["state"]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="no etcd on PATH")
+def test_etcd_cluster_takes_puts_and_ranges(tmp_path):
+    from bazar.bench import etcd
+
+    cluster = etcd.EtcdCluster(shutil.which("etcd"), str(tmp_path), "test-token").start()
+    try:
+        leader = cluster.leader_port()
+        conn = LeanConn(leader)
+        status, _ = conn.roundtrip(etcd.put_request(leader, "k", "value"))
+        assert status == 200
+        status, body = conn.roundtrip(etcd.range_request(leader, "k"))
+        assert status == 200 and json.loads(body)["kvs"][0]["value"] == etcd.b64("value")
+        conn.close()
+        assert len(cluster.pids) == 3
+    finally:
+        cluster.stop()
+    assert not any(proc_stat_state(pid) not in (None, "Z") for pid in cluster.pids)
+
+
+def test_without_etcd_bazars_side_is_measured_alone(stores, tmp_path, monkeypatch):
+    from bazar.bench import etcd
+
+    monkeypatch.setattr(etcd.shutil, "which", lambda name: None)
+    bazar, _ = stores
+    ctx = phases.Ctx(cli.parse_args(["--duration", "0.1"]))
+    res = etcd.phase_etcd(ctx, bazar, "t", 7, {}, str(tmp_path))
+    assert res["etcd"] == {"skipped": "not measured (no etcd on PATH)"}
+    assert set(res["bazar"]) == {"write", "purchase", "read"}
+    assert set(res["bazar"]["write"]) == {"1", "16", "64"}
+
+
+class _Starting(http.server.BaseHTTPRequestHandler):
+    """/ready: 503 until the server's `ready_at` (monotonic), then 200."""
+
+    def do_GET(self):  # noqa: N802
+        ready = time.monotonic() >= self.server.ready_at
+        self.send_response(200 if ready else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_startup_is_timed_until_every_process_is_ready():
+    servers = []
+    for _ in range(2):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Starting)
+        srv.daemon_threads = True
+        srv.ready_at = float("inf")
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+
+    def start(wait):  # the processes get ready 0.2 and 0.4 s after their start
+        for srv, delay in zip(servers, (0.2, 0.4)):
+            srv.ready_at = time.monotonic() + delay
+
+    urls = [f"http://127.0.0.1:{srv.server_address[1]}" for srv in servers]
+    cluster = types.SimpleNamespace(name="fake", catalogs=[urls[0]], orders=[], fronts=[urls[1]], proc=None,
+                                    start=start)
+    try:
+        ctx = phases.Ctx(cli.parse_args([]))
+        res = phases.measure_startup(ctx, cluster, timeout=10.0, poll=0.02)
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+    assert list(res["processes"]) == ["catalog-1", "frontend"]
+    assert 0.2 <= res["processes"]["catalog-1"] < res["processes"]["frontend"] == res["all_ready_s"] < 2.0
+
+
+def test_load_run_charges_the_cpu_of_the_server_processes(local_server):
+    st = run_load(local_server, lambda w, k: build_request("GET", "/x", local_server), 1, 5.0, max_per_worker=200,
+                  server_pids=[os.getpid()])
+    assert st["server_cpu_s"] > 0 and st["server_processes"] == 1
+    assert "µs/req" in fmt_stats(st)
+
+
+# ---------------------------------------------------------------- the timeline of one write
+
+
+def _write_trace(t0, index, rid="fe:1", primary="catalog-1", backups=("catalog-2", "catalog-3")):
+    """The events of one update_price, handmade: times in µs after t0."""
+    def ev(us, process, event, **fields):
+        return {"ns": t0 + us * 1000, "process": process, "pid": hash(process) % 1000, "event": event, "rid": None,
+                **fields}
+
+    write = "/internal/write"
+    events = [
+        ev(0, "frontend", "http.request", method="PUT", path="/bazar/update_price/1"),
+        ev(300, "frontend", "call.send", method="POST", url="http://127.0.0.1:1/internal/write"),
+        ev(700, primary, "http.request", method="POST", path=write),
+        ev(1000, primary, "propose", index=index) | {"rid": rid},
+        ev(1100, primary, "send", to=2, kind="append", prev=index - 1, n=1),
+        ev(1150, primary, "send", to=3, kind="append", prev=index - 1, n=1),
+        ev(1200, primary, "send", to=2, kind="heartbeat", prev=0, n=0),  # noise
+        ev(1500, backups[0], "receive", frm=1, kind="append", prev=index - 1),
+        ev(1700, backups[1], "receive", frm=1, kind="append", prev=index - 1),
+        ev(2500, primary, "flushed", upto=index),
+        ev(3000, backups[0], "durable", frm=1, kind="append", prev=index - 1, n=1),
+        ev(3400, primary, "reply", frm=2, kind="append", status=200),
+        ev(3500, primary, "commit", upto=index),
+        ev(3600, primary, "applied", index=index),
+        ev(3700, primary, "http.answer", path=write, status=200),
+        ev(3900, backups[1], "durable", frm=1, kind="append", prev=index - 1, n=1),
+        ev(4000, "frontend", "call.answer", url="http://127.0.0.1:1/internal/write", status=200),
+        ev(4100, primary, "reply", frm=3, kind="append", status=200),
+        ev(4200, "frontend", "http.answer", path="/bazar/update_price/1", status=200),
+        ev(4300, primary, "send", to=2, kind="append", prev=index, n=0),  # the commit index, after the answer
+    ]
+    return events
+
+
+def test_timeline_assembles_a_write_from_a_handmade_trace(tmp_path):
+    t0 = 1_700_000_000_000_000_000
+    events = _write_trace(t0, 5) + _write_trace(t0 + 10_000_000, 6, rid="fe:2") + [
+        {"ns": t0 + 5_000_000, "process": "catalog-1", "pid": 1, "event": "http.request", "path": "/health"}]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in reversed(events)) + '{"ns": 1, "ev')  # a cut last line
+    read = timeline.read_events(str(path))
+    assert len(read) == len(events) and [e["ns"] for e in read] == sorted(e["ns"] for e in events)
+    writes = timeline.assemble(read)
+    assert [(w["rid"], w["index"], w["primary"]) for w in writes] == [("fe:1", 5, "catalog-1"),
+                                                                      ("fe:2", 6, "catalog-1")]
+    spans = {key: (process, (end - start) / 1000) for key, process, start, end in writes[0]["spans"]}
+    assert spans == {
+        "fe_in": ("frontend", 300), "forward": ("network", 400), "primary_in": ("catalog-1", 300),
+        "primary_fsync": ("catalog-1", 1500),
+        "b1_out": ("network", 400), "b1_fsync": ("catalog-2", 1500), "b1_back": ("network", 400),
+        "b2_out": ("network", 550), "b2_fsync": ("catalog-3", 2200), "b2_back": ("network", 200),
+        "quorum": ("catalog-1", 2500), "apply": ("catalog-1", 100), "answer": ("catalog-1", 100),
+        "back": ("network", 300), "fe_out": ("frontend", 200), "total": ("frontend", 4200)}
+    assert [s[0] for s in writes[0]["spans"]] == [key for key, _ in timeline.STEPS]
+    summary = timeline.summarize_writes(writes)
+    assert summary["writes"] == 2 and summary["steps"]["total"]["median_ms"] == pytest.approx(4.2)
+    assert summary["steps"]["b2_fsync"]["label"] == "2nd backup: append fsync'd"
+    typical = summary["typical"]
+    assert typical["spans"][0] == ["fe_in", "front end: request in → forwarded", "frontend", 0.0, 0.3]
+    assert typical["spans"][-1][3:] == [0.0, pytest.approx(4.2)]
+
+
+def test_timeline_ranks_backups_by_their_reply_and_skips_unfinished_writes():
+    t0 = 1_000_000_000
+    events = _write_trace(t0, 8)
+    for e in events:  # the second backup answers first now
+        if e["event"] == "reply":
+            e["ns"] = t0 + (3450_000 if e["frm"] == 3 else 4150_000)
+        if e["event"] == "durable" and e["process"] == "catalog-3":
+            e["ns"] = t0 + 3300_000
+    spans = {s[0]: s[1] for s in timeline.assemble(events)[0]["spans"]}
+    assert spans["b1_fsync"] == "catalog-3" and spans["b2_fsync"] == "catalog-2"
+    # a write that never reached a primary (no propose) is no write of the timeline
+    assert timeline.assemble([e for e in events if e["event"] != "propose"]) == []
+    assert timeline.summarize_writes([]) == {"writes": 0, "steps": {}, "typical": None}

@@ -4,6 +4,7 @@ Usage::
 
     python -m bazar.bench [--url http://127.0.0.1:5000] [--url-nocache URL]
                           [--start] [--out DIR] [--duration S] [--quick]
+                          [--compare SPEC ...] [--only PHASES] [--timeline-writes N]
     python -m bazar.bench --report-only docs/bench/results.json [--out DIR]
 
 With ``--start`` the tool starts two throw-away clusters on free loopback ports
@@ -11,6 +12,11 @@ With ``--start`` the tool starts two throw-away clusters on free loopback ports
 always stops them again.  Without it, it drives the cluster at ``--url``
 (and, if given, the cache-less cluster at ``--url-nocache``); the crash
 experiment is then skipped, since it may only kill processes this tool started.
+Beside Bazar, it measures with the same client what it starts itself on loopback:
+two reference servers (a raw twisted.web resource, a bare Klein route), a
+three-member etcd cluster when `etcd` is on PATH, and for the timeline of one write,
+a cluster of its own with tracing on (`bazar.trace`); and, with `--compare`, other
+stores already running.
 
 Output (in ``--out``, default ``./bench-out``): ``report.md``, ``results.json``
 and PNG plots.  ``--report-only RESULTS_JSON`` measures nothing: it rewrites
@@ -31,7 +37,11 @@ The modules, one per part of the tool:
   ``read_response``) and control calls (``http_json``, ``health``);
 - ``bazar.bench.load``: the thread load runner (``LoadRun``, ``run_load``);
 - ``bazar.bench.stats``: percentiles and step summaries, zipf traces and LRU replay;
-- ``bazar.bench.phases``: the experiments;
+- ``bazar.bench.phases``: the experiments on Bazar alone, and the start-up time;
+- ``bazar.bench.compare``: Bazar beside other servers (the reference servers, ``--compare``);
+- ``bazar.bench.references``: the reference servers (``python -m bazar.bench.references``);
+- ``bazar.bench.etcd``: Bazar's replicated writes beside a three-member etcd cluster;
+- ``bazar.bench.timeline``: a traced cluster, and where one write spends its time;
 - ``bazar.bench.report``: the targets and the Markdown report;
 - ``bazar.bench.plots``: the PNG plots (matplotlib);
 - ``bazar.bench.cli``: options, the run, the files written (``main``).

@@ -23,22 +23,29 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from bazar.bench.http import LOOPBACK, health
+from bazar.bench.compare import parse_store, phase_compare, phase_references
+from bazar.bench.etcd import phase_etcd
+from bazar.bench.http import health
 from bazar.bench.phases import (
+    ON_CLUSTER,
     PHASES,
     RSS_ENTRIES,
     SWEEP_CONNS,
     Ctx,
     add_bench_book,
+    bench_cluster,
     frontend_pid,
     log,
     measure_ops,
+    measure_startup,
     phase_crash,
     phase_invalidation,
     phase_lru,
     phase_rss,
+    server_pids,
 )
 from bazar.bench.report import Results, evaluate_targets, render_report, targets_text
+from bazar.bench.timeline import phase_timeline
 from bazar.testing.processes import Cluster, ClusterError
 
 
@@ -76,6 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(PHASES),
                    help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
     p.add_argument("--no-crash", action="store_true", help="skip the crash experiment")
+    p.add_argument("--compare", action="append", default=[], metavar="SPEC",
+                   help="another store to run the same workloads against (repeatable): "
+                        "'name=NAME,info=[GET ]URL,purchase=[POST ]URL[,id=N][,body=JSON]', "
+                        "{id} in a URL is replaced by N (default 1); 127.0.0.1 URLs only")
+    p.add_argument("--timeline-writes", type=int, default=None,
+                   help="single writes traced by the timeline phase (default 50, 20 with --quick)")
     p.add_argument("--no-plots", action="store_true", help="write the report without PNG plots")
     args = p.parse_args(argv)
     if args.out is None:
@@ -92,6 +105,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--only: unknown phase(s) {unknown}; choose from {','.join(PHASES)}")
     if args.no_crash and "crash" in args.phases:
         args.phases.remove("crash")
+    if args.timeline_writes is None:
+        args.timeline_writes = 20 if args.quick else 50
+    if not 1 <= args.timeline_writes <= 10_000:
+        p.error("--timeline-writes must be within [1, 10000]")
+    try:
+        args.compare = [parse_store(spec) for spec in args.compare]
+    except ValueError as e:
+        p.error(str(e))
     try:
         args.port = loopback_port(args.url)
         args.port_nocache = loopback_port(args.url_nocache) if args.url_nocache else None
@@ -104,148 +125,199 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def bench_cluster(name: str, root: str, cache_size: int) -> Cluster:
-    """A throw-away cluster under `root`, on free loopback ports, that runs with this
-    process's environment (so BAZAR_ADMIN_TOKEN, if set, is its token), reports its
-    start and stop as progress lines, and dies with this process."""
-    return Cluster(data=os.path.join(root, name), name=name, cache_size=cache_size, env=dict(os.environ),
-                   env_secrets=False, token=None, die_with_parent=True, progress=log)
+class Guard:
+    """Runs the phases: an error in one is reported (progress line, note, "skipped" in its
+    results) and the run goes on; after an interrupt, nothing more runs."""
+
+    def __init__(self, ctx: Ctx, notes: list[str]):
+        self.ctx = ctx
+        self.notes = notes
+
+    def __call__(self, name: str, fn: Callable[..., Any], *fargs: Any, **fkw: Any) -> Any:
+        if self.ctx.stop.is_set():
+            return {"skipped": "run interrupted"}
+        try:
+            return fn(*fargs, **fkw)
+        except (ClusterError, RuntimeError, OSError, ValueError, KeyError, TypeError,
+                http.client.HTTPException) as e:
+            import traceback
+
+            traceback.print_exc()
+            log(f"{name}: failed: {type(e).__name__}: {e}")
+            self.notes.append(f"{name} failed: {type(e).__name__}: {e}")
+            return {"skipped": f"failed with {type(e).__name__}: {e}"}
 
 
-def run(args: argparse.Namespace, results: Results) -> None:
-    ctx = Ctx(args)
-    meta = results["meta"]
-    notes = meta["notes"]
-    phases = args.phases
-    clusters: list[Cluster] = []
-    tmp_root = None
-    on = off = None  # Cluster objects with --start
-    try:
+class Run:
+    """One run of the bench: its options, the clusters it started (stopped at its end),
+    its own directory (data, logs, trace), and the results it fills."""
+
+    def __init__(self, args: argparse.Namespace, results: Results):
+        self.args = args
+        self.results = results
+        self.ctx = Ctx(args)
+        self.notes: list[str] = results["meta"]["notes"]
+        self.guarded = Guard(self.ctx, self.notes)
+        self.root = tempfile.mkdtemp(prefix="bazar-bench-")
+        self.clusters: list[Cluster] = []
+        self.on: Cluster | None = None  # the clusters of --start
+        self.off: Cluster | None = None
+
+    def want(self, phase: str) -> bool:
+        return phase in self.args.phases and not self.ctx.stop.is_set()
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    # -- the clusters ------------------------------------------------------------------
+    def start_clusters(self) -> None:
+        """The cache-on cluster first, alone (its start-up is timed on a machine that does
+        nothing else), then the cache-off one if phase 1 runs; both healthy."""
+        args, meta = self.args, self.results["meta"]
+        self.on = bench_cluster("cache-on", self.root, args.cache_size)
+        self.clusters.append(self.on)
+        if self.want("startup"):
+            self.results["startup"] = measure_startup(self.ctx, self.on)
+        else:
+            self.on.start(wait=0)
+        if self.want("ops"):
+            self.off = bench_cluster("cache-off", self.root, 0)
+            self.clusters.append(self.off)
+            self.off.start(wait=0)
+        for c in self.clusters:
+            t0 = time.monotonic()
+            c.wait_healthy(timeout=60.0, serving=True)
+            log(f"cluster {c.name}: healthy {time.monotonic() - t0:.1f}s later (all 7 /health ok, one primary "
+                "per service)")
+            if not c.read_token():
+                self.notes.append(f"cluster {c.name}: no admin token (neither BAZAR_ADMIN_TOKEN nor secrets.json)")
+        meta["url"] = self.on.front
+        meta["url_nocache"] = self.off.front if self.off else None
+        meta["clusters"] = (f"cache-on cluster started with --cache-size {args.cache_size}"
+                            + ("; cache-off cluster with --cache-size 0" if self.off else ""))
+
+    def stop_clusters(self) -> None:
+        for c in self.clusters:
+            try:
+                c.stop()
+            except Exception as e:  # keep stopping the others
+                log(f"cluster {c.name}: stop failed: {e}")
+
+    def bench_book(self, port: int, token: str | None, label: str) -> int | None:
+        if not token:
+            self.notes.append(f"cache-{label}: no admin token, so no well-stocked bench book: purchase, "
+                              "invalidation, etcd and crash phases skipped there")
+            return None
+        r = self.guarded(f"adding the bench book (cache {label})", add_bench_book, port, token, self.ctx.run_id)
+        return None if isinstance(r, dict) else r
+
+    # -- the phases --------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            if any(self.want(p) for p in ON_CLUSTER):
+                self.on_cluster_phases()
+            self.stop_clusters()  # (the timeline runs a cluster of its own, on a machine otherwise idle)
+            if self.want("lru"):
+                log("phase 4: LRU hit rate vs size over a zipf trace (in-process)")
+                self.results["lru"] = self.guarded("phase 4 (LRU)", phase_lru, self.ctx)
+            if self.want("timeline"):
+                log("phase 11: where one write spends its time (a traced cluster)")
+                self.results["timeline"] = self.guarded("phase 11 (timeline)", phase_timeline, self.ctx,
+                                                        self.dir("timeline"), self.args.timeline_writes)
+        except KeyboardInterrupt:
+            self.ctx.stop.set()
+            self.notes.append("interrupted: the report is partial")
+            log("interrupted; stopping")
+            raise
+        finally:
+            self.ctx.stop.set()
+            self.stop_clusters()
+            if self.args.keep_data:
+                log(f"data and logs kept in {self.root}")
+                self.notes.append(f"cluster data kept in {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def on_cluster_phases(self) -> None:
+        args, results = self.args, self.results
         if args.start:
-            tmp_root = tempfile.mkdtemp(prefix="bazar-bench-")
-            on = bench_cluster("cache-on", tmp_root, args.cache_size)
-            clusters = [on]
-            if "ops" in phases:
-                off = bench_cluster("cache-off", tmp_root, 0)
-                clusters.append(off)
-            for c in clusters:
-                c.start(wait=0)
-            for c in clusters:
-                t0 = time.monotonic()
-                c.wait_healthy(timeout=60.0, serving=True)
-                t = time.monotonic() - t0
-                log(f"cluster {c.name}: ready in {t:.1f}s (all 7 /health ok, one primary per service)")
-                if not c.read_token():
-                    notes.append(f"cluster {c.name}: no admin token (neither BAZAR_ADMIN_TOKEN nor secrets.json)")
-            port, token = on.frontend_port, on.token
-            port_off, token_off = (off.frontend_port, off.token) if off else (None, None)
-            meta["url"] = f"http://{LOOPBACK}:{port}"
-            meta["url_nocache"] = f"http://{LOOPBACK}:{port_off}" if off else None
-            meta["clusters"] = (f"cache-on cluster started with --cache-size {args.cache_size}"
-                                + ("; cache-off cluster with --cache-size 0" if off else ""))
+            self.start_clusters()
+            assert self.on is not None
+            port, token = self.on.frontend_port, self.on.token
+            port_off, token_off = (self.off.frontend_port, self.off.token) if self.off else (None, None)
         else:
             port, port_off = args.port, args.port_nocache
             token = token_off = os.environ.get("BAZAR_ADMIN_TOKEN")
             if health(port) is None:
                 raise ClusterError(f"no Bazar front end answers GET /health at {args.url} (use --start?)")
-
-        def guarded(name: str, fn: Callable[..., Any], *fargs: Any, **fkw: Any) -> Any:
-            """Run one phase; an error in it is reported, and the run goes on."""
-            if ctx.stop.is_set():
-                return {"skipped": "run interrupted"}
-            try:
-                return fn(*fargs, **fkw)
-            except (ClusterError, RuntimeError, OSError, ValueError, KeyError, TypeError,
-                    http.client.HTTPException) as e:
-                import traceback
-
-                traceback.print_exc()
-                log(f"{name}: failed: {type(e).__name__}: {e}")
-                notes.append(f"{name} failed: {type(e).__name__}: {e}")
-                return {"skipped": f"failed with {type(e).__name__}: {e}"}
-
-        def bench_book(p: int, tok: str | None, label: str) -> int | None:
-            if not tok:
-                notes.append(f"cache-{label}: no admin token, so no well-stocked bench book: purchase, "
-                             "invalidation and crash phases skipped there")
-                return None
-            r = guarded(f"adding the bench book (cache {label})", add_bench_book, p, tok, ctx.run_id)
-            return None if isinstance(r, dict) else r
-
-        book_on = bench_book(port, token, "on")
-
-        # 1 (cache on) + 5 (sweep)
-        if "ops" in phases:
-            log("phase 1: info / search / purchase, cache on")
-            ops_on: dict[str, Any] = {}
-            results["ops"]["on"] = ops_on
-            r = guarded("phase 1 (cache on)", measure_ops, ctx, port, book_on, "on", extra_conns=("4", "64"),
-                        fe_pid=frontend_pid(port, on), out=ops_on)
-            if "skipped" in r:
-                results["ops_skipped"]["on"] = r["skipped"]
-            results["throughput"] = {c: st for c, st in ops_on.get("info", {}).items() if c in SWEEP_CONNS}
-
-            # 1 (cache off)
-            if port_off:
-                log("phase 1: info / search / purchase, cache off")
-                book_off = bench_book(port_off, token_off, "off")
-                r = guarded("phase 1 (cache off)", measure_ops, ctx, port_off, book_off, "off",
-                            fe_pid=frontend_pid(port_off, off), out=results["ops"].setdefault("off", {}))
-                if "skipped" in r:
-                    results["ops_skipped"]["off"] = r["skipped"]
-            else:
-                results["ops_skipped"]["off"] = ("no cache-less cluster (use --start, or --url-nocache with "
-                                                 "a cluster started with --cache-size 0)")
-        if off is not None:
-            off.stop()
-
-        # 2 invalidation
-        if "invalidation" in phases:
+            if self.want("startup"):
+                results["startup"] = {"skipped": "only with --start: it times the start of a cluster this tool "
+                                                 "starts"}
+        book = self.bench_book(port, token, "on")
+        fe_pid = frontend_pid(port, self.on)
+        if self.want("ops"):
+            self.ops(port, book, fe_pid, port_off, token_off)
+        if self.off is not None:
+            self.off.stop()
+        if self.want("references"):
+            log("phase 7: cached info beside a raw twisted.web resource and a bare Klein route")
+            results["references"] = self.guarded("phase 7 (references)", phase_references, self.ctx, port, fe_pid,
+                                                 self.dir("references"))
+        if self.want("compare") and args.compare:
+            log(f"phase 8: beside {len(args.compare)} other store(s)")
+            results["compare"] = self.guarded("phase 8 (compare)", phase_compare, self.ctx, port, book,
+                                              args.compare, fe_pid)
+        if self.want("etcd"):
+            log("phase 10: replicated writes beside etcd")
+            results["etcd"] = (self.guarded("phase 10 (etcd)", phase_etcd, self.ctx, port, token, book,
+                                            server_pids(port, self.on), self.dir("etcd"))
+                               if book is not None and token else
+                               {"skipped": "needs the admin token and the bench book"})
+        if self.want("invalidation"):
             log("phase 2: invalidation")
-            if book_on is not None:
-                results["invalidation"] = guarded("phase 2 (invalidation)", phase_invalidation, ctx, port, token,
-                                                  book_on, 15 if args.quick else 50)
-            else:
-                results["invalidation"] = {"skipped": "needs the admin token and the bench book"}
-
-        # 4 LRU (in-process)
-        if "lru" in phases:
-            log("phase 4: LRU hit rate vs size over a zipf trace (in-process)")
-            results["lru"] = guarded("phase 4 (LRU)", phase_lru, ctx)
-
-        # 6 memory
-        if "rss" in phases:
+            results["invalidation"] = (self.guarded("phase 2 (invalidation)", phase_invalidation, self.ctx, port,
+                                                    token, book, 15 if args.quick else 50)
+                                       if book is not None else {"skipped": "needs the admin token and the bench book"})
+        if self.want("rss"):
             log("phase 6: front-end RSS with a full cache")
-            results["rss"] = guarded("phase 6 (RSS)", phase_rss, ctx, port, cluster=on)
+            results["rss"] = self.guarded("phase 6 (RSS)", phase_rss, self.ctx, port, cluster=self.on)
+        if self.want("crash"):
+            results["crash"] = self.crash(book, token)
 
-        # 3 crash
-        if "crash" in phases:
-            if on is None:
-                results["crash"] = {"skipped": "only with --start: it kills processes, "
-                                               "and only those this tool started"}
-            elif book_on is None:
-                results["crash"] = {"skipped": "needs the admin token to add a bench book"}
-            else:
-                log("phase 3: crash experiment")
-                results["crash"] = guarded("phase 3 (crash)", phase_crash, ctx, on, book_on, token)
-    except KeyboardInterrupt:
-        ctx.stop.set()
-        notes.append("interrupted: the report is partial")
-        log("interrupted; stopping")
-        raise
-    finally:
-        ctx.stop.set()
-        for c in clusters:
-            try:
-                c.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"cluster {c.name}: stop failed: {e}")
-        if tmp_root:
-            if args.keep_data:
-                log(f"data and logs kept in {tmp_root}")
-                notes.append(f"cluster data kept in {tmp_root}")
-            else:
-                shutil.rmtree(tmp_root, ignore_errors=True)
+    def ops(self, port: int, book: int | None, fe_pid: int | None, port_off: int | None,
+            token_off: str | None) -> None:
+        """Phase 1, cache on then cache off (5, the sweep, comes with the cache-on half)."""
+        results = self.results
+        log("phase 1: info / search / purchase, cache on")
+        ops_on: dict[str, Any] = {}
+        results["ops"]["on"] = ops_on
+        r = self.guarded("phase 1 (cache on)", measure_ops, self.ctx, port, book, "on", fe_pid=fe_pid, out=ops_on)
+        if "skipped" in r:
+            results["ops_skipped"]["on"] = r["skipped"]
+        results["throughput"] = {c: st for c, st in ops_on.get("info", {}).items() if c in SWEEP_CONNS}
+        if not port_off:
+            results["ops_skipped"]["off"] = ("no cache-less cluster (use --start, or --url-nocache with "
+                                             "a cluster started with --cache-size 0)")
+            return
+        log("phase 1: info / search / purchase, cache off")
+        book_off = self.bench_book(port_off, token_off, "off")
+        r = self.guarded("phase 1 (cache off)", measure_ops, self.ctx, port_off, book_off, "off",
+                         fe_pid=frontend_pid(port_off, self.off), out=results["ops"].setdefault("off", {}))
+        if "skipped" in r:
+            results["ops_skipped"]["off"] = r["skipped"]
+
+    def crash(self, book: int | None, token: str | None) -> dict[str, Any]:
+        if self.on is None:
+            return {"skipped": "only with --start: it kills processes, and only those this tool started"}
+        if book is None:
+            return {"skipped": "needs the admin token to add a bench book"}
+        log("phase 3: crash experiment")
+        r: dict[str, Any] = self.guarded("phase 3 (crash)", phase_crash, self.ctx, self.on, book, token)
+        return r
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    Run(args, results).run()
 
 
 def write_outputs(results: Results, out_dir: str, plots: bool = True) -> None:

@@ -3,7 +3,8 @@ sending pre-built requests until a deadline, a count, or a stop.
 
 Latency is measured at the client (request sent -> full response read) with
 `time.perf_counter`; while a step runs, the CPU used by this process and, if given,
-by the front end's process is charged to it.
+by the front end's process is charged to it, and so is the CPU of the server processes
+named (`server_pids`: what serves the requests, for the CPU each one costs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import http.client
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bazar.bench.http import LeanConn, ProtocolError
@@ -34,10 +35,12 @@ class LoadRun:
 
     def __init__(self, port: int, make: MakeRequest, conns: int, duration: float, max_per_worker: int = 1_000_000,
                  timeout: float = 5.0, rate: float | None = None, timeline: bool = False,
-                 stop_event: threading.Event | None = None, watch_pid: int | None = None):
+                 stop_event: threading.Event | None = None, watch_pid: int | None = None,
+                 server_pids: Sequence[int] = ()):
         self.port = port
         self.watch_pid = watch_pid
-        self._cpu0: tuple[float | None, float | None] = (None, None)
+        self.server_pids = tuple(server_pids)
+        self._cpu0: tuple[float | None, float | None, float | None] = (None, None, None)
         self.make = make
         self.n = int(conns)
         self.duration = float(duration)
@@ -58,7 +61,7 @@ class LoadRun:
         self._threads: list[threading.Thread] = []
 
     def _go(self) -> None:
-        self._cpu0 = (self_cpu_seconds(), proc_cpu_seconds(self.watch_pid))
+        self._cpu0 = (self_cpu_seconds(), proc_cpu_seconds(self.watch_pid), cpu_of(self.server_pids))
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + self.duration
 
@@ -147,13 +150,25 @@ class LoadRun:
             errors.update(e)
         lat = list(itertools.chain.from_iterable(self.lat))
         st = summarize(lat, sum(errors.values()), elapsed, errors)
-        own0, fe0 = self._cpu0
-        fe1 = proc_cpu_seconds(self.watch_pid)
+        own0, fe0, servers0 = self._cpu0
+        fe1, servers1 = proc_cpu_seconds(self.watch_pid), cpu_of(self.server_pids)
         if own0 is not None and elapsed > 0:
             st["client_cpu"] = (self_cpu_seconds() - own0) / elapsed
         if fe0 is not None and fe1 is not None and elapsed > 0:
             st["frontend_cpu"] = (fe1 - fe0) / elapsed
+        if servers0 is not None and servers1 is not None:
+            st["server_cpu_s"] = servers1 - servers0
+            st["server_processes"] = len(self.server_pids)
         return st
+
+
+def cpu_of(pids: Sequence[int]) -> float | None:
+    """CPU seconds used so far by all of `pids` together; None without pids, or once one has gone
+    (a sum without it would charge the step less than it cost)."""
+    seconds = [proc_cpu_seconds(pid) for pid in pids]
+    if not seconds or any(s is None for s in seconds):
+        return None
+    return sum(s for s in seconds if s is not None)
 
 
 def always(raw: bytes) -> MakeRequest:

@@ -2,11 +2,14 @@
 replay, runs in-process) and returns a plain dict of what it measured, which goes
 into results.json as it is.
 
-Phases: ops (info, search and purchase at 1 and 16 connections, cache on and off,
-plus the cached-info sweep), invalidation, lru, rss (front-end memory with a full
-cache) and crash (kill -9 of the primaries under load; only on a cluster this tool
-started, and only its own processes). Every loop is bounded by a count and by time,
-and an interrupt (Ctx.stop) cuts every wait short.
+Phases: startup (bazar-cluster start to every /ready 200), ops (info, search and
+purchase at 1 and 16 connections, cache on and off, plus the sweeps over connections),
+invalidation, lru, rss (front-end memory with a full cache) and crash (kill -9 of the
+primaries under load; only on a cluster this tool started, and only its own
+processes). Beside other servers: references and compare (bazar.bench.compare), etcd
+(bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline).
+Every loop is bounded by a count and by time, and an interrupt (Ctx.stop) cuts every
+wait short.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -34,13 +36,17 @@ from bazar.bench.stats import (
     zipf_topk_mass,
     zipf_trace,
 )
-from bazar.testing.processes import Cluster
+from bazar.testing.processes import Cluster, ClusterError
 from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
-PHASES = ("ops", "invalidation", "lru", "rss", "crash")
+PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline")
+# the phases that drive the cache-on cluster (the others need none, or start their own)
+ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash")
 OP_CONNS = ("1", "16")
 SWEEP_CONNS = ("1", "4", "16", "64")
+# connection counts beyond OP_CONNS, by op and cache (the throughput-vs-connections plot)
+EXTRA_CONNS = {("info", "on"): ("4", "64"), ("info", "off"): ("64",), ("purchase", "on"): ("64",)}
 RSS_ENTRIES = 10_000
 SEARCH_TOPIC = "distributed systems"
 CRASH_TIMEOUT = 5.0  # client timeout during the crash experiment (s)
@@ -75,6 +81,76 @@ class Ctx:
             time.sleep(min(left, 0.05))
 
 
+def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, str] | None = None) -> Cluster:
+    """A throw-away cluster under `root`, on free loopback ports, that runs with this
+    process's environment (so BAZAR_ADMIN_TOKEN, if set, is its token) or `env`, reports
+    its start and stop as progress lines, and dies with this process."""
+    return Cluster(data=os.path.join(root, name), name=name, cache_size=cache_size,
+                   env=dict(os.environ) if env is None else env, env_secrets=False, token=None,
+                   die_with_parent=True, progress=log)
+
+
+def ready_200(url: str) -> bool:
+    """Whether GET <url>/ready answers 200 now."""
+    try:
+        return http_json(urlsplit(url).port or 80, "GET", "/ready", timeout=0.5)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def process_names(cluster: Cluster) -> dict[str, str]:
+    """url -> name of every process of a cluster, as bazar-cluster names them."""
+    names = {url: f"catalog-{i}" for i, url in enumerate(cluster.catalogs, 1)}
+    names.update({url: f"order-{i}" for i, url in enumerate(cluster.orders, 1)})
+    names.update({url: f"frontend-{i}" if i else "frontend" for i, url in enumerate(cluster.fronts)})
+    return names
+
+
+def measure_startup(ctx: Ctx, cluster: Cluster, timeout: float = 60.0, poll: float = 0.05) -> dict[str, Any]:
+    """Start `cluster` and time it: seconds from the start of bazar-cluster until each
+    process's GET /ready first answers 200, and until all do. Polls only the processes
+    not ready yet, every `poll` seconds (what the polls cost the starting processes is
+    small next to their start)."""
+    names = process_names(cluster)
+    ready: dict[str, float] = {}
+    t0 = time.monotonic()
+    cluster.start(wait=0)
+    while len(ready) < len(names) and time.monotonic() - t0 < timeout and not ctx.stop.is_set():
+        if cluster.proc is not None and cluster.proc.poll() is not None:
+            raise ClusterError(f"cluster {cluster.name} exited with status {cluster.proc.returncode} while starting")
+        for url, name in names.items():
+            if name not in ready and ready_200(url):
+                ready[name] = time.monotonic() - t0
+        time.sleep(poll)
+    done = len(ready) == len(names)
+    order = dict(sorted(ready.items(), key=lambda kv: kv[1]))
+    log(f"cluster {cluster.name}: every /ready 200 "
+        + (f"{max(ready.values()):.2f}s after bazar-cluster started" if done else f"not within {timeout:.0f}s")
+        + f" ({', '.join(f'{n} {t:.2f}s' for n, t in order.items())})")
+    return {"cluster": cluster.name, "all_ready_s": max(ready.values()) if done else None, "processes": order,
+            "poll_s": poll, "timeout_s": timeout}
+
+
+def server_pids(port: int, cluster: Cluster | None = None) -> dict[str, int]:
+    """The pids of the front end at `port` and of the replicas it knows, named as
+    bazar-cluster names them (frontend, catalog-1, ...), read from each /health; only
+    processes we may watch: children of the started cluster, or local Bazar processes."""
+    def ours(pid: Any) -> bool:
+        return isinstance(pid, int) and (cluster.owns(pid) if cluster is not None else looks_like_bazar(pid))
+
+    fe = health(port)
+    if fe is None:
+        return {}
+    found = {"frontend": fe["pid"]} if ours(fe.get("pid")) else {}
+    for service in ("catalog", "order"):
+        for replica in fe.get(service) or []:
+            parts = urlsplit(str(replica.get("url", "")))
+            h = health(parts.port or 80) if parts.hostname in ("127.0.0.1", "localhost") else None
+            if h is not None and h.get("service") == service and ours(h.get("pid")):
+                found[f"{service}-{h.get('replica')}"] = h["pid"]
+    return found
+
+
 def add_bench_book(port: int, token: str, run_id: str) -> int:
     st, data = http_json(port, "POST", "/bazar/books", token=token, body={
         "title": f"Bench book {run_id}", "topic": f"bench {run_id}", "price": 10.0, "quantity": 1_000_000,
@@ -106,10 +182,10 @@ def frontend_pid(port: int, cluster: Cluster | None = None) -> int | None:
     return pid if looks_like_bazar(pid) else None
 
 
-def measure_ops(ctx: Ctx, port: int, book_id: int | None, label: str, extra_conns: Sequence[str] = (),
+def measure_ops(ctx: Ctx, port: int, book_id: int | None, label: str,
                 fe_pid: int | None = None, out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each op at 1 and 16 connections (plus extra_conns for info); purchase
-    only with a bench book to buy.  Fills `out` as it goes (kept if interrupted)."""
+    """Each op at 1 and 16 connections (plus EXTRA_CONNS of the op with the cache `label`);
+    purchase only with a bench book to buy.  Fills `out` as it goes (kept if interrupted)."""
     out = {} if out is None else out
     reqs = op_requests(port, book_id)
     warm = LeanConn(port)
@@ -123,7 +199,7 @@ def measure_ops(ctx: Ctx, port: int, book_id: int | None, label: str, extra_conn
     for op in OPS:
         if op not in reqs:
             continue
-        conns_list = list(OP_CONNS) + (list(extra_conns) if op == "info" else [])
+        conns_list = list(OP_CONNS) + list(EXTRA_CONNS.get((op, label), ()))
         conns_list = sorted(set(conns_list), key=int)
         out[op] = {}
         for c in conns_list:

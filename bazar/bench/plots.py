@@ -1,6 +1,7 @@
 """The plots of the bazar-bench report (PNG, via matplotlib's Agg backend): latency
-and throughput by op, invalidation, the crash timeline, LRU hit rate, and throughput
-against connections.
+and throughput by op, invalidation, the crash timeline, LRU hit rate, throughput
+against connections (cached info; and cached, uncached and writes beside the
+references), and the timeline of one write.
 
 matplotlib comes with the `bench` extra; bazar.bench.cli imports this module only to
 draw, and writes the report without plots when matplotlib is missing.
@@ -9,15 +10,18 @@ draw, and writes the report without plots when matplotlib is missing.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from bazar.bench.phases import OPS
 from bazar.bench.report import Results, dig, failover_windows, info_latency_split, lru_crosscheck
 from bazar.bench.stats import Stats
+from bazar.bench.timeline import NETWORK
 
 matplotlib.use("Agg")  # files only, never a window: the bench runs on machines without a display
 
@@ -158,11 +162,14 @@ def fig_throughput(results: Results) -> Figure | None:
     items = sorted(tp.items(), key=lambda kv: int(kv[0]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cs = [int(c) for c, _ in items]
-    ax.plot(cs, [st.get("rps") or 0 for _, st in items], marker="o", color="tab:green", label="req/s")
+    ax.plot(cs, [st.get("rps") or 0 for _, st in items], marker="o", color="tab:green", label="Bazar req/s")
     ax.set_xscale("log", base=2)
     ax.set_xticks(cs, [str(c) for c in cs])
     ax.set_xlabel("connections")
     ax.set_ylabel("req/s")
+    # the reference servers of this run, drawn before the axis is fixed so that it holds them
+    _sweep_line(ax, dig(results, "references", "twisted"), "raw twisted.web req/s", "tab:grey")
+    _sweep_line(ax, dig(results, "references", "klein"), "bare Klein req/s", "tab:olive")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
     ax2.plot(cs, [st.get("p50_ms") or 0 for _, st in items], marker="s", color="tab:purple", label="p50 ms")
@@ -177,8 +184,94 @@ def fig_throughput(results: Results) -> Figure | None:
     return fig
 
 
+def _sweep_line(ax: Axes, steps: dict[str, Stats] | None, label: str, color: str | None = None,
+                style: str = "--") -> bool:
+    """req/s against connections of one server's steps, if there are any."""
+    items = sorted((steps or {}).items(), key=lambda kv: int(kv[0]))
+    if not items:
+        return False
+    ax.plot([int(c) for c, _ in items], [st.get("rps") or 0 for _, st in items], linestyle=style, marker=".",
+            color=color, label=label)
+    return True
+
+
+def fig_connections(results: Results) -> Figure | None:
+    """req/s against connections: cached info, uncached info, and writes, Bazar's
+    beside the references measured in the run (twisted.web, Klein, etcd, --compare)."""
+    stores = dig(results, "compare", "stores") or []
+    panels: list[tuple[str, list[tuple[Any, str, str | None, str]]]] = [
+        # Bazar's own lines: phase 1's sweeps, else the steps the side-by-side phases took of it
+        ("cached GET /bazar/info", [(dig(results, "ops", "on", "info") or dig(results, "references", "bazar"),
+                                     "Bazar", "tab:green", "-"),
+                                    (dig(results, "references", "twisted"), "raw twisted.web", "tab:grey", "--"),
+                                    (dig(results, "references", "klein"), "bare Klein", "tab:olive", "--")]
+         + [(s.get("info"), f"{s.get('name')} info", None, ":") for s in stores]),
+        ("uncached reads", [(dig(results, "ops", "off", "info"), "Bazar info, cache off", "tab:blue", "-"),
+                            (dig(results, "etcd", "etcd", "range"), "etcd range", "tab:red", "--")]),
+        ("writes", [(dig(results, "ops", "on", "purchase") or dig(results, "etcd", "bazar", "purchase"),
+                     "Bazar purchase", "tab:purple", "-"),
+                    (dig(results, "etcd", "bazar", "write"), "Bazar update_price", "tab:cyan", "-"),
+                    (dig(results, "etcd", "etcd", "put"), "etcd put", "tab:red", "--")]
+         + [(s.get("purchase"), f"{s.get('name')} purchase", None, ":") for s in stores]),
+    ]
+    references = [steps for _, lines in panels for steps, _label, _color, style in lines if style != "-"]
+    if not any(references):  # nothing to draw Bazar beside: section 1 and the throughput plot say it all
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (title, lines) in zip(axes, panels):
+        drawn = [_sweep_line(ax, steps, label, color, style) for steps, label, color, style in lines]
+        conns = sorted({int(c) for steps, *_ in lines for c in (steps or {})})
+        ax.set_xscale("log", base=2)
+        if conns:
+            ax.set_xticks(conns, [str(c) for c in conns])
+        ax.set_xlabel("connections")
+        ax.set_ylabel("req/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        if any(drawn):
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="grey")
+    fig.suptitle("throughput against connections, beside the references of this run")
+    fig.tight_layout()
+    return fig
+
+
+def _process_color(process: str, primary: str) -> str:
+    if process == NETWORK:
+        return "tab:grey"
+    if process.startswith("frontend"):
+        return "tab:blue"
+    return "tab:red" if process == primary else "tab:orange"
+
+
+def fig_timeline(results: Results) -> Figure | None:
+    """The typical write as horizontal bars: one per step, from its start to its end (ms
+    since the front end received the request), coloured by where it happens."""
+    typical = dig(results, "timeline", "typical")
+    if not typical or not typical.get("spans"):
+        return None
+    spans = typical["spans"]
+    primary = typical.get("primary") or ""
+    fig, ax = plt.subplots(figsize=(11, 0.42 * len(spans) + 1.5))
+    for i, (_key, _label, process, start, end) in enumerate(spans):
+        ax.barh(i, max(end - start, 0.002), left=start, color=_process_color(process, primary), height=0.6)
+        ax.text(end, i, f" {end - start:.3f} ms", va="center", fontsize=7)
+    ax.set_yticks(range(len(spans)), [f"{s[1]} ({s[2]})" if s[2] != NETWORK else s[1] for s in spans], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the front end received the write")
+    ax.set_title(f"one typical write (update_price), entry {typical.get('index')}: primary {primary}")
+    handles = [Patch(color=c) for c in ("tab:blue", "tab:red", "tab:orange", "tab:grey")]
+    ax.legend(handles, ["front end", "primary", "backup", "between processes"], fontsize=8, loc="upper right")
+    ax.set_xlim(0, max(s[4] for s in spans) * 1.15)  # room for the last bar's figure
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = (("latency", fig_latency), ("invalidation", fig_invalidation), ("crash", fig_crash),
-           ("lru", fig_lru), ("throughput", fig_throughput))
+           ("lru", fig_lru), ("throughput", fig_throughput), ("connections", fig_connections),
+           ("timeline", fig_timeline))
 
 
 def write_plots(results: Results, out_dir: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ nothing, so `bazar-bench --report-only` can rewrite a report from an earlier run
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bazar.bench.phases import OPS, RSS_ENTRIES
@@ -25,25 +26,93 @@ def dig(d: Any, *keys: str) -> Any:
     return d
 
 
-# name, path into results, comparison, limit, unit
-TARGETS: list[tuple[str, tuple[str, ...], str, float, str]] = [
-    ("cached info throughput, 16 conns", ("ops", "on", "info", "16", "rps"), ">=", 9000, "req/s"),
-    ("cached info p50, 1 conn", ("ops", "on", "info", "1", "p50_ms"), "<=", 0.2, "ms"),
-    ("uncached info throughput, 16 conns", ("ops", "off", "info", "16", "rps"), ">=", 2500, "req/s"),
-    ("uncached info p50, 1 conn", ("ops", "off", "info", "1", "p50_ms"), "<=", 0.8, "ms"),
-    ("purchase p50, 1 conn", ("ops", "on", "purchase", "1", "p50_ms"), "<=", 5, "ms"),
-    ("purchase throughput, 16 conns", ("ops", "on", "purchase", "16", "rps"), ">=", 300, "req/s"),
-    ("front-end RSS with 10,000 cached entries", ("rss", "rss_mb"), "<=", 80, "MB"),
+def ratio(a: Any, b: Any) -> float | None:
+    """a ÷ b, or None when either is missing (or b is 0)."""
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return None
+    return float(a) / float(b)
+
+
+def cpu_per_request_ms(st: Stats | None) -> float | None:
+    """Server CPU per successful request of a step (ms), from the CPU its server processes used."""
+    if not st or not isinstance(st.get("server_cpu_s"), (int, float)) or not st.get("n"):
+        return None
+    return float(st["server_cpu_s"]) / float(st["n"]) * 1000.0
+
+
+def at(*path: str) -> Callable[[Results], Any]:
+    return lambda results: dig(results, *path)
+
+
+def versus(mine: tuple[str, ...], theirs: tuple[str, ...]) -> Callable[[Results], float | None]:
+    """Bazar's figure at `mine` ÷ the reference's at `theirs`."""
+    return lambda results: ratio(dig(results, *mine), dig(results, *theirs))
+
+
+def cpu_versus(mine: tuple[str, ...], theirs: tuple[str, ...]) -> Callable[[Results], float | None]:
+    return lambda results: ratio(cpu_per_request_ms(dig(results, *mine)), cpu_per_request_ms(dig(results, *theirs)))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure the report judges: how it is read from the results, and what is wanted.
+    `phase` names the results part whose "skipped" reason explains a missing figure."""
+
+    name: str
+    measure: Callable[[Results], Any]
+    cmp: str
+    limit: float
+    unit: str
+    phase: str = ""
+
+    @property
+    def wanted(self) -> str:
+        sign = self.cmp.replace(">=", "≥").replace("<=", "≤")
+        return f"{sign} {self.limit:g}×" if self.unit == "×" else f"{sign} {self.limit:g} {self.unit}"
+
+
+REFERENCES = ("references", "bazar"), ("references", "twisted")
+WRITE, PUT = ("etcd", "bazar", "write"), ("etcd", "etcd", "put")
+TARGETS: list[Target] = [
+    Target("cached info throughput, 16 conns", at("ops", "on", "info", "16", "rps"), ">=", 9000, "req/s"),
+    Target("cached info p50, 1 conn", at("ops", "on", "info", "1", "p50_ms"), "<=", 0.2, "ms"),
+    Target("uncached info throughput, 16 conns", at("ops", "off", "info", "16", "rps"), ">=", 2500, "req/s"),
+    Target("uncached info p50, 1 conn", at("ops", "off", "info", "1", "p50_ms"), "<=", 0.8, "ms"),
+    Target("purchase p50, 1 conn", at("ops", "on", "purchase", "1", "p50_ms"), "<=", 5, "ms"),
+    Target("purchase throughput, 16 conns", at("ops", "on", "purchase", "16", "rps"), ">=", 300, "req/s"),
+    Target("front-end RSS with 10,000 cached entries", at("rss", "rss_mb"), "<=", 80, "MB", "rss"),
+    Target("cached info ÷ raw twisted.web: throughput, 16 conns",
+           versus((*REFERENCES[0], "16", "rps"), (*REFERENCES[1], "16", "rps")), ">=", 1.0, "×", "references"),
+    Target("cached info ÷ raw twisted.web: p50, 1 conn",
+           versus((*REFERENCES[0], "1", "p50_ms"), (*REFERENCES[1], "1", "p50_ms")), "<=", 1.0, "×", "references"),
+    Target("start-up: bazar-cluster to every /ready 200", at("startup", "all_ready_s"), "<=", 3, "s", "startup"),
+    Target("replicated write ÷ etcd put: p50, 1 conn",
+           versus((*WRITE, "1", "p50_ms"), (*PUT, "1", "p50_ms")), "<=", 1.5, "×", "etcd"),
+    Target("replicated write ÷ etcd put: throughput, 16 conns",
+           versus((*WRITE, "16", "rps"), (*PUT, "16", "rps")), ">=", 0.5, "×", "etcd"),
+    Target("replicated write ÷ etcd put: server CPU per write",
+           cpu_versus((*WRITE, "16"), (*PUT, "16")), "<=", 2, "×", "etcd"),
+    Target("purchase p50 ÷ etcd put p50, 1 conn",
+           versus(("etcd", "bazar", "purchase", "1", "p50_ms"), (*PUT, "1", "p50_ms")), "<=", 3, "×", "etcd"),
 ]
+
+
+def why_missing(results: Results, phase: str) -> str:
+    """Why a target's figure is missing: its phase's reason for skipping, if it gave one."""
+    for path in ((phase,), (phase, "etcd")):
+        skipped = dig(results, *path, "skipped") if phase else None
+        if isinstance(skipped, str):
+            return skipped if skipped.startswith("not measured") else f"not measured: {skipped}"
+    return "not measured"
 
 
 def evaluate_targets(results: Results) -> list[dict[str, Any]]:
     rows = []
-    for name, path, cmp, limit, unit in TARGETS:
-        measured = dig(results, *path)
+    for t in TARGETS:
+        measured = t.measure(results)
         verdict = None
         why = ""
-        if path[0] == "rss":
+        if t.phase == "rss":
             entries = dig(results, "rss", "entries")
             if measured is not None and (not isinstance(entries, int) or entries < RSS_ENTRIES):
                 why = f"only {entries} entries"
@@ -51,13 +120,18 @@ def evaluate_targets(results: Results) -> list[dict[str, Any]]:
         if verdict is None:
             if measured is None:
                 verdict = "n/a"
-                why = "not measured"
+                why = why_missing(results, t.phase)
             else:
-                ok = measured >= limit if cmp == ">=" else measured <= limit
+                ok = measured >= t.limit if t.cmp == ">=" else measured <= t.limit
                 verdict = "PASS" if ok else "FAIL"
-        rows.append({"name": name, "target": f"{cmp.replace('>=', '≥').replace('<=', '≤')} {limit:g} {unit}",
-                     "measured": measured, "unit": unit, "verdict": verdict, "why": why})
+        rows.append({"name": t.name, "target": t.wanted, "measured": measured, "unit": t.unit, "verdict": verdict,
+                     "why": why})
     return rows
+
+
+def verdict_of(results: Results, name: str) -> dict[str, Any]:
+    """The evaluated row of the target called `name`."""
+    return next(r for r in evaluate_targets(results) if r["name"] == name)
 
 
 def _ms(v: float | None) -> str:
@@ -176,12 +250,21 @@ CPU_HEAD = " client CPU | front-end CPU |"
 CPU_SEP = "---:|---:|"
 
 
+def fmt_measured(value: Any, unit: str) -> str:
+    """A target's measured figure with its unit (a ratio as 0.93×)."""
+    if unit == "×":
+        return "—" if value is None else f"{value:.2f}×"
+    if unit == "s":
+        return "—" if value is None else f"{value:.2f} s"
+    return f"{fmt_num(value, unit)} {unit}"
+
+
 def targets_text(rows: list[dict[str, Any]]) -> str:
     """Plain-text table for the terminal."""
-    lines = [f"{'target':44s} {'wanted':>14s} {'measured':>12s}  verdict"]
+    width = max([len("target")] + [len(r["name"]) for r in rows])
+    lines = [f"{'target':{width}s} {'wanted':>14s} {'measured':>12s}  verdict"]
     for r in rows:
-        measured = fmt_num(r["measured"], r["unit"]) + " " + r["unit"]
-        lines.append(f"{r['name']:44s} {r['target']:>14s} {measured:>12s}  "
+        lines.append(f"{r['name']:{width}s} {r['target']:>14s} {fmt_measured(r['measured'], r['unit']):>12s}  "
                      f"{r['verdict']}{(' (' + r['why'] + ')') if r['why'] else ''}")
     return "\n".join(lines)
 
@@ -333,6 +416,10 @@ def _throughput_text(tp: dict[str, Any], plots: dict[str, str], ops: dict[str, A
                    f"{_ms(st0.get('p50_ms'))} to {_ms(st1.get('p50_ms'))} ms.")
         out.append("")
     out += _plot_link(plots, "throughput")
+    if plots.get("connections"):
+        out += ["The same against connections for cached and uncached reads and for writes, beside the reference "
+                "servers, etcd and the stores compared, when this run measured them (sections 7, 8 and 10):", ""]
+        out += _plot_link(plots, "connections")
     return out
 
 def _memory_text(rss: dict[str, Any]) -> list[str]:
@@ -347,6 +434,176 @@ def _memory_text(rss: dict[str, Any]) -> list[str]:
     if rss.get("note"):
         out.append(f"Note: {rss['note']}.")
     out.append("")
+    return out
+
+
+def _verdict_line(results: Results, name: str) -> str:
+    """One target's verdict as a sentence of its section."""
+    r = verdict_of(results, name)
+    why = f" ({r['why']})" if r["why"] else ""
+    return f"- {name}: {fmt_measured(r['measured'], r['unit'])}, wanted {r['target']}: **{r['verdict']}**{why}"
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _cpu_us(st: Stats | None) -> str:
+    ms = cpu_per_request_ms(st)
+    return "—" if ms is None else f"{ms * 1000:.0f}"
+
+
+def _side_by_side(rows: list[tuple[str, str, Stats | None, Stats | None]]) -> list[str]:
+    """A table of steps, each beside Bazar's at the same connection count: (server, conns,
+    its stats, Bazar's stats or None for Bazar's own rows)."""
+    out = ["| server | conns | req/s | p50 ms | p99 ms | errors | server CPU µs/req | Bazar ÷ it: req/s "
+           "| Bazar ÷ it: p50 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c, st, bazar in rows:
+        st = st or {}
+        mine = (_x(ratio((bazar or {}).get("rps"), st.get("rps"))), _x(ratio((bazar or {}).get("p50_ms"),
+                st.get("p50_ms")))) if bazar is not None else ("", "")
+        out.append(f"| {name} | {c} | {_rps(st.get('rps'))} | {_ms(st.get('p50_ms'))} | {_ms(st.get('p99_ms'))} "
+                   f"| {st.get('errors', '—')} | {_cpu_us(st)} | {mine[0]} | {mine[1]} |")
+    return out
+
+
+RATIO_READING = ("*Bazar ÷ it*: Bazar's figure divided by the other server's, measured one step after the other "
+                 "with the same client and connections: above 1 for req/s, or below 1 for p50, is Bazar ahead.")
+
+
+def _references_text(refs: dict[str, Any], results: Results, plots: dict[str, str]) -> list[str]:
+    """Section 7's text: cached info beside the raw twisted.web resource and the bare Klein route."""
+    theirs = ", ".join(f"{k} {v}" for k, v in (refs.get("reference_bytes") or {}).items())
+    out = [f"`GET {refs.get('path', '/bazar/info/0')}` from Bazar's front end (a cache hit) beside two reference "
+           f"servers started by the bench, each answering a constant JSON body of the same size "
+           f"({refs.get('body_bytes')} bytes; theirs: {theirs}) "
+           "with `Content-Type: application/json` and a `Content-Length`, without an access log: a raw "
+           "twisted.web `Resource` (`isLeaf`, `render_GET`) and a bare Klein route. Same client, same "
+           "connection counts, the three in turn at each count.", ""]
+    rows: list[tuple[str, str, Stats | None, Stats | None]] = []
+    for c in refs.get("conns") or sorted((refs.get("bazar") or {}), key=int):
+        bazar = dig(refs, "bazar", c)
+        rows.append(("Bazar (cached info)", c, bazar, None))
+        for kind, label in (("twisted", "raw twisted.web"), ("klein", "bare Klein")):
+            rows.append((label, c, dig(refs, kind, c), bazar or {}))
+    out += _side_by_side(rows) + ["", RATIO_READING, "",
+                                  _verdict_line(results, "cached info ÷ raw twisted.web: throughput, 16 conns"),
+                                  _verdict_line(results, "cached info ÷ raw twisted.web: p50, 1 conn"), ""]
+    # the plot of every server against connections: in section 5, or here when section 5 has none
+    out += _plot_link(plots, "connections") if not results.get("throughput") else [
+        "Section 5's plots draw these servers beside Bazar against connections.", ""]
+    return out
+
+
+def _compare_text(cmp: dict[str, Any]) -> list[str]:
+    """Section 8's text: a row per compared store and op, beside Bazar's."""
+    out = ["The same workloads against the stores named with `--compare` (their info and purchase URLs), each "
+           "connection count measured for Bazar and then for each store: Bazar's info is the cached "
+           "`GET /bazar/info/0`, its purchase `POST /bazar/purchase/<bench book>`.", ""]
+    out.append("| store | op | conns | req/s | p50 ms | errors | Bazar req/s | Bazar p50 ms | Bazar ÷ store: req/s "
+               "| Bazar ÷ store: p50 |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for store in cmp.get("stores") or []:
+        for op in ("info", "purchase"):
+            for c, st in sorted((store.get(op) or {}).items(), key=lambda kv: int(kv[0])):
+                bazar = dig(cmp, "bazar", op, c) or {}
+                out.append(f"| {store.get('name')} | {op} | {c} | {_rps(st.get('rps'))} | {_ms(st.get('p50_ms'))} "
+                           f"| {st.get('errors', '—')} | {_rps(bazar.get('rps'))} | {_ms(bazar.get('p50_ms'))} "
+                           f"| {_x(ratio(bazar.get('rps'), st.get('rps')))} "
+                           f"| {_x(ratio(bazar.get('p50_ms'), st.get('p50_ms')))} |")
+    out += ["", RATIO_READING, ""]
+    for store in cmp.get("stores") or []:
+        out.append(f"- {store.get('name')}: `--compare '{store.get('spec')}'`")
+    out.append("")
+    return out
+
+
+def _startup_text(st: dict[str, Any], results: Results) -> list[str]:
+    """Section 9's text: how long the started cluster took to answer /ready everywhere."""
+    out = [f"Cluster {st.get('cluster')}: from the start of `bazar-cluster` (the supervisor's process is created) "
+           f"until each process's `GET /ready` first answers 200 (each polled every {st.get('poll_s', 0) * 1000:.0f} "
+           "ms until it does; the cluster was started alone, before anything else of the bench ran).", "",
+           "| process | /ready 200 after (s) |", "|---|---:|"]
+    for name, t in (st.get("processes") or {}).items():
+        out.append(f"| {name} | {t:.2f} |")
+    out += ["", _verdict_line(results, "start-up: bazar-cluster to every /ready 200"),
+            "  (the target is for an idle 2-core machine)", ""]
+    return out
+
+
+def _etcd_text(e: dict[str, Any], results: Results) -> list[str]:
+    """Section 10's text: Bazar's replicated write, purchase and read beside etcd's put and range."""
+    etcd = e.get("etcd") or {}
+    skipped = etcd.get("skipped")
+    out = []
+    if skipped:
+        out.append(f"etcd: {skipped}; Bazar's side was measured all the same.")
+    else:
+        out.append(f"A {e.get('members', 3)}-member etcd cluster ({e.get('etcd_version') or 'etcd'}) on loopback, "
+                   "started and stopped by the bench, driven through its v3 JSON gateway at its leader: "
+                   "`POST /v3/kv/put` (a 100-byte value) and `POST /v3/kv/range` (linearizable). Beside it, in "
+                   "the same sweeps: Bazar's replicated write `PUT /bazar/update_price/<bench book>` (admin "
+                   "token), its purchase and its cached `GET /bazar/info/0`.")
+    out += ["", "| measure | Bazar | etcd | Bazar ÷ etcd |", "|---|---:|---:|---:|"]
+
+    def row(what: str, mine: Any, theirs: Any, fmt: Callable[[Any], str]) -> None:
+        out.append(f"| {what} | {fmt(mine)} | {fmt(theirs)} | {_x(ratio(mine, theirs))} |")
+
+    put = etcd.get("put") or {}
+    row("write p50, 1 conn (ms): update_price vs put", dig(e, "bazar", "write", "1", "p50_ms"),
+        dig(put, "1", "p50_ms"), _ms)
+    row("write throughput, 16 conns (req/s): update_price vs put", dig(e, "bazar", "write", "16", "rps"),
+        dig(put, "16", "rps"), _rps)
+    row("server CPU per write, 16 conns (ms)", cpu_per_request_ms(dig(e, "bazar", "write", "16")),
+        cpu_per_request_ms(dig(put, "16")), _ms)
+    row("purchase p50 vs put p50, 1 conn (ms)", dig(e, "bazar", "purchase", "1", "p50_ms"), dig(put, "1", "p50_ms"),
+        _ms)
+    row("purchase vs put throughput, 16 conns (req/s)", dig(e, "bazar", "purchase", "16", "rps"),
+        dig(put, "16", "rps"), _rps)
+    row("read p50, 1 conn (ms): cached info vs range", dig(e, "bazar", "read", "1", "p50_ms"),
+        dig(etcd, "range", "1", "p50_ms"), _ms)
+    row("read throughput, 16 conns (req/s): cached info vs range", dig(e, "bazar", "read", "16", "rps"),
+        dig(etcd, "range", "16", "rps"), _rps)
+    out += ["", "Targets:", ""]
+    for name in ("replicated write ÷ etcd put: p50, 1 conn", "replicated write ÷ etcd put: throughput, 16 conns",
+                 "replicated write ÷ etcd put: server CPU per write", "purchase p50 ÷ etcd put p50, 1 conn"):
+        out.append(_verdict_line(results, name))
+    out += ["", "Every step:", "", "| server | op | conns " + STATS_HEAD + " server CPU per request (ms) |",
+            "|---|---|---:" + STATS_SEP + "---:|"]
+    for server, ops in (("Bazar", e.get("bazar") or {}), ("etcd", {k: v for k, v in etcd.items() if k != "skipped"})):
+        for op, steps in ops.items():
+            for c, st in sorted(steps.items(), key=lambda kv: int(kv[0])):
+                out.append(_stats_row([server, op, c], st)[:-1] + f"| {_ms(cpu_per_request_ms(st))} |")
+    out += ["", (f"Server CPU: the CPU seconds of the server processes over a step, divided by its successful "
+                 f"requests: etcd's {e.get('members', 3)} members; for Bazar, the front end and the replicas the "
+                 f"operation passes through (a write: the catalog's; a purchase: the catalog's and the order "
+                 f"service's; a cached read: the front end alone), of {', '.join(e.get('bazar_processes') or [])}. "
+                 "Bazar's write passes through its front end before it reaches the primary; etcd's put is sent "
+                 "straight to its leader."), ""]
+    return out
+
+
+def _timeline_text(tl: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    """Section 11's text: the median of each step of a write, and the typical write's plot."""
+    client = tl.get("client") or {}
+    out = [f"A cluster of its own, started with `BAZAR_TRACE` naming one file, took {tl.get('sent')} single writes "
+           f"(`PUT /bazar/update_price/{tl.get('book', 1)}`), one at a time; {tl.get('writes')} were assembled from "
+           f"{tl.get('events')} trace events. The client saw a p50 of {_ms(client.get('p50_ms'))} ms (tracing adds a "
+           "JSON line and a write per event, a few µs each).", "",
+           "| step | median ms | writes |", "|---|---:|---:|"]
+    for step in (tl.get("steps") or {}).values():
+        out.append(f"| {step['label']} | {_ms(step['median_ms'])} | {step['n']} |")
+    out += ["", ("Steps overlap: the primary's own fsync runs while the appends are on their way (its messages "
+                 "leave before it writes), and the entry commits once the primary and one backup hold it on disk, "
+                 "whichever comes last; the 2nd backup's reply comes after the answer may already be on its way. "
+                 "\"HTTP\" steps are the time between one process sending and the other receiving: loopback, "
+                 "the HTTP framing, and the wait for the reactor of the receiver."), ""]
+    typical = tl.get("typical")
+    if typical:
+        out.append(f"The plot shows the typical write (the one whose whole time is closest to the median): entry "
+                   f"{typical.get('index')} at primary {typical.get('primary')}.")
+        out.append("")
+    out += _plot_link(plots, "timeline")
     return out
 
 
@@ -370,10 +627,11 @@ def render_report(results: Results) -> str:
         out.append(f"- note: {n}")
     out.append("")
 
-    out += ["## Targets", "", "| target | wanted | measured | verdict |", "|---|---|---:|---|"]
+    out += ["## Targets", "", "A ratio (×) is Bazar's figure divided by the reference's, both measured in this run.",
+            "", "| target | wanted | measured | verdict |", "|---|---|---:|---|"]
     for r in evaluate_targets(results):
         verdict = r["verdict"] if not r["why"] else f"{r['verdict']} ({r['why']})"
-        out.append(f"| {r['name']} | {r['target']} | {fmt_num(r['measured'], r['unit'])} {r['unit']} | **{verdict}** |")
+        out.append(f"| {r['name']} | {r['target']} | {fmt_measured(r['measured'], r['unit'])} | **{verdict}** |")
     out.append("")
 
     # 1. ops
@@ -407,6 +665,16 @@ def render_report(results: Results) -> str:
                           results.get("throughput"), lambda tp: _throughput_text(tp, plots, ops),
                           missing="Not measured.")
     out += _phase_section("## 6. Front-end memory", results.get("rss"), _memory_text)
+    out += _phase_section("## 7. Beside a raw twisted.web resource and a bare Klein route", results.get("references"),
+                          lambda refs: _references_text(refs, results, plots), missing="Not measured.")
+    out += _phase_section("## 8. Beside other stores (`--compare`)", results.get("compare"), _compare_text,
+                          missing="Not measured: no store named with `--compare`.")
+    out += _phase_section("## 9. Start-up", results.get("startup"), lambda st: _startup_text(st, results),
+                          missing="Not measured.")
+    out += _phase_section("## 10. Replicated writes beside etcd", results.get("etcd"),
+                          lambda e: _etcd_text(e, results), missing="Not measured.")
+    out += _phase_section("## 11. Where one write spends its time", results.get("timeline"),
+                          lambda tl: _timeline_text(tl, plots), missing="Not measured.")
 
     out += ["## How this was measured", "",
             ("`bazar-bench` (bazar/bench.py): threads with one keep-alive HTTP/1.1 connection each, all to "

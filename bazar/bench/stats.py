@@ -65,6 +65,8 @@ def fmt_stats(st: Stats | None) -> str:
         cpu += f"  cpu: client {st['client_cpu']:.0%}"
     if st.get("frontend_cpu") is not None:
         cpu += f", front end {st['frontend_cpu']:.0%}"
+    if st.get("server_cpu_s") is not None and st.get("n"):
+        cpu += f", servers {st['server_cpu_s'] / st['n'] * 1e6:.0f} µs/req"
     return (f"{rate}p50 {st['p50_ms']:.3f}  p95 {st['p95_ms']:.3f}  "
             f"p99 {st['p99_ms']:.3f} ms  errors {st['errors']}{cpu}")
 

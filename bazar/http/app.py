@@ -60,6 +60,7 @@ from bazar.errors import (
     Unauthorized,
     Unavailable,
 )
+from bazar.trace import trace
 
 log = Logger()
 
@@ -119,6 +120,7 @@ def respond(request: IRequest, body: bytes, status: int = 200, content_type: byt
     request.setHeader(b"Content-Type", content_type)
     # a known length spares both sides chunked transfer encoding
     request.setHeader(b"Content-Length", b"%d" % len(body))
+    trace("http.answer", None, path=request.path, status=status)
     return body
 
 
@@ -341,6 +343,7 @@ class JsonResource(KleinResource):
 
     def render(self, request: IRequest) -> Any:
         method, path = request.method, request.path
+        trace("http.request", None, method=method, path=path)
         methods = self.api.rpcs.get(path)
         if methods is not None:
             rpc = methods.get(method)

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from bazar.codec import dumps
 from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
 from bazar.http.request import SECRET_HEADER
+from bazar.trace import trace
 
 # What a peer that did not answer looks like: refused, reset, closed, timed out.
 TRANSPORT_FAILURES = (ConnectError, ConnectionClosed, DNSLookupError, ResponseFailed, ResponseNeverReceived,
@@ -154,12 +155,14 @@ async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
         content = await treq.content(response)
         return response.code, content, response.headers
 
+    trace("call.send", None, method=method, url=url)
     d = ensureDeferred(exchange())
     d.addTimeout(timeout, clock)
     try:
         code, content, response_headers = await d
     except TRANSPORT_FAILURES as exc:
         raise Unreachable(f"{method} {url}: {exc.__class__.__name__}") from None
+    trace("call.answer", None, url=url, status=code)
     if not parse:
         return code, content, response_headers
     parsed = None

@@ -48,6 +48,7 @@ from bazar.replication import raft
 from bazar.replication.raft import Entry, Message, NotLeader, Raft, message_from_json
 from bazar.replication.store import Outcome, Store
 from bazar.settings import ReplicaSettings
+from bazar.trace import trace
 
 log = Logger()
 
@@ -283,6 +284,8 @@ class Replica:
             if not self.running:
                 break
             ready = self.core.ready()
+            if ready.committed:
+                trace("commit", None, upto=ready.committed[-1].index)
             # A leader's messages need nothing of its own disk: they leave while it
             # writes (§10.2.1; it counts itself once `persisted`). Anyone else's (votes,
             # acknowledgements) leave only once what they promise is on disk (§3.8).
@@ -313,6 +316,7 @@ class Replica:
         if not self.running:
             return
         self.store.flush()
+        trace("flushed", None, upto=self.store.last_index())
         self.core.persisted(self.store.last_index())
         self._changed()
 
@@ -326,6 +330,7 @@ class Replica:
         return replies
 
     def _applied(self, entry: Entry, outcome: Outcome) -> None:
+        trace("applied", None, index=entry.index)
         waiter = self.waiters.get(entry.index)
         if waiter is not None:
             term, d = waiter
@@ -468,6 +473,7 @@ class Replica:
             log.info("log compacted up to index {index}", index=upto)
 
     async def _exchange(self, url: str, m: Message) -> None:
+        trace("send", None, to=m.dst, kind=m.kind, prev=getattr(m, "prev_index", 0), n=len(getattr(m, "entries", ())))
         try:
             status, answer, _ = await call(self.http, self.clock, "POST", url + RAFT_PATH,
                                            body=m.to_json(), secret=self.secret,
@@ -475,6 +481,7 @@ class Replica:
                                            else 2 * self.rpc_timeout)
         except Unreachable:
             status, answer = 0, None
+        trace("reply", None, frm=m.dst, kind=m.kind, status=status)
         if not self.running:
             return
         if status != 200 or not isinstance(answer, dict):
@@ -527,6 +534,7 @@ class Replica:
                 index, term = self.core.propose(op)
             except NotLeader:
                 return await self.forward_write(op, hops)
+            trace("propose", op.get("rid"), index=index)
             d: Deferred[Outcome] = Deferred()
             self.waiters[index] = (term, d)
             if self._processing:

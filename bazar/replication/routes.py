@@ -19,6 +19,7 @@ from bazar.http.request import INTERNAL_BODY, read_body, require_secret
 from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.replica import PRIMARY, Replica
+from bazar.trace import trace
 
 # bazar_replica_role's `role` label, one series per role (1 for the one it holds): the
 # Raft role, with the leader named as /health names it. /health's "backup" is any of
@@ -119,10 +120,14 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
     @api.rpc(RAFT_PATH, "POST", "raft")
     def message(request: IRequest) -> bytes:
         body = internal_body(request, secret)
+        trace("receive", None, frm=body.get("src"), kind=body.get("kind"), prev=body.get("prev_index"))
         try:
-            return dumps(replica.receive(body))
+            answer = replica.receive(body)  # (a follower's answer leaves once what it promises is on disk)
         except (KeyError, TypeError, ValueError) as exc:
             raise Invalid(f"malformed internal message: {exc.__class__.__name__}") from None
+        trace("durable", None, frm=body.get("src"), kind=body.get("kind"), prev=body.get("prev_index"),
+              n=len(body.get("entries") or ()))
+        return dumps(answer)
 
     @api.rpc(SNAPSHOT_PATH, "POST", "snapshot")
     def snapshot(request: IRequest) -> dict[str, Any]:

@@ -642,9 +642,10 @@ class Processes:
             parts.append(f"--- {name} (pid {process.pid}, rc {process.poll()})\n" + "".join(lines))
         return "\n".join(parts)
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 10.0) -> None:
+        """SIGTERM each (by its PID), and SIGKILL those still running `wait` seconds later."""
         untrack(self)
-        terminate(process for _, process, _ in self.started)
+        terminate((process for _, process, _ in self.started), wait)
 
 
 # -- redis-server --------------------------------------------------------------

@@ -853,7 +853,10 @@ class _Store(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def stores():
     """Two stdlib stores: one plays Bazar's front end, the other is the store compared."""
-    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Store) for _ in range(2)]
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 256  # 64 connections at once (the default backlog, 5, refuses some)
+
+    servers = [Server(("127.0.0.1", 0), _Store) for _ in range(2)]
     for srv in servers:
         srv.daemon_threads = True
         threading.Thread(target=srv.serve_forever, daemon=True).start()

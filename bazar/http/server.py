@@ -246,6 +246,7 @@ class QuietSite(Site):
     forms (Twisted would answer a bad multipart body with a bare 400 of its own)."""
 
     displayTracebacks = False
+    noisy = False  # no "Starting factory" line at every start
     protocol = GuardedChannel  # type: ignore[assignment]  # (plain HTTP/1.1: no TLS, so no HTTP/2 to negotiate)
     requestFactory = GuardedRequest
 

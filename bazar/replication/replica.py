@@ -307,11 +307,17 @@ class Replica:
 
     def _flush_soon(self) -> None:
         if self._flusher is None and self.running:
-            self._flusher = self.clock.callLater(0, self._flush_now)
+            self._flusher = self.clock.callLater(0, self._flush_next_turn)
+
+    def _flush_next_turn(self) -> None:
+        # A transport's write only fills its buffer; the reactor sends it when it next
+        # polls, which comes after the timed calls of this turn. So the fsync waits one
+        # turn more: the messages must be on the wire before the reactor blocks on it.
+        self._flusher = self.clock.callLater(0, self._flush_now)
 
     def _flush_now(self) -> None:
-        """The leader's own disk write, one reactor turn after its messages left: the
-        fsync then overlaps the followers' (§10.2.1); it counts itself from now on."""
+        """The leader's own disk write, once its messages have left: the fsync then
+        overlaps the followers' (§10.2.1); it counts itself from now on."""
         self._flusher = None
         if not self.running:
             return

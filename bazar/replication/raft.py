@@ -289,6 +289,10 @@ class Raft:
         self.commit = self.applied
         self.stable = self.log.last_index()  # what a new process finds is on disk
         self._reset_timeout()
+        # A process that has just started knows no leader: its first timeout is half the
+        # usual, so a store that starts elects sooner. A running leader is not disturbed:
+        # its followers hear it (§4.2.3), and a pre-vote asks before any term moves (§9.6).
+        self.timeout = (self.election_ticks + self.rng.randrange(self.election_ticks)) // 2
 
     # -- facts ------------------------------------------------------------------------
     @property

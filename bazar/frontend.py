@@ -4,6 +4,7 @@ search, round robin over live replicas, writes through the primaries."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +26,7 @@ from bazar.errors import Invalid, Unavailable
 from bazar.http.app import Created, JsonApp, Raw
 from bazar.http.client import error_of, passthrough
 from bazar.http.request import INTERNAL_BODY, page_of, parse_id, read_books, read_object, require_admin, require_secret
-from bazar.invalidation import Announcement, InvalidationStream, Refused, subscribe
+from bazar.invalidation import MAX_SEQ, Announcement, InvalidationStream, Refused, Siblings, subscribe
 from bazar.messages import PURCHASE_PATH, PUSH_PATH, Purchased, PurchaseRequest
 from bazar.ops import AddBook, ImportBooks, Restock, UpdatePrice, new_rid
 from bazar.pages.clusterpage import install_cluster_page
@@ -50,13 +51,16 @@ OPENAPI = os.path.join(os.path.dirname(__file__), "openapi.json")
 
 class Frontend:
     def __init__(self, *, catalog: ReplicaSet, order: ReplicaSet, cache: LRUCache, stream: InvalidationStream,
-                 admin_token: str | None, secret: str | None):
+                 admin_token: str | None, secret: str | None, siblings: Siblings | None = None,
+                 listening: dict[str, Any] | None = None):
         self.catalog = catalog
         self.order = order
         self.cache = cache
         self.stream = stream
         self.admin_token = admin_token
         self.secret = secret
+        self.siblings = siblings  # the other processes on this one's port, if it shares it
+        self.listening = listening or {}  # how it listens, for /health: reuse_port, internal_port
         self.order_floor = 0
         catalog.listeners.append(self._catalog_polled)
 
@@ -104,8 +108,17 @@ class Frontend:
     # -- writes ---------------------------------------------------------------
     async def catalog_write(self, op: AddBook | ImportBooks | UpdatePrice | Restock) -> dict[str, Any]:
         outcome = await self.catalog.write(op.to_json())
-        self.stream.written(outcome.seq, outcome.keys)  # read-your-writes
+        await self.written(outcome.seq, outcome.keys)
         return outcome.result
+
+    async def written(self, seq: int, keys: tuple[str, ...], order_seq: int | None = None) -> None:
+        """A write made here, before it is answered: the catalog write's keys dropped from
+        this cache and (on a shared port) from the siblings', which also learn the order
+        write's index, so that the client reads its own write whichever process its next
+        connection reaches."""
+        self.stream.written(seq, keys)
+        if self.siblings is not None:
+            await self.siblings.tell(seq, keys, order_seq)
 
     async def import_books(self, books: tuple[NewBook, ...]) -> list[int]:
         """Add every book in one replicated write (all or nothing): their new ids, in order."""
@@ -125,9 +138,9 @@ class Frontend:
             purchased = Purchased.from_json(answer)
         except Invalid:
             raise Unavailable("the order service answered a purchase with something malformed") from None
-        self.stream.written(purchased.catalog_seq, purchased.catalog_keys)
         # read-your-writes for orders: no order replica older than this purchase
         self.order_floor = max(self.order_floor, purchased.seq)
+        await self.written(purchased.catalog_seq, purchased.catalog_keys, order_seq=purchased.seq)
         return {"order": purchased.order}
 
     async def orders(self, page: Page | None = None) -> tuple[int, bytes]:
@@ -180,7 +193,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
                 # like every /health, epoch and last_seq (here: the catalog's, as this front end sees it)
                 "epoch": primary.epoch if primary is not None else 0, "last_seq": fe.stream.upto or 0,
                 "catalog": view(fe.catalog), "order": view(fe.order), "cache": fe.cache.stats(),
-                "cache_bypass": fe.cache.bypass}
+                "cache_bypass": fe.cache.bypass, **fe.listening}
 
     @api.route("/ready", "GET", "ready")
     def ready(request: IRequest) -> dict[str, Any]:
@@ -285,8 +298,14 @@ def frontend_app(fe: Frontend) -> JsonApp:
             announced = [Announcement.from_json(message) for message in messages]
         except Refused:
             raise Invalid("each message needs an integer seq and a list of keys") from None
+        # a purchase made through a sibling on this port: its order's index (bazar.invalidation.Siblings)
+        order_seq = body.get("order_seq")
+        if order_seq is not None and (type(order_seq) is not int or not 0 <= order_seq < MAX_SEQ):
+            raise Invalid("order_seq must be a log index")
         for announcement in announced:
             fe.stream.receive(announcement.seq, announcement.keys)
+        if order_seq is not None:
+            fe.order_floor = max(fe.order_floor, order_seq)
         return {"ok": True, "upto": fe.stream.upto}
 
     api.registry.register(FrontendFigures(fe))
@@ -312,8 +331,11 @@ def build_frontend(settings: FrontendSettings, *, clock: IReactorTime, http: HTT
     order = ReplicaSet("order", settings.order, http, clock, settings.secret, settings.order_client)
     cache = LRUCache(settings.cache_size)
     stream = InvalidationStream(cache, clock, grace=settings.invalidation_grace, secret=settings.secret)
+    siblings = (Siblings(http=http, clock=clock, secret=settings.secret, urls=settings.siblings,
+                         timeout=settings.sibling_timeout) if settings.siblings else None)
     fe = Frontend(catalog=catalog, order=order, cache=cache, stream=stream, admin_token=settings.admin_token,
-                  secret=settings.secret)
+                  secret=settings.secret, siblings=siblings,
+                  listening={"reuse_port": settings.reuse_port, "internal_port": settings.internal_port})
     app = frontend_app(fe)
     subscriber: list[Any] = []
 
@@ -337,18 +359,35 @@ class Options(BazarOptions):
         ["order", None, "http://127.0.0.1:5201", "Order replicas: http://h:p,..."],
         ["cache-size", None, 1024, "Entries in the LRU cache (0: no cache).", int],
         ["redis", None, None, "Redis URL to receive invalidations from, e.g. redis://127.0.0.1:6379."],
+        ["internal-port", None, None, "A port of this process alone, beside --port (the same doors): where the "
+                                      "catalog pushes invalidations, and health checks and scrapes reach this "
+                                      "very process when --port is shared.", int],
+        ["siblings", None, "", "The other front ends sharing --port, by their own URLs (http://h:internal-port,...): "
+                               "a write made here drops its keys from their caches before it is answered."],
+    ]
+    optFlags: list[list[Any]] = [
+        ["reuse-port", None, "Listen on --port with SO_REUSEPORT (Linux): front ends started with it share the "
+                             "port, the kernel spreading new connections across them."],
     ]
 
     def postOptions(self) -> None:
         if self["cache-size"] < 0:
             raise usage.UsageError("--cache-size must be 0 or more")
+        if self["reuse-port"] and not hasattr(socket, "SO_REUSEPORT"):
+            raise usage.UsageError("--reuse-port: this system has no SO_REUSEPORT")
+        internal = self["internal-port"]
+        if internal is not None and (not 0 < internal < 65536 or internal == self["port"]):
+            raise usage.UsageError(f"--internal-port {internal}: expected a port (1-65535) other than --port")
         self.settings = FrontendSettings(catalog=tuple(parse_urls(self["catalog"])),
                                          order=tuple(parse_urls(self["order"])), cache_size=self["cache-size"],
                                          redis=parse_redis(self["redis"]), secret=secret_of(self, "cluster-secret"),
-                                         admin_token=secret_of(self, "admin-token"))
+                                         admin_token=secret_of(self, "admin-token"),
+                                         reuse_port=bool(self["reuse-port"]), internal_port=internal,
+                                         siblings=tuple(parse_urls(self["siblings"])))
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     reactor = the_reactor(reactor)
-    return serve(lambda clock, http: build_frontend(options.settings, clock=clock, http=http, reactor=reactor),
-                 options, reactor)
+    settings = options.settings
+    return serve(lambda clock, http: build_frontend(settings, clock=clock, http=http, reactor=reactor),
+                 options, reactor, reuse_port=settings.reuse_port, internal_port=settings.internal_port)

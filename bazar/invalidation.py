@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 import txredisapi
 from attrs import frozen
 from treq.client import HTTPClient
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -235,6 +235,60 @@ class Publisher:
                 await deferLater(self.clock, 0.25)
         finally:
             self.sending.discard(url)
+
+
+class Siblings:
+    """Front-end side, for front end processes that share one port (SO_REUSEPORT): a
+    write made through one of them is announced to the others, at their own ports,
+    before it is answered (a purchase's order index with it). The client's next request
+    may open a connection that the kernel hands to another process of the port; that
+    process has dropped the write's keys by then, and reads no order replica older than
+    the purchase, so reads through the port see their own writes as through one front
+    end. (The catalog primary's push reaches every process too, but a moment
+    after the write's answer: this closes that moment.) A sibling that does not take
+    the announcement within `timeout` is left to the push and to its gap detection,
+    as a front end on a port of its own would be."""
+
+    def __init__(self, *, http: HTTPClient, clock: IReactorTime, secret: str | None, urls: tuple[str, ...],
+                 timeout: float = 0.5):
+        self.http = http
+        self.clock = clock
+        self.secret = secret
+        self.urls = urls
+        self.timeout = timeout
+        self.missed: Counter[str] = Counter()  # writes a sibling did not take, by its URL
+        self.away: set[str] = set()  # siblings whose last announcement failed (said once, not per write)
+
+    async def tell(self, seq: int, keys: Iterable[str], order_seq: int | None = None) -> None:
+        """Announce a committed catalog write (and, for a purchase, the index of its order)
+        to every sibling; return when each took it (or failed to)."""
+        if not self.urls:
+            return
+        messages = [announced.to_json() for announced in announcements(seq, tuple(keys))]
+        extra = {} if order_seq is None else {"order_seq": order_seq}
+        await DeferredList([ensureDeferred(self._tell(url, messages, extra)) for url in self.urls],
+                           consumeErrors=True)
+
+    async def _tell(self, url: str, messages: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        while messages:
+            taken = next_push(messages)
+            try:
+                status, _, _ = await call(self.http, self.clock, "POST", url + PUSH_PATH,
+                                          body={"messages": messages[:taken], **extra}, secret=self.secret,
+                                          timeout=self.timeout)
+            except Unreachable:
+                status = 0
+            if status != 200:
+                if url not in self.away:
+                    self.away.add(url)
+                    log.warn("front end {url} did not take a write's invalidation ({status}); the catalog's "
+                             "push and its gap detection are left to cover it", url=url, status=status or "no answer")
+                self.missed[url] += 1
+                return
+            messages = messages[taken:]
+        if url in self.away:
+            self.away.discard(url)
+            log.info("front end {url} takes writes' invalidations again", url=url)
 
 
 class InvalidationStream:

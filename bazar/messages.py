@@ -19,7 +19,9 @@ STATUS_PATH = "/internal/status"  # GET a replica's health, and whether it is pr
 WRITE_PATH = "/internal/write"  # POST {"op": operation}: a write, forwarded to the primary
 PURCHASE_PATH = "/internal/purchase"  # POST PurchaseRequest to the order primary: Purchased
 SALES_PATH = "/internal/sales"  # GET ?after=INDEX: the catalog's sales after a log index, SALES_PAGE at most
-PUSH_PATH = "/internal/invalidate"  # POST {"messages": [announcement, ...]} to a front end
+# POST {"messages": [announcement, ...]} to a front end; from a sibling on a shared port,
+# a purchase's order index too: "order_seq" (bazar.invalidation.Siblings)
+PUSH_PATH = "/internal/invalidate"
 SNAPSHOT_PATH = "/internal/snapshot"  # POST a chunk of the leader's state to a backup that needs it (§5.3)
 
 SALES_PAGE = 500

@@ -60,19 +60,22 @@ def process_name(options: usage.Options) -> str:
 
 
 def serve(build: Callable[[IReactorTime, HTTPClient], Node], options: usage.Options,
-          reactor: Any = None) -> MultiService:
+          reactor: Any = None, *, reuse_port: bool = False, internal_port: int | None = None) -> MultiService:
     """The twistd service of a process: the node `build` wires (with the reactor as its
-    clock, and one pooled HTTP client) served on the options' host and port."""
+    clock, and one pooled HTTP client) served on the options' host and port (shared
+    with other processes with `reuse_port`; beside it, `internal_port`: `listen`)."""
     reactor = the_reactor(reactor)
     identify(process_name(options))
     http, pool = make_http(reactor)
-    return serve_node(build(reactor, http), reactor, options["host"], options["port"], pool)
+    return serve_node(build(reactor, http), reactor, options["host"], options["port"], pool,
+                      reuse_port=reuse_port, internal_port=internal_port)
 
 
-def serve_node(node: Node, reactor: Any, host: str, port: int, pool: HTTPConnectionPool | None = None) -> MultiService:
+def serve_node(node: Node, reactor: Any, host: str, port: int, pool: HTTPConnectionPool | None = None, *,
+               reuse_port: bool = False, internal_port: int | None = None) -> MultiService:
     """`node` served on host:port, as a twistd service."""
     parent = MultiService()
-    listen(parent, reactor, node.resource, host, port)
+    listen(parent, reactor, node.resource, host, port, reuse_port=reuse_port, internal_port=internal_port)
     for seconds, work, what in node.periodic:
         every(seconds, work, what).setServiceParent(parent)
 

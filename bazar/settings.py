@@ -75,3 +75,9 @@ class FrontendSettings:
     order_client: ClientTiming = ClientTiming(write_budget=15.0)
     poll_every: float = 0.25  # seconds between health checks of every replica
     invalidation_grace: float = 1.0  # seconds a gap in the invalidations may last before the cache is flushed
+    # Several front end processes on one port (SO_REUSEPORT): this one's own port beside it,
+    # and the others' own URLs, told of every write made here before it is answered
+    reuse_port: bool = False
+    internal_port: int | None = None
+    siblings: tuple[str, ...] = ()
+    sibling_timeout: float = 0.5  # seconds a write's answer waits, at most, for the siblings to take its keys

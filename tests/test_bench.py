@@ -1071,3 +1071,48 @@ def test_timeline_ranks_backups_by_their_reply_and_skips_unfinished_writes():
     # a write that never reached a primary (no propose) is no write of the timeline
     assert timeline.assemble([e for e in events if e["event"] != "propose"]) == []
     assert timeline.summarize_writes([]) == {"writes": 0, "steps": {}, "typical": None}
+
+
+# ---------------------------------------------------------------- cores: front ends sharing one port
+
+def _cores_results(load=0.1):
+    def step(rps, n, client, front_s, answered):
+        return _st(rps, 1.0, n=n) | {"client_cpu": client, "server_cpu_s": front_s, "server_processes": 2,
+                                      "answered": answered}
+    return {"processes": 2, "conns": ["16", "64"], "cpus": 2, "book": 0, "loadavg_before": [load, 0, 0],
+            "loadavg_after": [load, 0, 0], "ports": {"shared": 5000, "own": [5050, 5051]},
+            "steps": {"1": {"16": step(10000, 10000, 0.5, 0.6, [10000, 0]),
+                            "64": step(9500, 9500, 0.5, 0.6, [9500, 0])},
+                      "2": {"16": step(13000, 13000, 0.7, 1.1, [7000, 6000]),
+                            "64": step(14250, 14250, 0.8, 1.15, [7200, 7050])}}}
+
+
+def test_cores_is_a_phase_of_its_own():
+    assert "cores" in phases.PHASES and "cores" not in phases.ON_CLUSTER
+    assert cli.parse_args(["--only", "cores"]).phases == ["cores"]
+
+
+def test_report_cores_gives_the_gain_per_process_and_where_it_stops():
+    md = render_report({"meta": {"notes": []}, "ops": {}, "ops_skipped": {}, "plots": {},
+                        "cores": _cores_results()})
+    text = _section(md, 12)
+    rows = _table_rows(text)
+    assert rows[1].split(" | ")[:3] == ["| 1", "16", "10,000"]
+    assert rows[2].split(" | ")[:3] == ["| 2", "16", "13,000"] and rows[2].endswith("| 7000 / 6000 |")
+    assert "at 16 connections, N = 2 served 1.30× the reads of N = 1 (+30% per added process)" in text
+    assert "at 64 connections, N = 2 served 1.50×" in text
+    # the busiest step (64 connections, N = 2): 0.8 + 1.15 of 2 cores: full
+    assert "used 1.95 of the machine's 2 cores" in text and "The machine is full" in text
+    assert "spends 60 µs of CPU on a cached read" in text and "about 16,667 reads/s" in text
+    assert "the client spends 50 µs on each" in text
+
+
+def test_report_cores_on_a_busy_machine_says_smoke_and_missing_says_not_measured():
+    busy = _cores_results(load=4.0)
+    busy["steps"]["2"]["64"]["server_cpu_s"] = 0.5
+    text = _section(render_report({"meta": {"notes": []}, "ops": {}, "plots": {}, "cores": busy}), 12)
+    assert "a load average of 4.00 says other work ran on this machine" in text
+    md = render_report({"meta": {"notes": []}, "ops": {}, "plots": {}})
+    assert _section(md, 12).splitlines()[2] == "Not measured."
+    skipped = render_report({"meta": {"notes": []}, "ops": {}, "plots": {}, "cores": {"skipped": "interrupted"}})
+    assert "Skipped — interrupted." in _section(skipped, 12)

@@ -44,9 +44,10 @@ def toml(tmp_path: Path, text: str) -> str:
                  "host": "127.0.0.1", "admin-token": None, "cluster-secret": None}),
     ("order", {"port": 5201, "id": 1, "peers": "", "data": None, "catalog": "http://127.0.0.1:5101"}),
     ("frontend", {"port": 5000, "catalog": "http://127.0.0.1:5101", "order": "http://127.0.0.1:5201",
-                  "cache-size": 1024, "redis": None}),
+                  "cache-size": 1024, "redis": None, "reuse-port": 0, "internal-port": None, "siblings": ""}),
     ("cluster", {"data": "bazar-data", "redis": None, "frontends": 1, "cache-size": 1024, "frontend-port": 5000,
-                 "catalog-ports": (5101, 5102, 5103), "order-ports": (5201, 5202, 5203)}),
+                 "catalog-ports": (5101, 5102, 5103), "order-ports": (5201, 5202, 5203),
+                 "shared-port-frontends": 0, "internal-port": None}),
 ])
 def test_defaults(kind: str, defaults: dict[str, Any]) -> None:
     options = parse(kind)
@@ -67,6 +68,8 @@ CASES = [
     ("frontend", "admin-token", "t-flag", "t-env", 'admin-token = "t-toml"', "t-flag", "t-env", "t-toml"),
     ("frontend", "host", "0.0.0.0", "10.0.0.1", 'host = "10.0.0.2"', "0.0.0.0", "10.0.0.1", "10.0.0.2"),
     ("cluster", "frontends", "3", "2", "frontends = 4", 3, 2, 4),
+    ("cluster", "shared-port-frontends", "1", "2", '"shared-port-frontends" = 3', 1, 2, 3),
+    ("frontend", "internal-port", "5050", "5051", '"internal-port" = 5052', 5050, 5051, 5052),
     ("cluster", "data", "/d/flag", "/d/env", 'data = "/d/toml"', "/d/flag", "/d/env", "/d/toml"),
 ]
 
@@ -122,10 +125,41 @@ def test_a_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
     ("cluster", ["--order-ports", ""]),
     ("cluster", ["--order-ports", "0,5202"]),
     ("cluster", ["--catalog-ports", "70000"]),
+    ("cluster", ["--shared-port-frontends", "-1"]),
+    ("cluster", ["--shared-port-frontends", "17"]),
+    ("cluster", ["--shared-port-frontends", "2", "--internal-port", "65534"]),
+    ("frontend", ["--internal-port", "5000"]),  # its --port
+    ("frontend", ["--internal-port", "0"]),
+    ("frontend", ["--siblings", "127.0.0.1:5051"]),
+    ("frontend", ["--reuse-port", "yes"]),
 ])
 def test_bad_flags_are_usage_errors(kind: str, args: list[str]) -> None:
     with pytest.raises(usage.UsageError):
         parse(kind, *args)
+
+
+def test_reuse_port_as_a_flag_or_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not parse("frontend").settings.reuse_port
+    options = parse("frontend", "--reuse-port", "--internal-port", "5050", "--siblings",
+                    "http://127.0.0.1:5051, http://127.0.0.1:5052")
+    assert options.settings.reuse_port and options.settings.internal_port == 5050
+    assert options.settings.siblings == ("http://127.0.0.1:5051", "http://127.0.0.1:5052")
+    monkeypatch.setenv("BAZAR_REUSE_PORT", "true")
+    assert parse("frontend").settings.reuse_port
+    monkeypatch.setenv("BAZAR_REUSE_PORT", "off")
+    assert not parse("frontend").settings.reuse_port
+    monkeypatch.setenv("BAZAR_REUSE_PORT", "maybe")
+    with pytest.raises(usage.UsageError, match="BAZAR_REUSE_PORT"):
+        parse("frontend")
+
+
+def test_no_reuse_port_where_the_system_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)
+    with pytest.raises(usage.UsageError, match="SO_REUSEPORT"):
+        parse("frontend", "--reuse-port")
+    with pytest.raises(usage.UsageError, match="SO_REUSEPORT"):
+        parse("cluster", "--shared-port-frontends", "1")
+    assert parse("cluster")["shared-port-frontends"] == 0  # without the option, nothing asks for it
 
 
 def test_cluster_port_lists() -> None:
@@ -173,6 +207,41 @@ def test_more_front_ends_take_the_next_ports() -> None:
     fronts = [p for p in cluster.default_topology(frontends=3) if p["service"] == "frontend"]
     assert [(p["name"], p["port"]) for p in fronts] == [("frontend", 5000), ("frontend-1", 5001),
                                                        ("frontend-2", 5002)]
+
+
+def test_front_ends_sharing_the_first_port() -> None:
+    topology = cluster.default_topology(frontends=2, shared=2)
+    fronts = [(p["name"], p["port"], p.get("reuse_port", False), p.get("internal_port"))
+              for p in topology if p["service"] == "frontend"]
+    assert fronts == [("frontend", 5000, True, 5050), ("frontend-1", 5001, False, None),
+                      ("frontend-shared-1", 5000, True, 5051), ("frontend-shared-2", 5000, True, 5052)]
+    assert cluster.listening_ports(topology) == [5101, 5102, 5103, 5201, 5202, 5203, 5000, 5050, 5001, 5051, 5052]
+    moved = cluster.default_topology(frontend_port=6000, shared=1)
+    assert [p.get("internal_port") for p in moved if p["service"] == "frontend"] == [6050, 6051]
+    assert [p.get("internal_port") for p in cluster.default_topology(shared=1, internal_port=7000)
+            if p["service"] == "frontend"] == [7000, 7001]
+    assert cluster.default_topology(shared=0) == cluster.default_topology()
+    assert cluster.clashing_ports(topology) == []
+    assert cluster.clashing_ports(cluster.default_topology(shared=1, internal_port=5102)) == [5102, 5103]
+    assert cluster.clashing_ports(cluster.default_topology(frontends=3, shared=1, internal_port=4999)) == [5000]
+
+
+def test_commands_of_front_ends_sharing_a_port(tmp_path: Path) -> None:
+    """Each process on the shared port listens with reuse-port and at its own port,
+    where the catalog pushes to it and its siblings tell it of their writes."""
+    procs = cluster.commands(cluster.default_topology(frontends=2, shared=1), "127.0.0.1", str(tmp_path), None, 8)
+    assert set(procs) > {"frontend", "frontend-1", "frontend-shared-1"}
+    pushes = "http://127.0.0.1:5050,http://127.0.0.1:5001,http://127.0.0.1:5051"
+    assert all(flags(procs[f"catalog-{i}"])["--frontends"] == pushes for i in (1, 2, 3))
+    for name, own, sibling in (("frontend", "5050", "5051"), ("frontend-shared-1", "5051", "5050")):
+        args = procs[name]
+        assert args[-1] == "--reuse-port"
+        named = flags(args[:-1])
+        assert named["--port"] == "5000" and named["--internal-port"] == own
+        assert named["--siblings"] == f"http://127.0.0.1:{sibling}"
+        options = parse("frontend", *args[args.index("bazar-frontend") + 1:])
+        assert options.settings.reuse_port and options.settings.internal_port == int(own)
+    assert "--reuse-port" not in procs["frontend-1"] and "--internal-port" not in procs["frontend-1"]
 
 
 def flags(args: list[str]) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bazar.bench.compare import parse_store, phase_compare, phase_references
+from bazar.bench.cores import phase_cores
 from bazar.bench.etcd import phase_etcd
 from bazar.bench.http import health
 from bazar.bench.phases import (
@@ -224,6 +225,9 @@ class Run:
                 log("phase 11: where one write spends its time (a traced cluster)")
                 self.results["timeline"] = self.guarded("phase 11 (timeline)", phase_timeline, self.ctx,
                                                         self.dir("timeline"), self.args.timeline_writes)
+            if self.want("cores"):
+                log("phase 12: cached reads on more cores (front ends sharing one port)")
+                self.results["cores"] = self.guarded("phase 12 (cores)", phase_cores, self.ctx, self.dir("cores"))
         except KeyboardInterrupt:
             self.ctx.stop.set()
             self.notes.append("interrupted: the report is partial")

@@ -7,7 +7,8 @@ purchase at 1 and 16 connections, cache on and off, plus the sweeps over connect
 invalidation, lru, rss (front-end memory with a full cache) and crash (kill -9 of the
 primaries under load; only on a cluster this tool started, and only its own
 processes). Beside other servers: references and compare (bazar.bench.compare), etcd
-(bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline).
+(bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline); cached
+reads on more cores, front ends sharing one port: cores (bazar.bench.cores).
 Every loop is bounded by a count and by time, and an interrupt (Ctx.stop) cuts every
 wait short.
 """
@@ -40,7 +41,8 @@ from bazar.testing.processes import Cluster, ClusterError
 from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
-PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline")
+PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline",
+          "cores")
 # the phases that drive the cache-on cluster (the others need none, or start their own)
 ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash")
 OP_CONNS = ("1", "16")
@@ -81,13 +83,15 @@ class Ctx:
             time.sleep(min(left, 0.05))
 
 
-def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, str] | None = None) -> Cluster:
+def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, str] | None = None,
+                  **kw: Any) -> Cluster:
     """A throw-away cluster under `root`, on free loopback ports, that runs with this
     process's environment (so BAZAR_ADMIN_TOKEN, if set, is its token) or `env`, reports
-    its start and stop as progress lines, and dies with this process."""
+    its start and stop as progress lines, and dies with this process (`kw`: more of
+    `Cluster`'s fields, e.g. `shared`)."""
     return Cluster(data=os.path.join(root, name), name=name, cache_size=cache_size,
                    env=dict(os.environ) if env is None else env, env_secrets=False, token=None,
-                   die_with_parent=True, progress=log)
+                   die_with_parent=True, progress=log, **kw)
 
 
 def ready_200(url: str) -> bool:

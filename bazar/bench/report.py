@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bazar.bench.cores import cores_text
 from bazar.bench.phases import OPS, RSS_ENTRIES
 from bazar.bench.stats import Stats, fmt_num, percentile
 
@@ -675,6 +676,8 @@ def render_report(results: Results) -> str:
                           lambda e: _etcd_text(e, results), missing="Not measured.")
     out += _phase_section("## 11. Where one write spends its time", results.get("timeline"),
                           lambda tl: _timeline_text(tl, plots), missing="Not measured.")
+    out += _phase_section("## 12. Cached reads on more cores: front ends sharing one port", results.get("cores"),
+                          cores_text, missing="Not measured.")
 
     out += ["## How this was measured", "",
             ("`bazar-bench` (bazar/bench.py): threads with one keep-alive HTTP/1.1 connection each, all to "

@@ -4,19 +4,26 @@ connections, JSON for every refusal), the quiet Site, and `listen`.
 
 Twisted's channel has no public hooks for these; what this module overrides of its
 private interface (`_ChunkedTransferDecoder`, `_respondToBadRequestAndDisconnect`,
-the name-mangled first-line flag) is kept here and nowhere else, each with its reason."""
+the name-mangled first-line flag) is kept here and nowhere else, each with its reason.
+
+`listen` also gives a front end what its `--reuse-port` and `--internal-port` ask for:
+a port shared with other processes (SO_REUSEPORT), and a port of its own beside it."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from bazar.http.app import error_body
 from bazar.http.request import INTERNAL_BODY
@@ -298,9 +305,71 @@ class Listener(StreamServerEndpointService):
         raise SystemExit(1) from None
 
 
-def listen(parent: MultiService, reactor: Any, resource: Any, host: str, port: int) -> Site:
+BACKLOG = 50  # connections the kernel queues before they are accepted: Twisted's own default for TCP ports
+
+
+def reuse_port_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port with SO_REUSEPORT set, so that
+    other sockets with it set (of the same user) may listen on the same port: Linux
+    then spreads new connections across them. OSError if the port cannot be had."""
+    reuse = getattr(socket, "SO_REUSEPORT", None)
+    if reuse is None:
+        raise OSError("SO_REUSEPORT is not available on this system")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR as Twisted's own ports set it: a restarted process binds through
+        # the TIME_WAIT connections of its predecessor
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock  # (close-on-exec already: Python's sockets are not inheritable)
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """A TCP server endpoint whose port other processes may share (SO_REUSEPORT).
+    Twisted's `tcp:` endpoint has no such option, so the socket is made here and
+    handed to the reactor (`IReactorSocket.adoptStreamPort`); a port that cannot be
+    had fails like Twisted's own, with CannotListenError (which `Listener` turns into
+    one line and exit 1)."""
+
+    def __init__(self, reactor: Any, port: int, interface: str, backlog: int = BACKLOG):
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    def listen(self, protocolFactory: Any) -> Deferred[IListeningPort]:  # noqa: N803 - the interface's name
+        try:
+            sock = reuse_port_socket(self.interface, self.port, self.backlog)
+        except OSError as exc:
+            return fail(CannotListenError(self.interface, self.port, exc))
+        try:
+            port: IListeningPort = self.reactor.adoptStreamPort(sock.fileno(), sock.family, protocolFactory)
+        finally:
+            sock.close()  # the reactor listens on a duplicate of the descriptor
+        return succeed(port)
+
+
+def listen(parent: MultiService, reactor: Any, resource: Any, host: str, port: int, *, reuse_port: bool = False,
+           internal_port: int | None = None) -> Site:
+    """`resource` served on host:port, its listener a child of `parent`. With
+    `reuse_port`, the port may be shared with other processes (`ReusePortEndpoint`).
+    With `internal_port`, the same site is also served on that port, which is this
+    process's alone: whoever must reach this very process (the invalidation push, a
+    health check, a scrape) goes there, not to a port the kernel shares out. One site
+    for both, so the cap on open connections is the process's."""
     site = QuietSite(resource, timeout=IDLE_TIMEOUT)
-    endpoint = serverFromString(reactor, f"tcp:{port}:interface={host}")
+    endpoint = (ReusePortEndpoint(reactor, port, host) if reuse_port
+                else serverFromString(reactor, f"tcp:{port}:interface={host}"))
     Listener(endpoint, site, f"{host}:{port}").setServiceParent(parent)
+    if internal_port is not None:
+        own = serverFromString(reactor, f"tcp:{internal_port}:interface={host}")
+        Listener(own, site, f"{host}:{internal_port}").setServiceParent(parent)
     return site
 

@@ -337,11 +337,15 @@ class Cluster:
     `env_secrets=False` leaves its secrets to that environment or to bazar-cluster,
     which then generates <data>/secrets.json (see `read_token`). `die_with_parent`
     has the kernel SIGTERM the supervisor when the thread that started it ends, and
-    `progress` receives one line when it starts and when it stops.
+    `progress` receives one line when it starts and when it stops. With `shared`, that
+    many more front end processes listen on the first front end's port
+    (`--shared-port-frontends`), every process on it also at its own port (`internals`).
     """
 
     data: str
     frontends: int = 1
+    shared: int = 0
+    internal_port: int = 0  # the first internal port, with `shared` (free ones unless given)
     redis: str | None = None
     env_secrets: bool = True
     extra_args: list[str] = field(default_factory=list)
@@ -367,6 +371,8 @@ class Cluster:
             ports = free_ports(6)
             self.catalog_ports, self.order_ports = ports[:3], ports[3:6]
             self.frontend_port = consecutive_ports(self.frontends)
+        if self.shared and not self.internal_port:
+            self.internal_port = consecutive_ports(self.shared + 1)
 
     def _say(self, line: str) -> None:
         if self.progress is not None:
@@ -382,6 +388,11 @@ class Cluster:
         return [f"http://{HOST}:{self.frontend_port + i}" for i in range(self.frontends)]
 
     @property
+    def internals(self) -> list[str]:
+        """Each front end process on the shared port, at its own port (none without `shared`)."""
+        return [f"http://{HOST}:{self.internal_port + i}" for i in range(self.shared + 1)] if self.shared else []
+
+    @property
     def catalogs(self) -> list[str]:
         return [f"http://{HOST}:{p}" for p in self.catalog_ports]
 
@@ -395,7 +406,7 @@ class Cluster:
 
     @property
     def everyone(self) -> list[str]:
-        return self.replicas + self.fronts
+        return self.replicas + self.fronts + self.internals
 
     def log(self, name: str) -> str:
         return os.path.join(self.data, "logs", name + ".log")
@@ -423,6 +434,8 @@ class Cluster:
                 "--catalog-ports", ",".join(map(str, self.catalog_ports)),
                 "--order-ports", ",".join(map(str, self.order_ports)),
                 "--frontends", str(self.frontends)]
+        if self.shared:
+            args += ["--shared-port-frontends", str(self.shared), "--internal-port", str(self.internal_port)]
         if self.redis:
             args += ["--redis", self.redis]
         if self.cache_size is not None:
@@ -550,11 +563,11 @@ class Cluster:
         for urls in (self.catalogs, self.orders):
             if [good[u]["role"] for u in urls].count("primary") != 1:
                 return None
-        for u in self.fronts:
+        for u in self.fronts + self.internals:
             h = good[u]
             if not all(r["alive"] and r["ok"] for r in h["catalog"] + h["order"]):
                 return None
-        if self.redis and any(good[u]["cache_bypass"] for u in self.fronts):
+        if self.redis and any(good[u]["cache_bypass"] for u in self.fronts + self.internals):
             return None
         return good
 

@@ -7,7 +7,9 @@ purchase at 1 and 16 connections, cache on and off, plus the sweeps over connect
 invalidation, lru, rss (front-end memory with a full cache) and crash (kill -9 of the
 primaries under load; only on a cluster this tool started, and only its own
 processes). Beside other servers: references and compare (bazar.bench.compare), etcd
-(bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline).
+(bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline);
+under faults: spread (bazar.bench.spread), and opt-in, hog (bazar.bench.hog) and soak
+(bazar.bench.soak), which reuse the crash phase's kill.
 Every loop is bounded by a count and by time, and an interrupt (Ctx.stop) cuts every
 wait short.
 """
@@ -40,9 +42,12 @@ from bazar.testing.processes import Cluster, ClusterError
 from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
-PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline")
+PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline",
+          "spread", "hog", "soak")
+# the phases a run leaves out unless asked for (--cpu-hog, --soak, --only): they take minutes
+OPT_IN = ("hog", "soak")
 # the phases that drive the cache-on cluster (the others need none, or start their own)
-ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash")
+ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash", "hog", "soak")
 OP_CONNS = ("1", "16")
 SWEEP_CONNS = ("1", "4", "16", "64")
 # connection counts beyond OP_CONNS, by op and cache (the throughput-vs-connections plot)
@@ -81,13 +86,15 @@ class Ctx:
             time.sleep(min(left, 0.05))
 
 
-def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, str] | None = None) -> Cluster:
+def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, str] | None = None,
+                  **kw: Any) -> Cluster:
     """A throw-away cluster under `root`, on free loopback ports, that runs with this
     process's environment (so BAZAR_ADMIN_TOKEN, if set, is its token) or `env`, reports
-    its start and stop as progress lines, and dies with this process."""
+    its start and stop as progress lines, and dies with this process; `kw` are more of
+    `Cluster`'s fields (frontends, redis)."""
     return Cluster(data=os.path.join(root, name), name=name, cache_size=cache_size,
                    env=dict(os.environ) if env is None else env, env_secrets=False, token=None,
-                   die_with_parent=True, progress=log)
+                   die_with_parent=True, progress=log, **kw)
 
 
 def ready_200(url: str) -> bool:
@@ -383,7 +390,10 @@ def phase_rss(ctx: Ctx, port: int, cluster: Cluster | None = None) -> dict[str, 
     return res
 
 
-def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None) -> dict[str, Any]:
+def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None,
+                services: tuple[str, ...] = ("catalog", "order")) -> dict[str, Any]:
+    """kill -9 of the primary of each of `services` in turn, under a paced purchase +
+    info load: the failover time of each, and the load's timeline."""
     quick = ctx.quick
     pre, settle, post = (1.0, 0.5, 1.5) if quick else (2.0, 1.5, 2.5)
     max_wait = 8.0 if quick else 15.0
@@ -415,7 +425,7 @@ def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None) -> 
 
     try:
         ctx.pause(pre)
-        for service in ("catalog", "order"):
+        for service in services:
             if ctx.stop.is_set():
                 break
             prim = cluster.find_primary(service)

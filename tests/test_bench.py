@@ -20,7 +20,7 @@ import pytest
 from bazar.bench import cli, compare, phases, timeline
 from bazar.bench.http import LeanConn, ProtocolError, build_request, read_response
 from bazar.bench.load import LoadRun, run_load
-from bazar.bench.report import evaluate_targets, info_latency_split, render_report, targets_text
+from bazar.bench.report import TARGETS, evaluate_targets, info_latency_split, render_report, targets_text
 from bazar.bench.stats import (
     RefLRU,
     fmt_stats,
@@ -436,7 +436,7 @@ def side_by_side_results():
 
 def test_evaluate_targets_verdicts():
     rows = {r["name"]: r for r in evaluate_targets(fixed_results())}
-    assert len(rows) == 14
+    assert len(rows) == len(TARGETS)
     assert rows["cached info throughput, 16 conns"]["verdict"] == "PASS"
     assert rows["cached info p50, 1 conn"]["verdict"] == "PASS"
     assert rows["uncached info throughput, 16 conns"]["verdict"] == "PASS"
@@ -497,7 +497,7 @@ def test_render_report_with_skipped_sections():
     assert "Skipped — needs the admin token." in md
     assert "Not measured." in md
     assert "Not run." in md  # lru
-    assert md.count("**n/a") == 14
+    assert md.count("**n/a") == len(TARGETS)
 
 
 def test_write_plots(tmp_path):

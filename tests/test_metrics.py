@@ -113,6 +113,7 @@ def test_replica_figures_follow_its_state(cluster: Cluster) -> None:
         assert value(found, "bazar_replica_lag_entries", **ids) == 0
         assert value(found, "bazar_replica_serving", **ids) == 1
         assert value(found, "bazar_replica_voter", **ids) == 1
+        assert value(found, "bazar_replica_request_ids", **ids) == replica.store.request_ids() >= 1
         assert value(found, "bazar_elections_total", **ids) == replica.core.elections
         assert value(found, "bazar_snapshots_total", kind="taken", **ids) == 0
         assert value(found, "bazar_snapshots_total", kind="installed", **ids) == 0

@@ -372,6 +372,10 @@ def test_a_replica_far_behind_catches_up_by_snapshot_and_every_log_stays_bounded
         assert c.tables(wiped_id) == c.tables(primary.replica_id)
         rows = c[wiped_id].store.db.execute("SELECT count(*) FROM requests").fetchone()[0]
         assert rows == c[primary.replica_id].store.db.execute("SELECT count(*) FROM requests").fetchone()[0]
+        assert wiped.store.request_ids() == rows  # (what /metrics shows as bazar_replica_request_ids)
+        health = c.http("GET", url_of(c.port(wiped_id)) + "/health").json()
+        assert health["snapshot_index"] == wiped.store.snapshot_index > 0
+        assert health["log"] - health["snapshot_index"] <= 30  # the entries it holds
         # a write retried after the snapshot is still answered from its recorded outcome, everywhere
         again = c.submit(restock(4, 2), via=wiped_id)
         assert again.new is True

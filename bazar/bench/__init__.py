@@ -5,6 +5,7 @@ Usage::
     python -m bazar.bench [--url http://127.0.0.1:5000] [--url-nocache URL]
                           [--start] [--out DIR] [--duration S] [--quick]
                           [--compare SPEC ...] [--only PHASES] [--timeline-writes N]
+                          [--cpu-hog] [--soak [--soak-purchases N]] [--spread-writes N]
     python -m bazar.bench --report-only docs/bench/results.json [--out DIR]
 
 With ``--start`` the tool starts two throw-away clusters on free loopback ports
@@ -16,7 +17,9 @@ Beside Bazar, it measures with the same client what it starts itself on loopback
 two reference servers (a raw twisted.web resource, a bare Klein route), a
 three-member etcd cluster when `etcd` is on PATH, and for the timeline of one write,
 a cluster of its own with tracing on (`bazar.trace`); and, with `--compare`, other
-stores already running.
+stores already running. Under faults: the invalidation delay across front ends (clusters
+of two front ends of its own), and when asked for, elections beside CPU hogs
+(`--cpu-hog`) and the disk over a long soak with a replica far behind (`--soak`).
 
 Output (in ``--out``, default ``./bench-out``): ``report.md``, ``results.json``
 and PNG plots.  ``--report-only RESULTS_JSON`` measures nothing: it rewrites
@@ -42,6 +45,10 @@ The modules, one per part of the tool:
 - ``bazar.bench.references``: the reference servers (``python -m bazar.bench.references``);
 - ``bazar.bench.etcd``: Bazar's replicated writes beside a three-member etcd cluster;
 - ``bazar.bench.timeline``: a traced cluster, and where one write spends its time;
+- ``bazar.bench.hog``: elections under CPU hogs, and a kill under them;
+- ``bazar.bench.soak``: the disk over a soak, and a catalog backup far behind;
+- ``bazar.bench.spread``: the invalidation delay across front ends;
+- ``bazar.bench.faultreport``, ``bazar.bench.faultplots``: their report sections and plots;
 - ``bazar.bench.report``: the targets and the Markdown report;
 - ``bazar.bench.plots``: the PNG plots (matplotlib);
 - ``bazar.bench.cli``: options, the run, the files written (``main``).

@@ -26,9 +26,11 @@ from urllib.parse import urlsplit
 from bazar.bench.compare import parse_store, phase_compare, phase_references
 from bazar.bench.cores import phase_cores
 from bazar.bench.etcd import phase_etcd
+from bazar.bench.hog import HOG_SECONDS, QUICK_HOG_SECONDS, phase_hog
 from bazar.bench.http import health
 from bazar.bench.phases import (
     ON_CLUSTER,
+    OPT_IN,
     PHASES,
     RSS_ENTRIES,
     SWEEP_CONNS,
@@ -46,6 +48,8 @@ from bazar.bench.phases import (
     server_pids,
 )
 from bazar.bench.report import Results, evaluate_targets, render_report, targets_text
+from bazar.bench.soak import CATCHUP_MODES, QUICK_SOAK_PURCHASES, SOAK_PURCHASES, SOAK_SAMPLES, phase_soak
+from bazar.bench.spread import QUICK_SPREAD_WRITES, SPREAD_WRITES, phase_spread
 from bazar.bench.timeline import phase_timeline
 from bazar.testing.processes import Cluster, ClusterError
 
@@ -81,8 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-size", type=int, default=RSS_ENTRIES,
                    help=f"front-end cache size of the cache-on cluster started with --start (default {RSS_ENTRIES})")
     p.add_argument("--keep-data", action="store_true", help="keep the started clusters' data directories and logs")
-    p.add_argument("--only", default=",".join(PHASES),
-                   help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
+    p.add_argument("--only", default=",".join(p for p in PHASES if p not in OPT_IN),
+                   help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all but "
+                        f"{' and '.join(OPT_IN)}, which take minutes)")
     p.add_argument("--no-crash", action="store_true", help="skip the crash experiment")
     p.add_argument("--compare", action="append", default=[], metavar="SPEC",
                    help="another store to run the same workloads against (repeatable): "
@@ -91,6 +96,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeline-writes", type=int, default=None,
                    help="single writes traced by the timeline phase (default 50, 20 with --quick)")
     p.add_argument("--no-plots", action="store_true", help="write the report without PNG plots")
+    faults = p.add_argument_group("faults", "elections under a CPU hog, disk over a soak, invalidation across "
+                                  "front ends")
+    faults.add_argument("--cpu-hog", action="store_true",
+                        help="add the hog phase: the load with and without two CPU hogs, epochs before and after, "
+                             "then a kill of the catalog primary under the hogs")
+    faults.add_argument("--hog-duration", type=float, default=None,
+                        help=f"seconds of load with the hogs, and as many without (default {HOG_SECONDS:g}, "
+                             f"{QUICK_HOG_SECONDS:g} with --quick)")
+    faults.add_argument("--soak", action="store_true",
+                        help="add the soak phase: disk, log and request ids over many purchases, then a catalog "
+                             "backup far behind catching up")
+    faults.add_argument("--soak-purchases", type=int, default=None,
+                        help=f"purchases of the soak (default {SOAK_PURCHASES:,}, "
+                             f"{QUICK_SOAK_PURCHASES:,} with --quick)")
+    faults.add_argument("--soak-every", type=int, default=None,
+                        help=f"purchases between two samples (default: the purchases / {SOAK_SAMPLES})")
+    faults.add_argument("--soak-catchup", choices=CATCHUP_MODES, default="wipe",
+                        help="after the soak, a catalog backup falls behind until the primary has compacted past it, "
+                             "then: wipe (its data lost, restarted empty; default), pause (only resumed), none")
+    faults.add_argument("--spread-writes", type=int, default=None,
+                        help=f"writes of the spread phase (default {SPREAD_WRITES}, "
+                             f"{QUICK_SPREAD_WRITES} with --quick)")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = (os.path.dirname(os.path.abspath(args.report_only)) if args.report_only else "bench-out")
@@ -106,6 +133,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--only: unknown phase(s) {unknown}; choose from {','.join(PHASES)}")
     if args.no_crash and "crash" in args.phases:
         args.phases.remove("crash")
+    args.phases += [phase for phase, asked in (("hog", args.cpu_hog), ("soak", args.soak))
+                    if asked and phase not in args.phases]
+    if args.hog_duration is None:
+        args.hog_duration = QUICK_HOG_SECONDS if args.quick else HOG_SECONDS
+    if args.soak_purchases is None:
+        args.soak_purchases = QUICK_SOAK_PURCHASES if args.quick else SOAK_PURCHASES
+    if args.soak_every is None:
+        args.soak_every = max(1, args.soak_purchases // SOAK_SAMPLES)
+    if args.spread_writes is None:
+        args.spread_writes = QUICK_SPREAD_WRITES if args.quick else SPREAD_WRITES
+    if not 0 < args.hog_duration <= 600:
+        p.error("--hog-duration must be within (0, 600]")
+    if not 2 <= args.soak_purchases <= 10_000_000 or not 1 <= args.soak_every <= args.soak_purchases:
+        p.error("--soak-purchases must be within [2, 10000000], --soak-every within [1, --soak-purchases]")
+    if not 1 <= args.spread_writes <= 100_000:
+        p.error("--spread-writes must be within [1, 100000]")
     if args.timeline_writes is None:
         args.timeline_writes = 20 if args.quick else 50
     if not 1 <= args.timeline_writes <= 10_000:
@@ -228,6 +271,10 @@ class Run:
             if self.want("cores"):
                 log("phase 12: cached reads on more cores (front ends sharing one port)")
                 self.results["cores"] = self.guarded("phase 12 (cores)", phase_cores, self.ctx, self.dir("cores"))
+            if self.want("spread"):
+                log("phase 15: the invalidation delay across front ends (clusters of 2 front ends)")
+                self.results["spread"] = self.guarded("phase 15 (spread)", phase_spread, self.ctx, self.root,
+                                                      self.args.spread_writes)
         except KeyboardInterrupt:
             self.ctx.stop.set()
             self.notes.append("interrupted: the report is partial")
@@ -287,6 +334,10 @@ class Run:
             results["rss"] = self.guarded("phase 6 (RSS)", phase_rss, self.ctx, port, cluster=self.on)
         if self.want("crash"):
             results["crash"] = self.crash(book, token)
+        if self.want("hog"):
+            results["hog"] = self.hog(book, token)
+        if self.want("soak"):
+            results["soak"] = self.soak(token)
 
     def ops(self, port: int, book: int | None, fe_pid: int | None, port_off: int | None,
             token_off: str | None) -> None:
@@ -317,6 +368,25 @@ class Run:
             return {"skipped": "needs the admin token to add a bench book"}
         log("phase 3: crash experiment")
         r: dict[str, Any] = self.guarded("phase 3 (crash)", phase_crash, self.ctx, self.on, book, token)
+        return r
+
+
+    def hog(self, book: int | None, token: str | None) -> dict[str, Any]:
+        if self.on is None:
+            return {"skipped": "only with --start: it kills a primary, and only of a cluster this tool started"}
+        if book is None:
+            return {"skipped": "needs the admin token to add a bench book"}
+        log("phase 13: elections under a CPU hog")
+        r: dict[str, Any] = self.guarded("phase 13 (hog)", phase_hog, self.ctx, self.on, book, token,
+                                         self.dir("hog"), self.args.hog_duration)
+        return r
+
+    def soak(self, token: str | None) -> dict[str, Any]:
+        if self.on is None:
+            return {"skipped": "only with --start: it reads the replicas' data directories and stops a replica"}
+        log(f"phase 14: disk over a soak of {self.args.soak_purchases:,} purchases")
+        r: dict[str, Any] = self.guarded("phase 14 (soak)", phase_soak, self.ctx, self.on, token,
+                                         self.args.soak_purchases, self.args.soak_every, self.args.soak_catchup)
         return r
 
 

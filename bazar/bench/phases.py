@@ -8,7 +8,9 @@ invalidation, lru, rss (front-end memory with a full cache) and crash (kill -9 o
 primaries under load; only on a cluster this tool started, and only its own
 processes). Beside other servers: references and compare (bazar.bench.compare), etcd
 (bazar.bench.etcd); where a write spends its time: timeline (bazar.bench.timeline); cached
-reads on more cores, front ends sharing one port: cores (bazar.bench.cores).
+reads on more cores, front ends sharing one port: cores (bazar.bench.cores); under faults:
+spread (bazar.bench.spread), and opt-in, hog (bazar.bench.hog) and soak (bazar.bench.soak),
+which reuse the crash phase's kill.
 Every loop is bounded by a count and by time, and an interrupt (Ctx.stop) cuts every
 wait short.
 """
@@ -42,9 +44,11 @@ from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
 PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline",
-          "cores")
+          "cores", "spread", "hog", "soak")
+# the phases a run leaves out unless asked for (--cpu-hog, --soak, --only): they take minutes
+OPT_IN = ("hog", "soak")
 # the phases that drive the cache-on cluster (the others need none, or start their own)
-ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash")
+ON_CLUSTER = ("startup", "ops", "references", "compare", "etcd", "invalidation", "rss", "crash", "hog", "soak")
 OP_CONNS = ("1", "16")
 SWEEP_CONNS = ("1", "4", "16", "64")
 # connection counts beyond OP_CONNS, by op and cache (the throughput-vs-connections plot)
@@ -88,7 +92,7 @@ def bench_cluster(name: str, root: str, cache_size: int | None, env: dict[str, s
     """A throw-away cluster under `root`, on free loopback ports, that runs with this
     process's environment (so BAZAR_ADMIN_TOKEN, if set, is its token) or `env`, reports
     its start and stop as progress lines, and dies with this process (`kw`: more of
-    `Cluster`'s fields, e.g. `shared`)."""
+    `Cluster`'s fields, e.g. `shared`, `frontends`, `redis`)."""
     return Cluster(data=os.path.join(root, name), name=name, cache_size=cache_size,
                    env=dict(os.environ) if env is None else env, env_secrets=False, token=None,
                    die_with_parent=True, progress=log, **kw)
@@ -387,7 +391,10 @@ def phase_rss(ctx: Ctx, port: int, cluster: Cluster | None = None) -> dict[str, 
     return res
 
 
-def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None) -> dict[str, Any]:
+def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None,
+                services: tuple[str, ...] = ("catalog", "order")) -> dict[str, Any]:
+    """kill -9 of the primary of each of `services` in turn, under a paced purchase +
+    info load: the failover time of each, and the load's timeline."""
     quick = ctx.quick
     pre, settle, post = (1.0, 0.5, 1.5) if quick else (2.0, 1.5, 2.5)
     max_wait = 8.0 if quick else 15.0
@@ -419,7 +426,7 @@ def phase_crash(ctx: Ctx, cluster: Cluster, book_id: int, token: str | None) -> 
 
     try:
         ctx.pause(pre)
-        for service in ("catalog", "order"):
+        for service in services:
             if ctx.stop.is_set():
                 break
             prim = cluster.find_primary(service)

@@ -276,8 +276,10 @@ FIGURES = (("latency", fig_latency), ("invalidation", fig_invalidation), ("crash
 
 def write_plots(results: Results, out_dir: str) -> dict[str, str]:
     """PNG plots into out_dir; returns {name: filename}.  Needs matplotlib."""
+    from bazar.bench.faultplots import FIGURES as UNDER_FAULTS  # (built on this module's fig_crash)
+
     made: dict[str, str] = {}
-    for name, make in FIGURES:
+    for name, make in FIGURES + UNDER_FAULTS:
         fig = make(results)
         if fig is None:
             continue

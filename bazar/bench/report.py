@@ -13,6 +13,7 @@ from typing import Any
 
 from bazar.bench.cores import cores_text
 from bazar.bench.phases import OPS, RSS_ENTRIES
+from bazar.bench.soak import worst_ratio
 from bazar.bench.stats import Stats, fmt_num, percentile
 
 Results = dict[str, Any]
@@ -95,6 +96,17 @@ TARGETS: list[Target] = [
            cpu_versus((*WRITE, "16"), (*PUT, "16")), "<=", 2, "×", "etcd"),
     Target("purchase p50 ÷ etcd put p50, 1 conn",
            versus(("etcd", "bazar", "purchase", "1", "p50_ms"), (*PUT, "1", "p50_ms")), "<=", 3, "×", "etcd"),
+    # under faults (bazar.bench.faultreport): the issues' own targets, and two bounds of the design
+    Target("elections under a CPU hog: epoch changes", at("hog", "changes_total"), "<=", 0, "epochs", "hog"),
+    Target("failover under a CPU hog: kill → first purchase", at("hog", "failover_s"), "<=", 2, "s", "hog"),
+    # (10%: a MiB of free-page jitter over 50,000 purchases is 20 B each, a tenth of a row)
+    Target("soak: overhead in the SQLite file ÷ the purchase's own row, steady state",
+           lambda r: worst_ratio(r.get("soak") or {}), "<=", 0.1, "×", "soak"),
+    Target("soak: snapshots that bring a far-behind backup back", at("soak", "catchup", "installed"), ">=", 1,
+           "snapshots", "soak"),
+    # (1 s: the front end's gap grace, after which a lost announcement flushes its cache)
+    Target("invalidation across front ends: max lag after the answer (HTTP push)",
+           at("spread", "http", "lag", "max_ms"), "<=", 1000, "ms", "spread"),
 ]
 
 
@@ -104,7 +116,8 @@ def why_missing(results: Results, phase: str) -> str:
         skipped = dig(results, *path, "skipped") if phase else None
         if isinstance(skipped, str):
             return skipped if skipped.startswith("not measured") else f"not measured: {skipped}"
-    return "not measured"
+    unjudged = dig(results, phase, "unjudged") if phase else None  # measured, but not what the target is about
+    return f"not judged: {unjudged}" if isinstance(unjudged, str) else "not measured"
 
 
 def evaluate_targets(results: Results) -> list[dict[str, Any]]:
@@ -678,6 +691,9 @@ def render_report(results: Results) -> str:
                           lambda tl: _timeline_text(tl, plots), missing="Not measured.")
     out += _phase_section("## 12. Cached reads on more cores: front ends sharing one port", results.get("cores"),
                           cores_text, missing="Not measured.")
+    from bazar.bench.faultreport import fault_sections  # (built on this module's helpers)
+
+    out += fault_sections(results, plots)
 
     out += ["## How this was measured", "",
             ("`bazar-bench` (bazar/bench.py): threads with one keep-alive HTTP/1.1 connection each, all to "

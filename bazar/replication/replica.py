@@ -149,7 +149,8 @@ class Replica:
         return {"service": self.service, "replica": self.replica_id, "pid": os.getpid(),
                 "role": self.role, "status": self.status, "epoch": self.epoch,
                 "last_seq": self.store.applied, "commit": self.core.commit,
-                "log": self.store.last_index(), "leader": self.leader, "voter": self.store.voter}
+                "log": self.store.last_index(), "snapshot_index": self.store.snapshot_index, "leader": self.leader,
+                "voter": self.store.voter}
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:

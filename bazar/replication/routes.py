@@ -19,6 +19,7 @@ from bazar.http.request import INTERNAL_BODY, read_body, require_secret
 from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.replica import PRIMARY, Replica
+from bazar.replication.store import RETAIN_REQUESTS
 from bazar.trace import trace
 
 # bazar_replica_role's `role` label, one series per role (1 for the one it holds): the
@@ -97,6 +98,8 @@ class ReplicaFigures(Collector):
                     "has not applied yet; a primary: 0", replica.lag)
         yield gauge("bazar_replica_serving", "1 while this replica may answer reads (status ok), "
                     "0 while recovering", 1.0 if serving else 0.0)
+        yield gauge("bazar_replica_request_ids", "request ids this replica keeps (with their outcomes, for "
+                    f"retries): bounded by the service's last {RETAIN_REQUESTS:,} writes", replica.store.request_ids())
         yield gauge("bazar_replica_voter", "1 when this replica votes, 0 while a learner catching up",
                     1.0 if replica.store.voter else 0.0)
         elections = CounterMetricFamily("bazar_elections", "elections this replica started as a candidate, "

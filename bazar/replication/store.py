@@ -403,6 +403,12 @@ class Store:
         self._terms = [term]
         self._tail, self._tail_sizes, self._tail_bytes = [], [], 0
 
+    def request_ids(self) -> int:
+        """Rows of the request-id table (RETAIN_REQUESTS writes bound it), counted when
+        asked: /metrics reads it at scrape time, nothing keeps it on the write path."""
+        (rows,) = self.db.execute("SELECT COUNT(*) FROM requests").fetchone()
+        return int(rows)
+
     @property
     def last_seq(self) -> int:
         """The index of the last applied (committed) entry: what this replica's tables hold."""

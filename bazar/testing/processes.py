@@ -364,6 +364,7 @@ class Cluster:
     # pid -> start time of every process of this cluster seen in /health, so that
     # stop() finds a replica even if it left the session
     known: dict[int, int] = field(default_factory=dict, repr=False)
+    paused: set[int] = field(default_factory=set, repr=False)  # SIGSTOPped by `pause`, not resumed yet
     stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -472,6 +473,7 @@ class Cluster:
                           preexec_fn=self._child_setup())
         self.stopped = False
         self.known.clear()
+        self.paused.clear()
         track(self)
         self._say(f"started pid {self.proc.pid}, front end :{self.frontend_port}, catalog {self.catalog_ports}, "
                   f"order {self.order_ports}"
@@ -487,6 +489,8 @@ class Cluster:
         if self.proc is None or self.stopped:
             return
         self.stopped = True
+        for pid in list(self.paused):  # a stopped process would take SIGTERM only once continued
+            self.resume(pid)
         killed = stop_group(self.proc, term_wait, also=self._known_alive)
         if killed:
             self._say(f"killed {len(killed)} leftover process(es) {term_wait:.0f}s after SIGTERM")
@@ -520,17 +524,60 @@ class Cluster:
                 alive.add(pid)
         return alive
 
-    def kill(self, pid: Any) -> bool:
-        """kill -9 a process of this cluster (never the supervisor, never another process)."""
+    def _signal(self, pid: Any, sig: signal.Signals) -> bool:
+        """Send `sig` to a process of this cluster (never the supervisor, never another process)."""
         if not isinstance(pid, int) or self.proc is None or pid in (os.getpid(), self.proc.pid):
             return False
         if not self.owns(pid):
             return False
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except OSError:
             return False
         return True
+
+    def kill(self, pid: Any) -> bool:
+        """kill -9 a process of this cluster (never the supervisor, never another process)."""
+        return self._signal(pid, signal.SIGKILL)
+
+    def pause(self, pid: Any) -> bool:
+        """SIGSTOP a process of this cluster; `resume` (or `stop`, which resumes it
+        first so that it can take SIGTERM) sends SIGCONT."""
+        if not self._signal(pid, signal.SIGSTOP):
+            return False
+        self.paused.add(pid)
+        return True
+
+    def resume(self, pid: Any) -> bool:
+        """SIGCONT a process `pause` stopped."""
+        self.paused.discard(pid)
+        return self._signal(pid, signal.SIGCONT)
+
+    def wipe(self, pid: Any, name: str, timeout: float = 2.0) -> str | None:
+        """Lose the data of the paused replica `name` (catalog-1, ...): its data directory
+        is moved aside while it cannot write (stopped, and holding the directory's lock
+        file that names its pid), then it is killed with SIGKILL; the supervisor
+        restarts it on an empty directory. The directory moved aside, or None when any
+        check fails (then nothing was moved or killed)."""
+        if pid not in self.paused or not self.owns(pid):
+            return None
+        service = name.split("-", 1)[0]
+        data = os.path.join(self.data, name)
+        try:
+            with open(os.path.join(data, f"bazar-{service}.lock")) as f:
+                holder = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        deadline = time.monotonic() + timeout
+        while (st := proc_stat(pid)) is not None and st["state"] != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)  # (SIGSTOP takes effect at the process's next return to user space)
+        if holder != pid or st is None or st["state"] != "T":
+            return None
+        aside = f"{data}.wiped-{time.time_ns()}"
+        os.rename(data, aside)
+        self.paused.discard(pid)
+        self._signal(pid, signal.SIGKILL)
+        return aside
 
     def read_token(self) -> str | None:
         """The admin token it runs with: the one its environment gives it, else the one

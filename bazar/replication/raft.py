@@ -281,6 +281,7 @@ class Raft:
     term_start: int = 0  # index of this leader's no-op
     stable: int = 0  # the last index of our own log known to be on disk
     acked: int = 0  # the highest committed index that may be acknowledged to clients
+    commits_due: bool = False  # the backups are to be told a new commit index (`_send_commits`)
     committed_at: list[tuple[int, int]] = field(factory=list)  # (commit index, tick) of commits not yet acked
     elections: int = 0  # campaigns this replica started as a candidate (a term of its own; pre-votes not counted)
 
@@ -511,12 +512,20 @@ class Raft:
             pr.commit_sent = max(pr.commit_sent, min(pr.match, self.commit))
             self.outbox.append(Heartbeat(self.term, self.id, peer, min(pr.match, self.commit), self.commit, ctx))
 
-    def _send_commits(self, only: int | None = None) -> None:
-        """Tell each backup (or `only` that one) the commit index as soon as it may
-        apply more: an acknowledgement waits for the reachable backups' apply (the
-        rule at the top). The message is a heartbeat of the newest read round (an
-        answer to it confirms the leadership after that round started)."""
-        for peer in (self.peers if only is None else [only]):
+    def _send_commits(self) -> None:
+        """Tell the backups the commit index as soon as they may apply more: an
+        acknowledgement waits for the reachable backups' apply (the rule at the top).
+        Noted now, sent by `ready()`: one message per backup for everything this turn
+        committed, and none to a backup that an append of this turn already told."""
+        self.commits_due = True
+
+    def _flush_commits(self) -> None:
+        """The commit heartbeats `_send_commits` noted. A heartbeat of the newest read
+        round: an answer to it confirms the leadership after that round started."""
+        self.commits_due = False
+        if self.role != LEADER:
+            return
+        for peer in self.peers:
             pr = self.progress[peer]
             commit = min(pr.match, self.commit)
             if commit > pr.commit_sent:
@@ -700,7 +709,7 @@ class Raft:
                 pr.match = m.index
             pr.next = max(pr.next, pr.match + 1)
             self._maybe_commit()
-            self._send_commits(m.src)
+            self._send_commits()
         else:
             # §3.5: back up, at once to the follower's last index when it is shorter.
             # A follower that lost its disk holds less than it once acknowledged:
@@ -812,13 +821,15 @@ class Raft:
         if committed:
             self.applied = committed[-1].index
             self._update_acked()
+        if self.commits_due:
+            self._flush_commits()
         out, self.outbox = self.outbox, []
         reads, self.reads_ready = self.reads_ready, []
         return Ready(out, committed, reads)
 
     def has_ready(self, unstable: bool = True) -> bool:
         """Is there anything for `ready()` (or, with `unstable`, a log write to persist)?"""
-        return bool(self.outbox or self.reads_ready or self.commit > self.applied
+        return bool(self.outbox or self.reads_ready or self.commit > self.applied or self.commits_due
                     or (unstable and self.stable < self.log.last_index()))
 
 

@@ -503,7 +503,12 @@ class Replica:
                 log.warn("replica {peer} sent a malformed message", peer=m.dst)
                 continue
             self._step(reply)
-        self._changed()
+        if self.core.commit > self.store.applied and not self._processing:
+            # it committed something: apply it, answer who waited and tell the backups
+            # now, rather than a reactor turn later
+            self._process()
+        else:
+            self._changed()
         self._release()  # an answer may be what an acknowledgement waited for
 
     def _step(self, m: Message) -> None:

@@ -222,6 +222,46 @@ def test_a_retried_sale_committed_this_turn_gets_its_outcome_not_a_400(cluster: 
     assert quantity(cluster, primary.replica_id, 1) == 59  # one copy sold, once
 
 
+def test_a_writer_whose_answer_runs_the_replica_again_leaves_the_other_writers_answered(cluster: Cluster) -> None:
+    """Two writes acknowledged together: the first writer's callback runs the replica
+    again (a purchase's next write does), which answers the second writer from inside
+    the first answer. The second is answered once, and nothing raises (the release
+    loop once popped an answer already given: KeyError, every writer after it hung)."""
+    primary = cluster.elect()
+    settled(cluster)
+    first = ensureDeferred(primary.submit(restock(1, 1)))
+    second = ensureDeferred(primary.submit(restock(2, 1)))
+    first.addCallback(lambda outcome: (primary._release(), outcome)[1])
+    # both backups' answers arrive in one turn: both entries committed and applied everywhere
+    index, term = primary.store.last_index(), primary.core.term
+    primary.store.flush()
+    primary.core.persisted(index)
+    for _ in range(2):  # (the second time, each says it applied what the first committed)
+        for peer in primary.core.peers:
+            primary.core.step(raft.AppendReply(term, peer, primary.replica_id, True, index, index))
+    primary._process()
+    a, b = cluster.wait(first), cluster.wait(second)
+    assert (a.new, b.new) == (True, True) and b.seq == a.seq + 1
+    assert quantity(cluster, primary.replica_id, 1) == 61 and quantity(cluster, primary.replica_id, 2) == 9
+    assert not primary.decided and not primary.waiters
+
+
+def test_a_snapshot_decided_while_answering_that_peer_still_reaches_it(cluster: Cluster) -> None:
+    """When the leader's core decides on a snapshot for a peer while it is answering a
+    message from that very peer, the snapshot is sent as a transfer of its own: as a
+    passenger in the answer it was dropped by the peer's core, and the leader waited
+    for it for forty election timeouts (a replica cut off, then healed, stayed behind)."""
+    primary = cluster.elect()
+    settled(cluster)
+    peer = next(i for i in (1, 2, 3) if i != primary.replica_id)
+    snapshot = raft.InstallSnapshot(primary.core.term, primary.replica_id, peer)
+    heartbeat = raft.Heartbeat(primary.core.term, primary.replica_id, peer, 0, 0, 0)
+    assert primary._dispatch([snapshot, heartbeat], reply_to=peer) == [heartbeat]
+    assert peer in primary.transfers  # on its way
+    cluster.until(lambda: not primary.transfers)
+    assert primary.snapshots["sent"] == 1  # (the peer, caught up, needed none: it says so)
+
+
 # -- a primary cut off, paused or dead -----------------------------------------------------
 
 def test_a_cut_off_primary_stops_serving_then_steps_down_and_acknowledges_nothing(cluster: Cluster) -> None:

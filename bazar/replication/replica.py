@@ -330,7 +330,9 @@ class Replica:
     def _dispatch(self, messages: list[Message], reply_to: int | None) -> list[Message]:
         replies = []
         for m in messages:
-            if m.dst == reply_to:
+            # a snapshot is a transfer of its own (`_send`), never an answer's passenger:
+            # the peer's core would drop it, and ours would wait for it in vain
+            if m.dst == reply_to and not isinstance(m, raft.InstallSnapshot):
                 replies.append(m)
             else:
                 self._send(m)
@@ -354,7 +356,10 @@ class Replica:
         if not self.decided:
             return
         acked = self.core.acknowledged()
-        for index in list(self.decided):
+        # A writer's callback may run the replica again (a purchase's next write), and
+        # that may release, or fail, the next waiters itself: take one at a time.
+        while self.decided:
+            index = next(iter(self.decided))
             if index > acked:
                 break
             outcome = self.decided.pop(index)

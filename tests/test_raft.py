@@ -170,11 +170,62 @@ def test_a_learner_neither_votes_nor_campaigns_until_it_holds_the_leaders_commit
     learner.step(RequestVote(1, 1, 3, 0, 0, True))
     assert not learner.ready().messages[0].granted  # type: ignore[attr-defined]
     learner.step(AppendEntries(1, 1, 3, 0, 0, (Entry(1, 1, None),), 2))
-    learner.ready()
+    assert learner.ready().messages[0].learner  # type: ignore[attr-defined]
     assert not learner.log.voter  # the leader has committed 2: it holds 1
+    learner.recover(1)  # a majority of the others told it their term
     learner.step(AppendEntries(1, 1, 3, 1, 1, (Entry(2, 1, op(1)),), 2))
     learner.ready()
     assert learner.log.voter and learner.commit == 2
+
+
+def test_a_replica_that_lost_its_state_lets_no_deposed_leader_commit_with_it() -> None:
+    """Leader 3 (term 1) is paused; 1 is elected in term 2 with 2's vote and commits its
+    no-op on {1, 2}; then 2 loses its disk and 1 dies. When 3 wakes up, still leader of
+    term 1, the wiped 2 answers it, but as a learner: 3 commits nothing with it (it once
+    committed its own term-1 entry at the no-op's index with the wiped replica's word).
+    2 rejoins only once a majority of the others told it their term: then it takes
+    term 2, and follows 1 when 1 is back. (Until then, 3 steps down: a learner's
+    answers renew no lease, §6.2.)"""
+    bus = cluster(seed=3)
+    first = bus.elect()
+    a, b = (i for i in (1, 2, 3) if i != first.id)
+    first.propose(op(1))
+    bus.tick(2)
+    committed = first.commit
+    bus.cut = {frozenset((first.id, a)), frozenset((first.id, b))}  # the first leader is paused
+    for _ in range(100):
+        bus.tick(only=[a, b])
+        if any(bus.nodes[i].role == LEADER for i in (a, b)):
+            break
+    second = next(bus.nodes[i] for i in (a, b) if bus.nodes[i].role == LEADER)
+    other = b if second.id == a else a
+    bus.tick(2, only=[a, b])
+    assert second.term == 2 and second.commit > committed  # its no-op, on {second, other}
+    noop = second.commit
+    bus.nodes[other] = node(other, log=MemoryLog(voter=False), seed=3)  # other's disk is lost
+    bus.cut = {frozenset((second.id, first.id)), frozenset((second.id, other))}  # second dies
+    index, _ = first.propose(op(2))  # first wakes up, still the leader of term 1
+    wiped = bus.nodes[other]
+    for _ in range(3):
+        bus.tick(only=[first.id, other])
+    assert wiped.term == 1 and wiped.log.last_index() >= index  # it took the entries ...
+    assert first.commit == committed < index  # ... which commit nowhere
+    for _ in range(25):  # two election timeouts: what it heard before its pause counts for one
+        bus.tick(only=[first.id, other])
+    assert first.commit == committed and first.role != LEADER  # check-quorum: a learner is no majority
+    assert not wiped.log.voter and wiped.commit <= committed
+    assert not wiped.recovered  # only one of the others answers it: it waits
+    bus.cut = set()  # second is back
+    wiped.recover(max(first.term, second.term))
+    assert wiped.term == 2 and wiped.log.vote == wiped.id  # its vote in term 2 is spent
+    for _ in range(50):
+        bus.tick()
+        if wiped.log.voter:
+            break
+    assert wiped.log.voter
+    leader = bus.nodes[bus.leaders()[0]]
+    assert leader.term >= 2 and leader.log.term_at(noop) == 2
+    assert wiped.log.term_at(noop) == 2  # the committed no-op, not the deposed leader's entry
 
 
 # -- replication and commitment ----------------------------------------------------------
@@ -425,6 +476,7 @@ class World:
         due = [q for q in self.queue if q[0] <= self.now]
         self.queue = [q for q in self.queue if q[0] > self.now]
         rng.shuffle(due)
+        self.recover_learners()
         for _, _, m in due:
             if m.dst in self.down or (m.src, m.dst) in self.cut:
                 if isinstance(m, InstallSnapshot) and m.src not in self.down:
@@ -438,6 +490,18 @@ class World:
         for i, n in self.nodes.items():
             if n.role == LEADER and i not in self.down:
                 self.leaders.setdefault(n.term, set()).add(i)
+
+    def recover_learners(self) -> None:
+        """The caller's probe of a replica that lost its state (`Raft.recover`): once a
+        majority of the others can answer it, it learns their highest term."""
+        for i, n in self.nodes.items():
+            if i in self.down or n.log.voter or n.recovered:
+                continue
+            others = [j for j in self.voters if j != i and j not in self.down
+                      and (i, j) not in self.cut and (j, i) not in self.cut]
+            if len(others) >= n.majority:
+                n.recover(max(self.nodes[j].term for j in others))
+                self.flush(i)
 
     def install(self, m: InstallSnapshot) -> None:
         """The caller's part of §5.3: the leader's state as of its applied index goes to
@@ -453,7 +517,8 @@ class World:
             self.disks[m.dst].reset(index, term)
             self.applied[m.dst] = list(self.applied[m.src][:index])
             follower.restore(index, term)
-        answer = AppendReply(follower.term, m.dst, m.src, follower.term == m.term, follower.commit, follower.commit)
+        answer = AppendReply(follower.term, m.dst, m.src, follower.term == m.term, follower.commit, follower.commit,
+                             not follower.log.voter)
         self.flush(m.dst)
         self.order += 1
         self.queue.append((self.now + 1, self.order, answer))
@@ -505,6 +570,7 @@ class World:
 
     def step_quiet(self) -> None:
         self.now += 1
+        self.recover_learners()
         for i in self.voters:
             self.nodes[i].tick()
             self.flush_reliably(i)

@@ -17,7 +17,11 @@ Each rule lives in one named place with its section beside it:
 - §3.6.2     only entries of the current term are committed by counting replicas (`_maybe_commit`).
 - §3.8       term, vote and log are persisted before any message that depends on them leaves
              (the caller's part of the `ready()` contract).
-- §4.2.1     learners: a replica that lost its state catches up without voting (`voter`).
+- §4.2.1     learners: a replica that lost its state catches up without voting (`voter`),
+             and its answers count for no majority: commit, check-quorum, lease (`learner`).
+- Recovery from a lost disk (beyond Raft, which assumes stable storage; Viewstamped
+  Replication Revisited §4.3): a learner rejoins only after it has heard the term of a
+  majority of the others and taken it with its vote spent (`recover`), then caught up.
 - §4.2.3     a server that hears from a leader ignores vote requests for the minimum
              election timeout (`_on_vote`), so a removed or restarted server cannot disrupt it.
 - §6.2       check-quorum: a leader that has not heard from a majority within an election
@@ -139,6 +143,7 @@ class AppendReply(Message):
     success: bool
     index: int  # success: the highest index known to match; refusal: a hint (the follower's last index)
     commit: int = 0  # the follower's commit index: applied by the time this reply leaves
+    learner: bool = False  # the sender lost its state and has not rejoined: it counts for no majority
 
 
 @frozen
@@ -155,6 +160,7 @@ class HeartbeatReply(Message):
     ctx: int
     last_index: int
     commit: int = 0  # as in AppendReply
+    learner: bool = False  # as in AppendReply
 
 
 @frozen
@@ -227,6 +233,7 @@ class Progress:
     heard: int = 0  # tick of its last answer
     commit_sent: int = 0  # the highest commit index it has been told
     lagging: bool = False  # not waited for before an acknowledgement until it has caught up
+    learner: bool = False  # it says it lost its state and has not rejoined: counted for no majority
 
 
 @frozen
@@ -284,10 +291,12 @@ class Raft:
     commits_due: bool = False  # the backups are to be told a new commit index (`_send_commits`)
     committed_at: list[tuple[int, int]] = field(factory=list)  # (commit index, tick) of commits not yet acked
     elections: int = 0  # campaigns this replica started as a candidate (a term of its own; pre-votes not counted)
+    recovered: bool = False  # a learner that has learned the term a majority of the others know (`recover`)
 
     def __attrs_post_init__(self) -> None:
         # Only applied entries are known committed after a restart (commit is volatile, §3.8).
         self.commit = self.applied
+        self.recovered = self.log.voter
         self.stable = self.log.last_index()  # what a new process finds is on disk
         self._reset_timeout()
         # A process that has just started knows no leader: its first timeout is half the
@@ -369,7 +378,7 @@ class Raft:
         """§6.2: step down when a majority has not been heard from within an election timeout."""
         self.elapsed = 0
         if self.check_quorum:
-            active = 1 + sum(1 for p, pr in self.progress.items() if pr.active)
+            active = 1 + sum(1 for p, pr in self.progress.items() if pr.active and not pr.learner)
             for pr in self.progress.values():
                 pr.active = False
             if active < self.majority:
@@ -601,7 +610,8 @@ class Raft:
             # A stale leader learns our term from the refusal and steps down (§3.3);
             # pre-votes from behind are refused the same way.
             if isinstance(m, (AppendEntries, Heartbeat)):
-                self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index(), self.commit))
+                self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index(), self.commit,
+                                               not self.log.voter))
             elif isinstance(m, RequestVote):
                 self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
             return
@@ -660,12 +670,14 @@ class Raft:
         self.elapsed = 0
         if m.prev_index < self.commit:
             # already committed here: never touch it; say how far we are
-            self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit, self.commit))
+            self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit, self.commit,
+                                           not self.log.voter))
             return
         if self.log.term_at(m.prev_index) != m.prev_term:
             # §3.5: the logs differ at prev_index: the leader must go further back
             hint = min(m.prev_index - 1, self.log.last_index())
-            self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0), self.commit))
+            self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0), self.commit,
+                                           not self.log.voter))
             return
         fresh: list[Entry] = []
         for i, e in enumerate(m.entries):
@@ -678,20 +690,47 @@ class Raft:
             self.log.append(fresh)
         match = m.prev_index + len(m.entries)
         self._advance_commit(min(m.commit, match))
-        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit))
+        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit, not self.log.voter))
         self._maybe_join(m.commit)
 
     def _on_heartbeat(self, m: Heartbeat) -> None:
         self.role, self.leader = FOLLOWER, m.src
         self.elapsed = 0
-        self._advance_commit(min(m.commit, self.log.last_index()))
-        self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index(), self.commit))
+        if self.log.voter:
+            # (a heartbeat's commit is min(match, commit): the leader has checked that our
+            # log matches its own up to there. A learner's may not: it lost what the leader
+            # checked, and may hold other entries at those indexes since. It commits only
+            # on an AppendEntries, after the log-matching check, §3.5.)
+            self._advance_commit(min(m.commit, self.log.last_index()))
+        self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index(), self.commit,
+                                          not self.log.voter))
         self._maybe_join(m.leader_commit)
 
     def _maybe_join(self, leader_commit: int) -> None:
-        """§4.2.1: a learner that holds everything the leader has committed votes again."""
-        if not self.log.voter and self.commit >= leader_commit:
+        """§4.2.1: a learner that holds everything the leader has committed votes again,
+        once it has recovered (`recover`): a leader of a term it has not yet caught up
+        with may be a deposed one, whose commit index is not the store's."""
+        if not self.log.voter and self.recovered and self.commit >= leader_commit:
             self.log.set_voter()
+
+    def recover(self, term: int) -> None:
+        """A replica that lost its state has heard from a majority of the others, the
+        highest term among them being `term` (Viewstamped Replication's recovery, as in
+        Revisiting VR §4.3; Raft assumes stable storage and has no rule for this). Any
+        majority it was part of before its loss shares a member with the ones that
+        answered, so no term it voted in is above `term`. It takes that term with its
+        vote spent, since it may have voted in it already: a leader of an older term
+        can no longer append to it, and it votes again only in a later term. Until it
+        has rejoined, its answers say `learner` and count for no majority (§4.2.1), so
+        a deposed leader cannot commit with what it forgot."""
+        if self.log.voter or self.recovered:
+            return
+        if term > self.term:
+            self._become_follower(term, None)
+            self.log.set_hard_state(term, self.id)
+        elif self.log.vote is None:
+            self.log.set_hard_state(self.term, self.id)
+        self.recovered = True
 
     def _advance_commit(self, index: int) -> None:
         if index > self.commit:
@@ -701,6 +740,7 @@ class Raft:
         if self.role != LEADER:
             return
         pr = self.progress[m.src]
+        pr.learner = m.learner
         pr.active = True
         pr.inflight = pr.snapshotting = False
         self._heard(pr, m.commit)
@@ -722,11 +762,16 @@ class Raft:
         if self.role != LEADER:
             return
         pr = self.progress[m.src]
+        pr.learner = m.learner
         pr.active = True
         self._heard(pr, m.commit)
         if m.last_index < pr.match:  # it lost entries it had (a wiped disk): start again from there
             pr.match = m.last_index
             pr.next = m.last_index + 1
+        if m.learner and m.commit < pr.match:
+            # it lost its state: only what it has committed since is known to match ours
+            pr.match = m.commit
+            pr.next = m.commit + 1
         if pr.inflight and self.ticks - pr.sent_at >= self.election_ticks * (SNAPSHOT_PATIENCE if pr.snapshotting
                                                                            else 1) // 2:
             # the follower answers beats, so that append (or its answer) was lost; a
@@ -737,6 +782,9 @@ class Raft:
         self._ack_read(m.ctx, m.src)
 
     def _ack_read(self, ctx: int, peer: int) -> None:
+        pr = self.progress.get(peer)
+        if pr is not None and pr.learner:
+            return  # a learner's word renews no lease and confirms no read (§4.2.1)
         done = [r for r in self.read_rounds if r.ctx <= ctx]
         if not done:
             return
@@ -759,7 +807,8 @@ class Raft:
         """§3.6.2: the highest index held by a majority commits, but only if that entry
         is of the current term (older entries commit with it, never by counting)."""
         own = min(self.stable, self.log.last_index())
-        matches = sorted([own] + [pr.match for pr in self.progress.values()], reverse=True)
+        # a learner holds entries but is no member of a majority (§4.2.1)
+        matches = sorted([own] + [0 if pr.learner else pr.match for pr in self.progress.values()], reverse=True)
         index = matches[self.majority - 1]
         if index > self.commit and self.log.term_at(index) == self.term:
             self.commit = index

@@ -160,9 +160,8 @@ class Replica:
             if not self.others:
                 self.store.set_voter()
                 self.store.flush()
-            elif self.store.pristine:
+            else:
                 ensureDeferred(self._bootstrap()).addErrback(lambda f: log.failure("bootstrap failed", f))
-            # else: a learner with some state: it votes again once caught up (§4.2.1)
         if not self.others:
             self.core.tick()  # a single replica elects itself at once
             while self.core.role != raft.LEADER:
@@ -182,31 +181,40 @@ class Replica:
         self._fail_waiters("this replica is shutting down; retry")
 
     async def _bootstrap(self) -> None:
-        """A replica with no state at all is a new one or one that lost its data: it
-        must not vote before it knows which (a lost vote or entry could elect a
-        leader without an acknowledged write). It votes at once only when a majority,
-        itself included, is just as new (a new store); otherwise it is a learner until
-        a leader has brought it up to date (§4.2.1)."""
+        """A replica that does not vote has no state at all (a new one, or one that
+        lost its data) or lost its data before and has not caught up since. It must not
+        vote, nor count for any majority, before it knows which: a lost vote or entry
+        could elect a leader without an acknowledged write, or let a deposed one commit.
+        It votes at once only when a majority, itself included, is just as new (a new
+        store). Otherwise it waits until a majority of the others have told it their
+        term (`Raft.recover`), then is a learner until a leader has brought it up to
+        date (§4.2.1)."""
         self._probing = True
         try:
             while self.running and not self.store.voter:
                 answers = await DeferredList(
                     [ensureDeferred(self._probe(url)) for url in self.others.values()], consumeErrors=True)
                 states = [answer for ok, answer in answers if ok and answer is not None]
-                if any(not s for s in states) or self.store.term > 0 or self.store.last_index() > 0:
-                    return  # the store exists: catch up as a learner
-                if 1 + sum(1 for s in states if s) >= self.core.majority:
+                new_store = self.store.pristine and self.store.term == 0 and all(s[0] for s in states)
+                if new_store and 1 + len(states) >= self.core.majority:
                     log.info("a new store: {n} of {total} replicas are new, voting from now on",
                              n=1 + len(states), total=len(self.peers))
                     self.store.set_voter()
                     self.store.flush()
                     return
+                if not new_store and len(states) >= self.core.majority:
+                    term = max(s[1] for s in states)
+                    log.info("catching up as a learner: {n} of the others answered, epoch {term}",
+                             n=len(states), term=term)
+                    self.core.recover(term)
+                    self._changed()
+                    return
                 await deferLater(self.clock, 0.2)
         finally:
             self._probing = False
 
-    async def _probe(self, url: str) -> bool | None:
-        """Is the peer pristine too (True), or does it hold state (False)?"""
+    async def _probe(self, url: str) -> tuple[bool, int] | None:
+        """Is the peer pristine too, and what is its term? (None: no answer)"""
         try:
             status, answer, _ = await call(self.http, self.clock, "GET", url + STATUS_PATH,
                                            secret=self.secret, timeout=self.rpc_timeout)
@@ -214,7 +222,10 @@ class Replica:
             return None
         if status != 200 or not isinstance(answer, dict):
             return None
-        return bool(answer.get("pristine"))
+        term = answer.get("term")
+        if type(term) is not int:
+            return None
+        return bool(answer.get("pristine")), term
 
     # -- time -------------------------------------------------------------------------
     def _catch_up(self) -> None:
@@ -450,7 +461,7 @@ class Replica:
         if not self.core.accepts_snapshot(term, src, index):
             # an old leader learns the term; a snapshot we need not, where we are
             reply = raft.AppendReply(self.core.term, self.replica_id, src, term == self.core.term,
-                                     self.core.commit, self.core.commit)
+                                     self.core.commit, self.core.commit, not self.store.voter)
             self._process()
             return {"messages": [reply.to_json()]}
         if first:
@@ -468,7 +479,8 @@ class Replica:
         self.snapshots["installed"] += 1
         log.info("installed a snapshot of replica {src} as of index {index}", src=src, index=index)
         self._process()
-        return {"messages": [raft.AppendReply(self.core.term, self.replica_id, src, True, index, index).to_json()]}
+        reply = raft.AppendReply(self.core.term, self.replica_id, src, True, index, index, not self.store.voter)
+        return {"messages": [reply.to_json()]}
 
     def _compact(self) -> None:
         """§5.1: forget the log up to a point the tables already hold. A leader keeps

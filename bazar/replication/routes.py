@@ -143,7 +143,7 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
     @api.rpc(STATUS_PATH, "GET", "status")
     def status(request: IRequest) -> dict[str, Any]:
         require_secret(request, secret)
-        return {**replica.health(), "pristine": replica.store.pristine}
+        return {**replica.health(), "pristine": replica.store.pristine, "term": replica.core.term}
 
     @api.rpc(WRITE_PATH, "POST", "write")
     async def forwarded_write(request: IRequest) -> dict[str, Any]:

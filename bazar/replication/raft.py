@@ -726,8 +726,8 @@ class Raft:
         if self.log.voter or self.recovered:
             return
         if term > self.term:
+            self.log.set_hard_state(term, self.id)  # one write: the term with its vote spent
             self._become_follower(term, None)
-            self.log.set_hard_state(term, self.id)
         elif self.log.vote is None:
             self.log.set_hard_state(self.term, self.id)
         self.recovered = True

@@ -223,7 +223,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
         hit: bytes | None = fe.cache.hit(info_key(int(rest)))
         return hit
 
-    api.fast("GET", "/bazar/info/", "info", info_hit, etag=True)
+    api.fast("GET", "/bazar/info/", "info", info_hit, etag=True, bare=True)
 
     @api.route("/bazar/search/<text:topic>", "GET", "search", etag=True)
     async def search(request: IRequest, topic: str) -> tuple[int, bytes]:

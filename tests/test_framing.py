@@ -7,13 +7,15 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from bazar.http.app import JsonApp
+from bazar.http.app import JsonApp, etag_of
 from bazar.http.request import read_object
-from bazar.http.server import QuietSite
+from bazar.http.server import HEADER_DEADLINE, IDLE_TIMEOUT, QuietSite
 
 
 def site(max_connections: int = 100) -> QuietSite:
@@ -114,3 +116,134 @@ def test_connections_beyond_the_cap_get_503_and_are_closed() -> None:
     assert s.open_connections == 1
     status, _, body = exchange(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", s)
     assert status == 200 and body == {"x": True}
+
+
+# --- the bare way in: a whole plain GET answered from memory before Twisted parses it
+
+BOOKS = {b"1": b'{"id":1,"title":"T"}', b"2": b'{"id":2,"title":"U"}'}
+
+
+def cached_site() -> tuple[QuietSite, list[bool]]:
+    """An app like the front end's: /books/{id} from memory (a bare fast path with an
+    ETag), a Klein route behind it for what memory does not hold. `bare` records, for
+    each call of the fast path, whether it came with no request (the bare way)."""
+    api = JsonApp("test")
+    bare: list[bool] = []
+
+    def hit(request: Any, rest: bytes) -> bytes | None:
+        bare.append(request is None)
+        return BOOKS.get(rest)
+
+    @api.route("/books/<string:ident>", "GET", "book", etag=True)
+    def book(request: Any, ident: str) -> Any:
+        return {"slow": ident}
+
+    api.fast("GET", "/books/", "book", hit, etag=True, bare=True)
+    return QuietSite(api.resource()), bare
+
+
+def answers(data: bytes, *, whole: bool, s: QuietSite | None = None) -> bytes:
+    """What the channel writes back for `data`, given whole or a byte at a time (which
+    no bare answer can take: the normal way), without the Date line."""
+    channel, transport = connect(s or cached_site()[0])
+    if whole:
+        channel.dataReceived(data)
+    else:
+        for i in range(len(data)):
+            channel.dataReceived(data[i:i + 1])
+    return b"\r\n".join(line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date: "))
+
+
+PLAIN = b"GET /books/1 HTTP/1.1\r\nHost: h\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
+# each must be answered exactly as the normal way answers it
+UNUSUAL = [
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nIf-None-Match: \"x\"\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nIf-None-Match: " + etag_of(BOOKS[b"1"]) + b"\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"GET /books/1 HTTP/1.0\r\nHost: h\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nAccept: a\r\n b\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost: h\r\n\r\nGET /books/2 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET  /books/1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"HEAD /books/1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /books/1 HTTP/1.1\r\nHost : h\r\n\r\n",
+]
+
+
+def test_a_plain_get_from_memory_is_answered_bare_and_byte_for_byte_as_the_normal_way() -> None:
+    s, bare = cached_site()
+    fast = answers(PLAIN, whole=True, s=s)
+    assert bare == [True]  # answered before Twisted made a request
+    slow = answers(PLAIN, whole=False, s=s)
+    assert bare == [True, False]
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 200 OK\r\nServer: TwistedWeb/")
+    assert b"ETag: " + etag_of(BOOKS[b"1"]) + b"\r\n" in fast and fast.endswith(b"\r\n\r\n" + BOOKS[b"1"])
+    query = b"GET /books/2?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"  # the path without its query, as Twisted's
+    assert answers(query, whole=True, s=s) == answers(query, whole=False, s=s)
+    assert bare == [True, False, True, False]
+
+
+@pytest.mark.parametrize("data", UNUSUAL)
+def test_whatever_is_not_a_plain_get_goes_the_normal_way(data: bytes) -> None:
+    s, bare = cached_site()
+    assert answers(data, whole=True, s=s) == answers(data, whole=False, s=s)
+    assert True not in bare  # not even tried
+
+
+@pytest.mark.parametrize("path", [b"/books/3", b"/books/%31", b"/books/"])
+def test_a_plain_get_that_memory_cannot_answer_goes_the_normal_way(path: bytes) -> None:
+    s, bare = cached_site()
+    data = b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert answers(data, whole=True, s=s) == answers(data, whole=False, s=s)
+    assert bare[0] is True and bare[1] is False  # tried bare, then answered the normal way
+
+
+@given(st.lists(st.sampled_from([b"Host: h", b"host: h", b"User-Agent: x", b"Accept: */*", b"Accept-Encoding: gzip",
+                                 b"Connection: keep-alive", b"Connection: close", b"If-None-Match: *",
+                                 b"Cache-Control: no-cache", b"X-Bazar-Min-Seq: 9", b"Content-Length: 0",
+                                 b"Expect: 100-continue", b"Accept: a, b"]), max_size=5),
+       st.sampled_from([b"/books/1", b"/books/2", b"/books/3", b"/books/", b"/x", b"/books/1/2"]))
+@settings(max_examples=150, deadline=None)
+def test_any_header_mix_is_answered_as_the_normal_way_answers_it(headers: list[bytes], path: bytes) -> None:
+    data = b"GET " + path + b" HTTP/1.1\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+    assert answers(data, whole=True) == answers(data, whole=False)
+
+
+def test_a_connection_answered_bare_keeps_its_deadlines_right() -> None:
+    """The header deadline armed at connect does not fire on a connection whose request
+    was answered bare; the idle timeout still closes a silent one; the next request
+    (bare or not) is answered."""
+    s, bare = cached_site()
+    channel, transport = connect(s)
+    clock = Clock()
+    channel.callLater = clock.callLater
+    channel._disarm()
+    channel._arm()  # the deadline on this clock, as at connect
+    channel.setTimeout(None)
+    channel.setTimeout(IDLE_TIMEOUT)
+    channel.dataReceived(PLAIN)
+    clock.advance(HEADER_DEADLINE + 1)
+    assert b"408" not in transport.value() and not transport.disconnecting
+    channel.dataReceived(b"GET /books/3 HTTP/1.1\r\nHost: h\r\n\r\n")
+    channel.dataReceived(PLAIN)
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 3 and bare == [True, True, False, True]
+    assert b'{"slow":"3"}' in transport.value()
+    clock.advance(IDLE_TIMEOUT + 1)
+    assert transport.disconnecting  # silent past the idle timeout: closed
+
+
+def test_bare_answers_are_counted_like_any_other() -> None:
+    s, _ = cached_site()
+    channel, transport = connect(s)
+    channel.dataReceived(PLAIN)
+    channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert b'bazar_requests_total{route="book",service="test",status="200"} 1.0' in transport.value()
+
+
+def test_only_a_get_can_be_answered_bare() -> None:
+    with pytest.raises(ValueError):
+        JsonApp("test").fast("POST", "/x/", "x", lambda request, rest: None, bare=True)

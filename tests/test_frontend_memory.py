@@ -616,3 +616,31 @@ def test_refused_input_leaves_no_entry_in_any_log(shop: Shop) -> None:
     ok(shop.api("POST", "/bazar/restock/2", json={"quantity": 5}, admin=True))
     error(shop.api("POST", "/bazar/purchase/2", json={"quantity": 9}, headers=headers), 409)  # its outcome
     assert stock(shop, 2) == 13 and shop.orders() == []
+
+
+def test_a_cache_hit_is_answered_bare_at_the_channel_and_never_stale(shop: Shop) -> None:
+    """A plain GET of a cached book is answered by the front end's channel before
+    Twisted builds a request (bazar.http.app `bare_response`); a write made elsewhere
+    drops it from the cache, so the next plain GET goes to the catalog and is new."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from bazar.http.server import QuietSite
+
+    site = QuietSite(shop.nodes[2].resource)
+    assert site.bare is not None
+    plain = b"GET /bazar/info/4 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"
+    first = ok(shop.api("GET", "/bazar/info/4"))  # fills the cache
+    assert site.bare(plain) is not None and orjson.loads(site.bare(plain).partition(b"\r\n\r\n")[2]) == first
+    shop.do(shop.catalog.submit(update_price(4, 7.77)))  # another front end's write
+    shop.run(0.1)
+    assert site.bare(plain) is None  # dropped: the normal way reads the catalog
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(plain)
+    shop.run(0.1)
+    assert orjson.loads(transport.value().partition(b"\r\n\r\n")[2])["price"] == 7.77
+    again = site.bare(plain)  # cached again, at the new price
+    assert again is not None and orjson.loads(again.partition(b"\r\n\r\n")[2])["price"] == 7.77
+    channel.connectionLost(None)

@@ -10,7 +10,9 @@ Three ways in, tried in this order by `JsonResource.render`:
 - internal RPCs (`rpc`): exact paths, answered without Klein's routing, and with no
   Klein route behind them (replication messages, forwarded writes, purchases);
 - fast paths (`fast`): try first, else fall through to the route of the same name.
-  Only for answers from memory (cache hits), where routing costs more than the work;
+  Only for answers from memory (cache hits), where routing costs more than the work.
+  A `bare` one needs nothing of the request but its path: the channel may call it on
+  a plain GET before Twisted builds a request at all (`JsonResource.bare_response`);
 - Klein's routes (`route`), for everything public.
 
 Beyond bodies and statuses, the headers DESIGN.md promises are set here, once for
@@ -23,6 +25,7 @@ platform and garbage-collector collectors and `bazar_build_info`.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Union, cast
@@ -43,8 +46,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import version as SERVER_VERSION
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -60,6 +65,7 @@ from bazar.errors import (
     Unauthorized,
     Unavailable,
 )
+from bazar.trace import enabled as trace_enabled
 from bazar.trace import trace
 
 log = Logger()
@@ -106,6 +112,16 @@ class Created:
 Result = Union[Any, bytes, Raw, Created, tuple[int, Any]]
 Handler = Callable[..., Union[Result, Awaitable[Result], Deferred[Result]]]
 FastHandler = Callable[[IRequest, bytes], Union[Result, None]]
+
+
+# A GET that a bare fast path may answer before Twisted parses it: one whole request,
+# HTTP/1.1, a target of visible ASCII, and well-formed header lines, of which only the names below (see `BARE_HEADERS`).
+BARE_REQUEST = re.compile(rb"GET (/[!-~]{1,256}) HTTP/1\.1\r\n"
+                          rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[\t -~]{0,1024}\r\n){0,32})\r\n\Z")
+# Request headers that change nothing in the answer to a read from memory. Any other
+# (If-None-Match, Connection: close, a body's framing, the headers a chain must see
+# once...) sends the request the normal way, which knows what each means.
+BARE_HEADERS = frozenset({b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"})
 
 
 def error_body(message: str) -> bytes:
@@ -270,6 +286,7 @@ class JsonApp:
             {"version": __version__})
         self.rpcs: dict[bytes, dict[bytes, tuple[Answer, Handler]]] = {}
         self.fast_paths: list[tuple[bytes, bytes, Answer, FastHandler]] = []
+        self.bare_paths: list[tuple[bytes, Answer, FastHandler]] = []
         self._install_error_pages()
         self.route("/metrics", "GET", "metrics")(self._metrics)
 
@@ -319,11 +336,19 @@ class JsonApp:
 
         return register
 
-    def fast(self, method: str, prefix: str, name: str, handler: FastHandler, *, etag: bool = False) -> None:
+    def fast(self, method: str, prefix: str, name: str, handler: FastHandler, *, etag: bool = False,
+             bare: bool = False) -> None:
         """Try `handler(request, rest_of_path)` before Klein's routing; it answers from
         memory at once, or returns None to let the route registered as `name` answer
-        (`etag` as for that route)."""
-        self.fast_paths.append((method.encode(), prefix.encode(), Answer(self, name, etag), handler))
+        (`etag` as for that route). A `bare` handler (a GET's) uses only the rest of the
+        path and its answer is JSON bytes: it is called with no request (None) on a
+        plain GET that the channel answers whole (`JsonResource.bare_response`)."""
+        answer = Answer(self, name, etag)
+        self.fast_paths.append((method.encode(), prefix.encode(), answer, handler))
+        if bare:
+            if method != "GET":
+                raise ValueError("only a GET can be answered bare")
+            self.bare_paths.append((prefix.encode(), answer, handler))
 
     def _metrics(self, request: IRequest) -> Raw:
         return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
@@ -340,6 +365,53 @@ class JsonResource(KleinResource):
     def __init__(self, api: JsonApp):
         super().__init__(api.app)
         self.api = api
+        self._date: tuple[int, bytes] = (0, b"")
+
+    def bare_response(self, data: bytes) -> bytes | None:
+        """The whole HTTP response to `data`, a request the channel received in one
+        piece while idle, if a bare fast path answers it from memory; else None, and
+        the request goes the normal way (so a miss, an unusual header, a malformed or
+        pipelined request, or tracing: whatever is not the common cache hit). The
+        response is the one the normal way gives the same request, byte for byte but
+        the Date: Server, Date, the ETag when the route has one, Content-Type and
+        Content-Length; the route's counters count it. Twisted's request machinery (a
+        Request, its header objects, resource traversal) is what it saves."""
+        if not self.api.bare_paths or trace_enabled():
+            return None
+        match = BARE_REQUEST.match(data)
+        if match is None:
+            return None
+        path = match.group(1).partition(b"?")[0]  # as Twisted's request.path: without the query
+        hosts = 0
+        for line in match.group(2).split(b"\r\n")[:-1]:
+            name = line.partition(b":")[0].lower()
+            if name not in BARE_HEADERS:
+                return None
+            if name == b"host":
+                hosts += 1
+        if hosts > 1:
+            return None  # the normal way refuses it (a header that must come once)
+        for prefix, answer, fast in self.api.bare_paths:
+            if path.startswith(prefix):
+                started = time.perf_counter()
+                try:
+                    body = fast(cast(IRequest, None), path[len(prefix):])
+                except Exception:
+                    return None
+                if not isinstance(body, bytes):
+                    return None
+                answer.count(200, started)
+                tag = b"ETag: " + etag_of(body) + b"\r\n" if answer.etag else b""
+                return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, self._now(), tag, len(body), body))
+        return None
+
+    def _now(self) -> bytes:
+        """The Date header's value, made once a second (as Twisted's own is, per request)."""
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, datetimeToString(second))
+        return self._date[1]
 
     def render(self, request: IRequest) -> Any:
         method, path = request.method, request.path

@@ -94,6 +94,9 @@ class GuardedChannel(HTTPChannel):
 
     over_capacity = False
     site_counted: Any = None
+    # the resource's `bare_response` (bazar.http.app), or None: a whole plain GET that
+    # arrives alone on an idle connection may be answered before Twisted parses it
+    bare: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -126,9 +129,22 @@ class GuardedChannel(HTTPChannel):
         if self._refused:
             self._drain(data)
             return
+        if self.bare is not None and data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and self._idle():
+            response = self.bare(data)
+            if response is not None:
+                self.resetTimeout()
+                self._disarm()  # this request is whole and answered: no deadline runs for it
+                self.transport.write(response)  # type: ignore[union-attr]
+                return
         if self._awaiting_request:
             self._arm()
         super().dataReceived(data)
+
+    def _idle(self) -> bool:
+        """Between requests: none in hand, nothing of the next one buffered, and the
+        connection kept alive (Twisted's own state, read, not changed)."""
+        return bool(not self._handlingRequest and not self.requests and self.line_mode and not self._buffer
+                    and self.persistent and getattr(self, "_HTTPChannel__first_line", 0) == 1)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -261,11 +277,13 @@ class QuietSite(Site):
         super().__init__(resource, parsePOSTFormSubmission=False, **kw)
         self.max_connections = max_connections
         self.open_connections = 0
+        self.bare = getattr(resource, "bare_response", None)
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if channel is not None:
             channel.site_counted = self
+            channel.bare = self.bare
             self.open_connections += 1
             if self.open_connections > self.max_connections:
                 channel.over_capacity = True

@@ -10,13 +10,13 @@ from typing import Any, Callable
 
 from attrs import define, field
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredList, DeferredSemaphore, TimeoutError, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from bazar.errors import Unavailable
-from bazar.http.client import Unreachable, call, error_of
+from bazar.http.client import Unreachable, call, call_early, error_of
 from bazar.messages import MIN_SEQ_HEADER, SEQ_HEADER, WRITE_PATH
 from bazar.replication.store import Outcome
 from bazar.settings import ClientTiming
@@ -93,7 +93,7 @@ class ReplicaSet:
         return max(primaries, key=lambda r: r.epoch) if primaries else None
 
     async def _call(self, replica: ReplicaState, method: str, path: str, *, timeout: float, wait: bool = True,
-                    **kw: Any) -> tuple[int, Any, Any]:
+                    caller: Callable[..., Any] | None = None, **kw: Any) -> tuple[int, Any, Any]:
         """`call` within the replica's slots (`ClientTiming.max_in_flight`). Uncontended this is one
         acquire and one release; a full replica raises Busy at once (not `wait`) or
         after waiting, the wait counting against `timeout`."""
@@ -110,6 +110,8 @@ class ReplicaSet:
                 raise Busy(replica.url) from None
             timeout = max(timeout - (self.clock.seconds() - started), 0.001)
         try:
+            if caller is not None:  # (call_early: its own method)
+                return await caller(self.http, self.clock, replica.url + path, timeout=timeout, **kw)  # type: ignore[no-any-return]
             return await call(self.http, self.clock, method, replica.url + path, timeout=timeout, **kw)
         finally:
             slots.release()
@@ -230,3 +232,43 @@ class ReplicaSet:
         if status != 200:
             raise error_of(status, parsed)
         return Outcome.from_json(parsed)
+
+    async def write_early(self, op: dict[str, Any]) -> tuple[Outcome, Deferred[Outcome] | None]:
+        """`write`, but with the outcome as soon as the primary has applied it: (the
+        outcome, a Deferred that fires with it once the write is acknowledged), or
+        (the outcome, None) when it came acknowledged already. Committed is durable
+        (a majority has it), so the caller may build on the outcome at once; it
+        acknowledges nothing to its own client before the Deferred fires. One early
+        attempt, at the primary known; anything else (no primary known, no answer,
+        not primary any more, an acknowledgement that does not come) is `write`,
+        the same request id again: a retry, answered from the write's recorded
+        outcome if it was applied."""
+        target = self.primary_state()
+        if target is not None:
+            try:
+                status, parsed, rest = await self._call(target, "POST", WRITE_PATH, caller=call_early,
+                                                        body={"op": op, "early": True}, secret=self.secret,
+                                                        timeout=self.timing.attempt)
+            except Busy:
+                pass
+            except Unreachable:
+                target.alive = target.ok = target.primary = False
+            else:
+                if status == 200:
+                    outcome = Outcome.from_json(parsed)
+                    if rest is None:
+                        return outcome, None
+                    return outcome, ensureDeferred(self._acknowledged(op, outcome, rest))
+                if status not in RETRYABLE:
+                    raise error_of(status, parsed)
+                target.primary = False
+        return await self.write(op), None
+
+    async def _acknowledged(self, op: dict[str, Any], outcome: Outcome, rest: Deferred[Any]) -> Outcome:
+        try:
+            last = await rest
+        except Unreachable:
+            last = None
+        if isinstance(last, dict) and last.get("acknowledged") is True:
+            return outcome
+        return await self.write(op)

@@ -16,7 +16,9 @@ from bazar.errors import Invalid
 
 RAFT_PATH = "/internal/raft"  # POST a Raft message; the replies come back in the answer
 STATUS_PATH = "/internal/status"  # GET a replica's health, and whether it is pristine
-WRITE_PATH = "/internal/write"  # POST {"op": operation}: a write, forwarded to the primary
+# POST {"op": operation}: a write, forwarded to the primary. With "early": true, a primary
+# may answer in two parts (EARLY_HEADER): the outcome once decided, then its acknowledgement.
+WRITE_PATH = "/internal/write"
 PURCHASE_PATH = "/internal/purchase"  # POST PurchaseRequest to the order primary: Purchased
 SALES_PATH = "/internal/sales"  # GET ?after=INDEX: the catalog's sales after a log index, SALES_PAGE at most
 # POST {"messages": [announcement, ...]} to a front end; from a sibling on a shared port,
@@ -26,6 +28,8 @@ SNAPSHOT_PATH = "/internal/snapshot"  # POST a chunk of the leader's state to a 
 
 SALES_PAGE = 500
 HOPS_HEADER = b"X-Bazar-Hops"  # how many replicas a forwarded request has passed through
+# On a write's answer: it comes in two parts, one JSON line each (bazar.http.client.call_early)
+EARLY_HEADER = b"X-Bazar-Early"
 SEQ_HEADER = b"X-Bazar-Seq"  # on a replica's read answer: the index of the last write it applied
 # On a read: the index of the oldest state the reader can use. A replica that has not
 # applied it answers 503 at once, rather than build an answer the reader would drop.

@@ -1,13 +1,16 @@
 """The order service: the purchase flow, replicated orders, idempotency.
 
-A purchase is two replicated writes, each committed before the next starts:
+A purchase is two replicated writes, the second started once the first is committed:
 
 1. `Sell` (catalog), request id `sale:{key}`: the catalog takes the copies and, in
    the same entry, records the sale (book, quantity, title and price, keyed by the
    purchase's Idempotency-Key; the front end makes one up when the client gave
    none). Out of stock or an unknown book: refused, nothing is sold.
 2. `RecordOrder` (order service), request id `order:{key}`: the sale becomes an
-   order, confirmed, with the next order id. Only then is the purchase answered 200.
+   order, confirmed, with the next order id. It starts as soon as the catalog primary
+   has applied the sale (the catalog answers in two parts: `early_write`), while the
+   catalog's backups still apply it; the purchase is answered 200 only once both
+   writes are acknowledged (DESIGN.md guarantee 1, for each of them).
 
 The sale is the first durable record of a purchase, and everything the order needs
 is in it. If any process dies between the two steps, the sale waits in the catalog:
@@ -120,9 +123,22 @@ class Purchases:
         now = self.clock.seconds()
         created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
         key = request.key
-        sold = await self.catalog.write(Sell(rid=f"sale:{key}", key=key, id=request.book_id,
-                                             quantity=request.quantity, created=created, created_ts=now).to_json())
-        done = await self.record(Sale.from_json(sold.result["sale"]))
+        sell = Sell(rid=f"sale:{key}", key=key, id=request.book_id, quantity=request.quantity, created=created,
+                    created_ts=now).to_json()
+        # The sale is recorded as an order as soon as the catalog primary has applied it
+        # (committed: durable on a majority), while the catalog's backups apply it; the
+        # purchase is answered only once both writes are acknowledged.
+        sold, acknowledged = await self.catalog.write_early(sell)
+        recording = ensureDeferred(self.record(Sale.from_json(sold.result["sale"])))
+        if acknowledged is not None:
+            try:
+                await acknowledged
+            except Exception:
+                # the order is still made (from a committed sale), whoever waits for it
+                recording.addErrback(lambda f: log.info("recording sale {key} stopped: {why}", key=key,
+                                                        why=f.getErrorMessage()))
+                raise
+        done = await recording
         return Purchased(order_json(done.result), sold.seq, sold.keys, done.seq)
 
     async def record(self, sale: Sale) -> Outcome:

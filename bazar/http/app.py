@@ -107,6 +107,14 @@ class Created:
         self.body = body
 
 
+class Written:
+    """What a handler returns once it has written its answer's body itself (a body in
+    parts, `request.write` by `request.write`, with its status and headers set before
+    the first): the response is only finished."""
+
+
+WRITTEN = Written()
+
 # What a handler may return: data to encode as JSON, JSON already encoded, a Raw body,
 # a Created, or data, JSON or a Raw with a status: (409, data).
 Result = Union[Any, bytes, Raw, Created, tuple[int, Any]]
@@ -122,6 +130,10 @@ BARE_REQUEST = re.compile(rb"GET (/[!-~]{1,256}) HTTP/1\.1\r\n"
 # (If-None-Match, Connection: close, a body's framing, the headers a chain must see
 # once...) sends the request the normal way, which knows what each means.
 BARE_HEADERS = frozenset({b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"})
+
+
+def _given(value: Any) -> Callable[[], Any]:
+    return lambda: value
 
 
 def error_body(message: str) -> bytes:

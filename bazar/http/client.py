@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensur
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -35,6 +36,7 @@ from zope.interface import implementer
 from bazar.codec import dumps
 from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
 from bazar.http.request import SECRET_HEADER
+from bazar.messages import EARLY_HEADER
 from bazar.trace import trace
 
 # What a peer that did not answer looks like: refused, reset, closed, timed out.
@@ -131,13 +133,9 @@ class Unreachable(Exception):
     """The peer did not answer (refused, reset, timed out)."""
 
 
-async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
-               body: Any = None, raw: bytes | None = None, headers: dict[bytes, bytes] | None = None,
-               secret: str | None = None, timeout: float = 2.0, parse: bool = True) -> tuple[int, Any, Any]:
-    """One HTTP exchange: (status, parsed JSON or None — or the raw bytes when not
-    `parse` — and the response headers).
-
-    Raises Unreachable when no complete answer arrived within `timeout`."""
+def _request(body: Any, raw: bytes | None, headers: dict[bytes, bytes] | None,
+             secret: str | None) -> tuple[dict[Any, Any], Any]:
+    """The headers and body producer of one of Bazar's own requests."""
     hdrs: dict[Any, Any] = {}
     for key, value in (headers or {}).items():
         hdrs[key] = [value]
@@ -148,9 +146,28 @@ async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
         hdrs[b"Content-Type"] = [b"application/json"]
     if secret is not None:
         hdrs[SECRET_HEADER] = [secret.encode()]
+    return hdrs, BytesProducer(data) if data is not None else None
+
+
+def _parsed(content: bytes) -> Any:
+    if not content:
+        return None
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
+               body: Any = None, raw: bytes | None = None, headers: dict[bytes, bytes] | None = None,
+               secret: str | None = None, timeout: float = 2.0, parse: bool = True) -> tuple[int, Any, Any]:
+    """One HTTP exchange: (status, parsed JSON or None — or the raw bytes when not
+    `parse` — and the response headers).
+
+    Raises Unreachable when no complete answer arrived within `timeout`."""
+    hdrs, producer = _request(body, raw, headers, secret)
 
     async def exchange() -> tuple[int, bytes, Any]:
-        producer: Any = BytesProducer(data) if data is not None else None
         response = await http.request(method, url, data=producer, headers=hdrs)
         content = await treq.content(response)
         return response.code, content, response.headers
@@ -165,13 +182,80 @@ async def call(http: HTTPClient, clock: IReactorTime, method: str, url: str, *,
     trace("call.answer", None, url=url, status=code)
     if not parse:
         return code, content, response_headers
-    parsed = None
-    if content:
-        try:
-            parsed = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            parsed = None
-    return code, parsed, response_headers
+    return code, _parsed(content), response_headers
+
+
+class _Parts(Protocol):
+    """The body of a two-part answer (EARLY_HEADER), read as it comes: each part one
+    JSON line, handed to `first` and `second` as it arrives. A body that ends (or
+    breaks) before both fails the part still awaited with Unreachable."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.first: Deferred[Any] = Deferred()
+        self.second: Deferred[Any] = Deferred()
+        self.buffer = b""
+        self.parts = 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.buffer += data
+        while b"\n" in self.buffer and self.parts < 2:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.parts += 1
+            part = self.first if self.parts == 1 else self.second
+            if not part.called:
+                part.callback(_parsed(line))
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 (Twisted's name)
+        for part in (self.first, self.second):
+            if not part.called:
+                part.errback(Unreachable(f"POST {self.url}: the answer ended after {self.parts} of 2 parts"))
+
+    def abort(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+
+async def call_early(http: HTTPClient, clock: IReactorTime, url: str, *, body: Any, secret: str | None,
+                     timeout: float = 2.0) -> tuple[int, Any, Deferred[Any] | None]:
+    """POST `body` to `url`, whose answer may come in two parts (EARLY_HEADER): then
+    (200, the first part parsed, a Deferred of the second part parsed), the first
+    within `timeout` and the second within `timeout` after it (else the Deferred
+    fails with Unreachable and the answer is abandoned); an answer in one piece is
+    (status, parsed, None), as from `call`.
+
+    Raises Unreachable when neither came within `timeout`."""
+    hdrs, producer = _request(body, None, None, secret)
+
+    async def exchange() -> tuple[int, Any, _Parts | None]:
+        response = await http.request("POST", url, data=producer, headers=hdrs)
+        if response.code != 200 or not response.headers.hasHeader(EARLY_HEADER):
+            return response.code, _parsed(await treq.content(response)), None
+        parts = _Parts(url)
+        response.deliverBody(parts)
+        return 200, await parts.first, parts
+
+    trace("call.send", None, method="POST", url=url)
+    d = ensureDeferred(exchange())
+    d.addTimeout(timeout, clock)
+    try:
+        code, parsed, parts = await d
+    except (*TRANSPORT_FAILURES, Unreachable) as exc:
+        raise Unreachable(f"POST {url}: {exc.__class__.__name__}") from None
+    trace("call.answer", None, url=url, status=code)
+    if parts is None:
+        return code, parsed, None
+    second = parts.second
+
+    def late(failure: Any) -> Any:
+        if failure.check(TimeoutError, CancelledError):
+            parts.abort()
+            raise Unreachable(f"POST {url}: no second part within {timeout} s")
+        return failure
+
+    second.addTimeout(timeout, clock)
+    return code, parsed, second.addErrback(late)
 
 
 # A peer's error answer as Bazar's own error (the inverse of bazar.http.app.STATUS).

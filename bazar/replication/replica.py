@@ -91,6 +91,9 @@ class Replica:
         # outcomes of applied entries whose writers wait for the acknowledgement rule
         # (every backup the leader can reach has applied them too: `Raft.acknowledged`)
         self.decided: dict[int, Outcome] = {}
+        # writers that also want their outcome as soon as it is applied here, before the
+        # acknowledgement rule allows it (`submit`'s `early`)
+        self.early: dict[int, Callable[[Outcome], None]] = {}
         self.leader_commit = 0  # the commit index the leader last told us
         # snapshots by kind: "taken" (the log compacted), "sent" (to a backup that needed
         # one), "installed" (from the leader); /metrics reads them
@@ -352,15 +355,19 @@ class Replica:
     def _applied(self, entry: Entry, outcome: Outcome) -> None:
         trace("applied", None, index=entry.index)
         waiter = self.waiters.get(entry.index)
+        early = self.early.pop(entry.index, None)
         if waiter is not None:
             term, d = waiter
             if term == entry.term:
                 self.decided[entry.index] = outcome  # answered once acknowledged (`_release`)
             else:
                 del self.waiters[entry.index]
+                early = None
                 d.errback(Unavailable(f"the {self.service} primary changed during the write; retry"))
         if self.is_primary and self.on_commit is not None:
             self.on_commit(outcome)
+        if early is not None and waiter is not None:
+            early(outcome)  # (last: whatever it resumes finds this entry wholly applied)
 
     def _release(self) -> None:
         """Answer the writers whose entries the acknowledgement rule now allows."""
@@ -392,6 +399,7 @@ class Replica:
     def _fail_waiters(self, why: str) -> None:
         waiters, self.waiters = self.waiters, {}
         self.decided.clear()
+        self.early.clear()
         for _, d in waiters.values():
             d.errback(Unavailable(why))
 
@@ -547,8 +555,13 @@ class Replica:
         return {"messages": [r.to_json() for r in replies]}
 
     # -- writes -----------------------------------------------------------------------
-    async def submit(self, op: dict[str, Any], hops: int = 0) -> Outcome:
-        """Apply a write through the leader and return its outcome once committed."""
+    async def submit(self, op: dict[str, Any], hops: int = 0,
+                     early: Callable[[Outcome], None] | None = None) -> Outcome:
+        """Apply a write through the leader and return its outcome once acknowledged.
+        `early`, if given, is told the outcome as soon as this leader has applied the
+        entry (it is committed: durable on a majority, never lost), which may be well
+        before the acknowledgement rule lets the write be answered; not told at all
+        when the write fails first, or goes to another replica."""
         self._current()
         if not self.is_primary:
             return await self.forward_write(op, hops)
@@ -566,6 +579,8 @@ class Replica:
             trace("propose", op.get("rid"), index=index)
             d: Deferred[Outcome] = Deferred()
             self.waiters[index] = (term, d)
+            if early is not None:
+                self.early[index] = early
             if self._processing:
                 self._changed()
             else:
@@ -578,8 +593,11 @@ class Replica:
             except TimeoutError:
                 self.waiters.pop(index, None)
                 self.decided.pop(index, None)
+                self.early.pop(index, None)
                 raise Unavailable(f"the {self.service} write was not committed in time; retry") from None
         else:
+            if early is not None:
+                early(done)
             await self._until_acknowledged(done.seq)
         error = done.error()
         if error is not None:

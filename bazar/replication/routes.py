@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from bazar.codec import JSONDecodeError, dumps, loads
-from bazar.errors import Invalid, Unavailable
-from bazar.http.app import JsonApp
+from bazar.errors import BazarError, Invalid, Unavailable
+from bazar.http.app import JSON, WRITTEN, JsonApp, status_of
 from bazar.http.request import INTERNAL_BODY, read_body, require_secret
-from bazar.messages import HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
+from bazar.messages import EARLY_HEADER, HOPS_HEADER, RAFT_PATH, SNAPSHOT_PATH, STATUS_PATH, WRITE_PATH
 from bazar.replication import raft
 from bazar.replication.replica import PRIMARY, Replica
-from bazar.replication.store import RETAIN_REQUESTS
+from bazar.replication.store import RETAIN_REQUESTS, Outcome
 from bazar.trace import trace
+
+log = Logger()
 
 # bazar_replica_role's `role` label, one series per role (1 for the one it holds): the
 # Raft role, with the leader named as /health names it. /health's "backup" is any of
@@ -42,6 +48,58 @@ def readiness(replica: Replica) -> dict[str, Any]:
         raise Unavailable(f"{replica.service} replica {replica.replica_id}: {why}")
     return {"ready": True, "service": replica.service, "replica": replica.replica_id, "role": replica.role,
             "epoch": replica.epoch, "last_seq": replica.store.applied, "leader": replica.leader}
+
+
+async def early_write(request: IRequest, replica: Replica, op: dict[str, Any], hops: int) -> Any:
+    """A write whose caller can use its outcome before it is acknowledged (the order
+    primary records a sale while the catalog's backups apply it): a primary that has
+    applied it answers in two parts (EARLY_HEADER), the outcome as soon as it is
+    applied here (committed: durable on a majority), then `{"acknowledged": true}`
+    once the acknowledgement rule allows, or `{"error": ..., "status": ...}` if the
+    write could not be acknowledged here. A refusal, a write that ends before it is
+    applied here, or one this replica forwards, is answered in one piece, as usual.
+    The caller acknowledges nothing to its own client before the second part."""
+    # which comes first: the outcome applied here, or the end of the write (its outcome
+    # or failure, taken over from `final` here: it may fire in the middle of its own
+    # callbacks, where `final` itself cannot be awaited)
+    first: Deferred[tuple[bool, Any]] = Deferred()
+
+    def applied(outcome: Outcome) -> None:
+        if not first.called:
+            first.callback((True, outcome))
+
+    def ended(result: Any) -> Any:
+        if first.called:
+            return result
+        first.callback((False, result))
+        return None
+
+    final = ensureDeferred(replica.submit(op, hops, early=applied))
+    final.addBoth(ended)
+    early, result = await first
+    if not early:
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result.to_json()
+    if result.error() is not None:
+        return (await final).to_json()  # a refusal: answered once acknowledged, in one piece
+    outcome = result
+    gone: list[bool] = []
+    cast(Request, request).notifyFinish().addErrback(lambda _: gone.append(True))
+    request.setHeader(EARLY_HEADER, b"1")
+    request.setHeader(b"Content-Type", JSON)
+    request.write(dumps(outcome.to_json()) + b"\n")
+    try:
+        await final
+        last: dict[str, Any] = {"acknowledged": True}
+    except BazarError as exc:
+        last = {"error": exc.message, "status": status_of(exc)}
+    except Exception:  # noqa: BLE001 (the status is sent: the caller must still learn it failed)
+        log.failure("an early write failed after its outcome was sent")
+        last = {"error": "internal error", "status": 500}
+    if not gone:
+        request.write(dumps(last) + b"\n")
+    return WRITTEN
 
 
 def hop_count(request: IRequest) -> int:
@@ -146,10 +204,12 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
         return {**replica.health(), "pristine": replica.store.pristine, "term": replica.core.term}
 
     @api.rpc(WRITE_PATH, "POST", "write")
-    async def forwarded_write(request: IRequest) -> dict[str, Any]:
+    async def forwarded_write(request: IRequest) -> Any:
         body = internal_body(request, secret)
         op = body.get("op")
         if not isinstance(op, dict) or not isinstance(op.get("rid"), str) or not isinstance(op.get("op"), str):
             raise Invalid("a write needs an op object with 'op' and 'rid'")
+        if body.get("early") is True:
+            return await early_write(request, replica, op, hop_count(request))
         outcome = await replica.submit(op, hop_count(request))
         return outcome.to_json()

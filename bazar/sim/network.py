@@ -57,13 +57,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from bazar.http.app import error_body
 from bazar.http.client import BytesProducer, PeerClient
+from bazar.messages import EARLY_HEADER
 
 HOST = "127.0.0.1"
 REFUSE = "refuse"  # a cut link resets connections: the caller learns at once
@@ -271,12 +272,17 @@ class _Channel:
 
     factory = None  # no access log
 
-    def __init__(self, site: Site, port: int, peer: int, done: Callable[[int, bytes, Headers, bytes], None]):
+    def __init__(self, site: Site, port: int, peer: int, done: Callable[[int, bytes, Headers, bytes], None],
+                 part: Callable[[int, bytes, Headers, bytes | None], None] | None = None):
         self.site = site
         self.host = IPv4Address("TCP", HOST, port)
         self.peer = IPv4Address("TCP", HOST, peer)
         self.transport = self
         self.done = done
+        # an answer in parts (EARLY_HEADER) goes out a part at a time, as over TCP;
+        # then `part` gets each part, and None at the end
+        self.part = part
+        self.streaming = False
         self.code = 0
         self.phrase = b""
         self.headers = Headers()
@@ -293,15 +299,23 @@ class _Channel:
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:  # noqa: N802
         self.code, self.phrase, self.headers = int(code), reason, headers
+        self.streaming = self.part is not None and headers.hasHeader(EARLY_HEADER)
 
     def write(self, data: bytes) -> None:
-        self.body.append(data)
+        if self.streaming and self.part is not None:
+            self.part(self.code, self.phrase, self.headers, data)
+        else:
+            self.body.append(data)
 
     def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
-        self.body.extend(data)
+        for chunk in data:
+            self.write(chunk)
 
     def requestDone(self, request: Any) -> None:  # noqa: N802
-        self.done(self.code, self.phrase, self.headers, b"".join(self.body))
+        if self.streaming and self.part is not None:
+            self.part(self.code, self.phrase, self.headers, None)
+        else:
+            self.done(self.code, self.phrase, self.headers, b"".join(self.body))
 
     def loseConnection(self) -> None:  # noqa: N802
         pass
@@ -320,7 +334,7 @@ class Answer:
         self.phrase = phrase
         self.headers = headers
         self.body = body
-        self.length = len(body)
+        self.length: int | str = len(body)
 
     def deliverBody(self, protocol: Any) -> None:  # noqa: N802
         protocol.makeConnection(None)
@@ -330,6 +344,38 @@ class Answer:
 
     def setPreviousResponse(self, response: Any) -> None:  # noqa: N802
         self.previousResponse = response
+
+
+class StreamedAnswer(Answer):
+    """An answer whose body arrives a part at a time (EARLY_HEADER): the caller's body
+    protocol is given each part as the network delivers it, then the end (or a reset);
+    parts that arrive before the caller asks for the body wait for it."""
+
+    def __init__(self, code: int, phrase: bytes, headers: Headers):
+        super().__init__(code, phrase, headers, b"")
+        self.length = UNKNOWN_LENGTH
+        self.protocol: Any = None
+        self.backlog: list[bytes | Failure] = []
+        self.closed = False
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802
+        self.protocol = protocol
+        protocol.makeConnection(None)
+        backlog, self.backlog = self.backlog, []
+        for item in backlog:
+            self.feed(item)
+
+    def feed(self, item: bytes | Failure) -> None:
+        """A part (bytes), or the end (a Failure: ResponseDone, or the reset)."""
+        if self.closed:
+            return
+        if self.protocol is None:
+            self.backlog.append(item)
+        elif isinstance(item, Failure):
+            self.closed = True
+            self.protocol.connectionLost(item)
+        else:
+            self.protocol.dataReceived(item)
 
 
 # -- the client side ----------------------------------------------------------------------
@@ -370,6 +416,9 @@ class Exchange:
         "incarnation",
         "reply_lost",
         "twin",
+        "stream",
+        "due",
+        "held_parts",
     )
 
     def __init__(
@@ -395,6 +444,11 @@ class Exchange:
         self.finished = False  # answered, failed or abandoned by the caller
         self.reply_lost = False
         self.twin = twin  # a duplicate: handled, its answer dropped
+        # an answer in parts: its StreamedAnswer (None: not one, or none goes back), when
+        # its last part is due, and the parts that wait for a paused caller, in order
+        self.stream: StreamedAnswer | None = None
+        self.due = 0.0
+        self.held_parts: list[bytes | Failure] | None = None
 
     @property
     def source(self) -> int | None:
@@ -497,7 +551,10 @@ class Network:
         self.paused.discard(port)
         self.waiting.pop(port, None)
         for ex in self.handling.pop(port, []):
-            self._later(0.0, partial(self._fail, ex, ConnectionLost(f"port {port} died")))
+            if ex.stream is not None:  # an answer in parts, begun: what left arrives, then the reset
+                self._flow_later(ex, Failure(ConnectionLost(f"port {port} died")))
+            else:
+                self._later(0.0, partial(self._fail, ex, ConnectionLost(f"port {port} died")))
 
     def pause(self, port: int) -> None:
         self.paused.add(port)
@@ -644,7 +701,8 @@ class Network:
     def _handle(self, ex: Exchange) -> None:
         self.stats["handled"] += 1
         peer = ex.source if ex.source is not None else 1
-        channel = _Channel(self.site, ex.port, peer, lambda *answer: self._answered(ex, *answer))
+        channel = _Channel(self.site, ex.port, peer, lambda *answer: self._answered(ex, *answer),
+                           lambda *part: self._part(ex, *part))
         # Bazar takes JSON only: no form parsing (which would parse every Content-Type)
         request = Request(channel, parsePOSTFormSubmission=False)
         request.requestHeaders = ex.headers
@@ -667,6 +725,65 @@ class Network:
             return  # the process died before its answer left
         answer = Answer(code, phrase, headers, body)
         self._later(self._delay(ex.source), lambda: self._reply(ex, answer))
+
+    def _part(self, ex: Exchange, code: int, phrase: bytes, headers: Headers, data: bytes | None) -> None:
+        """A part of an answer in parts leaves (None: the answer is complete). The
+        first starts the answer as `_answered` does; each part then travels with a delay
+        of its own, never overtaking the one before (one TCP connection)."""
+        now = self.clock.seconds()
+        if ex.stream is None:
+            if data is None:
+                self._answered(ex, code, phrase, headers, b"")
+                return
+            self._unhandle(ex)
+            if ex.twin or ex.reply_lost or ex.finished or ex.port in self.down \
+                    or self.incarnations.get(ex.port, 0) != ex.incarnation:
+                ex.reply_lost = True  # and so are its other parts
+                return
+            ex.stream = StreamedAnswer(code, phrase, headers)
+            self.handling.setdefault(ex.port, []).append(ex)  # a crash resets it
+            ex.due = now + self._delay(ex.source)
+            stream = ex.stream
+            self._later(ex.due - now, lambda: self._reply(ex, stream))
+        if ex.port in self.down:
+            return  # the process died before this part left
+        item: bytes | Failure = data if data is not None else Failure(ResponseDone())
+        if data is None:
+            self._unhandle(ex)
+        self._flow_later(ex, item)
+
+    def _flow_later(self, ex: Exchange, item: bytes | Failure) -> None:
+        now = self.clock.seconds()
+        ex.due = max(ex.due, now + self._delay(ex.source))
+        self._later(ex.due - now, lambda: self._flow(ex, item))
+
+    def _flow(self, ex: Exchange, item: bytes | Failure) -> None:
+        stream = ex.stream
+        if stream is None or stream.closed or ex.gate.dead:
+            return
+        if ex.held_parts is not None:
+            ex.held_parts.append(item)  # behind the parts that wait already
+            return
+        source = ex.source
+        if source is not None and source in self.paused:
+            ex.held_parts = [item]
+
+            def flush() -> None:
+                held, ex.held_parts = ex.held_parts or [], None
+                for part in held:
+                    self._flow(ex, part)
+
+            self.waiting.setdefault(source, []).append(flush)
+            return
+        mode = self.link(ex.source, ex.port) if ex.port not in self.down else None
+        if mode == REFUSE:
+            stream.feed(Failure(ConnectionLost(f"the link to {ex.port} was cut")))
+            return
+        if mode == DROP:
+            self.stats["dropped by a cut"] += 1
+            stream.closed = True  # nothing more comes through: the caller times out
+            return
+        stream.feed(item)
 
     def _reply(self, ex: Exchange, answer: Answer) -> None:
         if ex.finished or ex.gate.dead:

@@ -207,6 +207,9 @@ class Answer:
         self.histogram.observe(time.perf_counter() - started)
 
     def finish(self, request: IRequest, result: Result, started: float) -> bytes:
+        if result is WRITTEN:
+            self.count(request.code, started)  # type: ignore[attr-defined]
+            return b""
         status = 200
         if isinstance(result, tuple):
             status, result = result
@@ -350,11 +353,13 @@ class JsonApp:
 
     def fast(self, method: str, prefix: str, name: str, handler: FastHandler, *, etag: bool = False,
              bare: bool = False) -> None:
-        """Try `handler(request, rest_of_path)` before Klein's routing; it answers from
-        memory at once, or returns None to let the route registered as `name` answer
-        (`etag` as for that route). A `bare` handler (a GET's) uses only the rest of the
-        path and its answer is JSON bytes: it is called with no request (None) on a
-        plain GET that the channel answers whole (`JsonResource.bare_response`)."""
+        """Try `handler(request, rest_of_path)` before Klein's routing; it answers at
+        once (from memory, or with an awaitable of its answer: a route whose own work
+        dwarfs the routing, taken straight to it), or returns None to let the route
+        registered as `name` answer (`etag` as for that route). A `bare` handler (a
+        GET's) uses only the rest of the path and its answer is JSON bytes: it is
+        called with no request (None) on a plain GET that the channel answers whole
+        (`JsonResource.bare_response`)."""
         answer = Answer(self, name, etag)
         self.fast_paths.append((method.encode(), prefix.encode(), answer, handler))
         if bare:
@@ -445,6 +450,8 @@ class JsonResource(KleinResource):
                     return answer.fail(request, Failure(), started)
                 if found is None:
                     break
+                if isinstance(found, (Deferred, Awaitable)):  # an async answer (the purchase)
+                    return answer.deliver(request, _given(found))
                 return without_body(request, answer.finish(request, found, started))
         if b"//" in path:
             # "//x" is not "/x": no route has an empty segment (werkzeug would redirect,

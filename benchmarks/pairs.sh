@@ -10,15 +10,18 @@
 set -euo pipefail
 before=$(cd "$1" && pwd); after=$(cd "$2" && pwd); n=${3:-5}
 out=${PAIRS_OUT:-$(mktemp -d /tmp/bazar-pairs.XXXXXX)}
-row() { grep -E "^\| purchase \| $2 \| $3 \|" "$1" | awk -F'|' -v col="$4" '{gsub(/ /, "", $col); print $col}'; }
+# a figure of section 1's purchase rows, its column found by the header's name
+row() { awk -F'|' -v cache="$2" -v conns="$3" -v name="$4" '
+  /^\| op \|/ { for (i = 1; i <= NF; i++) { h = $i; gsub(/^ +| +$/, "", h); if (h == name) col = i } }
+  $0 ~ "^\\| purchase \\| " cache " \\| " conns " \\|" && col { v = $col; gsub(/ /, "", v); print v; exit }' "$1"; }
 for i in $(seq 1 "$n"); do
   for side in before after; do
     dir=$before; [ "$side" = after ] && dir=$after
     run="$out/$side-$i"; mkdir -p "$run"
     (cd "$dir" && timeout 600 .venv/bin/bazar-bench --start --only ops --no-plots --out "$run" >"$run/log" 2>&1)
     r="$run/report.md"
-    echo "pair $i $side: cache on: p50 $(row "$r" on 1 9) ms, $(row "$r" on 16 6)/s at 16;" \
-         "cache off: p50 $(row "$r" off 1 9) ms, $(row "$r" off 16 6)/s at 16"
+    echo "pair $i $side: cache on: p50 $(row "$r" on 1 "p50 ms") ms, $(row "$r" on 16 "req/s")/s at 16;" \
+         "cache off: p50 $(row "$r" off 1 "p50 ms") ms, $(row "$r" off 16 "req/s")/s at 16"
   done
 done
 echo "reports in $out"

@@ -155,6 +155,7 @@ def answers(data: bytes, *, whole: bool, s: QuietSite | None = None) -> bytes:
 
 
 PLAIN = b"GET /books/1 HTTP/1.1\r\nHost: h\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
+KEEP_ALIVE = b"GET /books/2 HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive\r\nAccept-Encoding: gzip\r\n\r\n"
 # each must be answered exactly as the normal way answers it
 UNUSUAL = [
     b"GET /books/1 HTTP/1.1\r\nHost: h\r\nIf-None-Match: \"x\"\r\n\r\n",
@@ -185,6 +186,8 @@ def test_a_plain_get_from_memory_is_answered_bare_and_byte_for_byte_as_the_norma
     query = b"GET /books/2?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"  # the path without its query, as Twisted's
     assert answers(query, whole=True, s=s) == answers(query, whole=False, s=s)
     assert bare == [True, False, True, False]
+    assert answers(KEEP_ALIVE, whole=True, s=s) == answers(KEEP_ALIVE, whole=False, s=s)
+    assert bare[-2:] == [True, False]  # "Connection: keep-alive" says what HTTP/1.1 means anyway
 
 
 @pytest.mark.parametrize("data", UNUSUAL)
@@ -204,6 +207,7 @@ def test_a_plain_get_that_memory_cannot_answer_goes_the_normal_way(path: bytes) 
 
 @given(st.lists(st.sampled_from([b"Host: h", b"host: h", b"User-Agent: x", b"Accept: */*", b"Accept-Encoding: gzip",
                                  b"Connection: keep-alive", b"Connection: close", b"If-None-Match: *",
+                                 b"connection: Keep-Alive", b"Connection: keep-alive, close",
                                  b"Cache-Control: no-cache", b"X-Bazar-Min-Seq: 9", b"Content-Length: 0",
                                  b"Expect: 100-continue", b"Accept: a, b"]), max_size=5),
        st.sampled_from([b"/books/1", b"/books/2", b"/books/3", b"/books/", b"/x", b"/books/1/2"]))

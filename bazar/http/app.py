@@ -401,8 +401,11 @@ class JsonResource(KleinResource):
         path = match.group(1).partition(b"?")[0]  # as Twisted's request.path: without the query
         hosts = 0
         for line in match.group(2).split(b"\r\n")[:-1]:
-            name = line.partition(b":")[0].lower()
+            name, _, value = line.partition(b":")
+            name = name.lower()
             if name not in BARE_HEADERS:
+                if name == b"connection" and value.strip().lower() == b"keep-alive":
+                    continue  # what HTTP/1.1 does anyway (many clients say it)
                 return None
             if name == b"host":
                 hosts += 1

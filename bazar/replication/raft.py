@@ -331,6 +331,12 @@ class Raft:
             return True
         return self.lease_from is not None and self.ticks - self.lease_from < self.election_ticks - 1
 
+    @property
+    def learner(self) -> bool:
+        """It lost its state and has not rejoined: its answers say so, and count for no
+        majority (§4.2.1)."""
+        return not self.log.voter
+
     def committed_in_term(self) -> bool:
         """Has this leader committed an entry of its own term (§6.4, step 1)?"""
         return self.role == LEADER and self.commit >= self.term_start
@@ -611,7 +617,7 @@ class Raft:
             # pre-votes from behind are refused the same way.
             if isinstance(m, (AppendEntries, Heartbeat)):
                 self.outbox.append(AppendReply(self.term, self.id, m.src, False, self.log.last_index(), self.commit,
-                                               not self.log.voter))
+                                               self.learner))
             elif isinstance(m, RequestVote):
                 self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
             return
@@ -640,7 +646,7 @@ class Raft:
         return (m.last_term, m.last_index) >= (last_term, last_index)
 
     def _on_vote(self, m: RequestVote) -> None:
-        if not self.log.voter:
+        if self.learner:
             # §4.2.1: a replica catching up (it lost its state) does not vote
             self.outbox.append(VoteReply(self.term, self.id, m.src, False, m.pre))
             return
@@ -671,13 +677,13 @@ class Raft:
         if m.prev_index < self.commit:
             # already committed here: never touch it; say how far we are
             self.outbox.append(AppendReply(self.term, self.id, m.src, True, self.commit, self.commit,
-                                           not self.log.voter))
+                                           self.learner))
             return
         if self.log.term_at(m.prev_index) != m.prev_term:
             # §3.5: the logs differ at prev_index: the leader must go further back
             hint = min(m.prev_index - 1, self.log.last_index())
             self.outbox.append(AppendReply(self.term, self.id, m.src, False, max(hint, 0), self.commit,
-                                           not self.log.voter))
+                                           self.learner))
             return
         fresh: list[Entry] = []
         for i, e in enumerate(m.entries):
@@ -690,27 +696,27 @@ class Raft:
             self.log.append(fresh)
         match = m.prev_index + len(m.entries)
         self._advance_commit(min(m.commit, match))
-        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit, not self.log.voter))
+        self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit, self.learner))
         self._maybe_join(m.commit)
 
     def _on_heartbeat(self, m: Heartbeat) -> None:
         self.role, self.leader = FOLLOWER, m.src
         self.elapsed = 0
-        if self.log.voter:
+        if not self.learner:
             # (a heartbeat's commit is min(match, commit): the leader has checked that our
             # log matches its own up to there. A learner's may not: it lost what the leader
             # checked, and may hold other entries at those indexes since. It commits only
             # on an AppendEntries, after the log-matching check, §3.5.)
             self._advance_commit(min(m.commit, self.log.last_index()))
         self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index(), self.commit,
-                                          not self.log.voter))
+                                          self.learner))
         self._maybe_join(m.leader_commit)
 
     def _maybe_join(self, leader_commit: int) -> None:
         """§4.2.1: a learner that holds everything the leader has committed votes again,
         once it has recovered (`recover`): a leader of a term it has not yet caught up
         with may be a deposed one, whose commit index is not the store's."""
-        if not self.log.voter and self.recovered and self.commit >= leader_commit:
+        if self.learner and self.recovered and self.commit >= leader_commit:
             self.log.set_voter()
 
     def recover(self, term: int) -> None:

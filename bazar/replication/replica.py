@@ -87,13 +87,13 @@ class Replica:
         self.core = Raft(id=self.replica_id, voters=tuple(sorted(self.peers)), log=store, applied=store.applied,
                          election_ticks=timing.election_ticks, heartbeat_ticks=timing.heartbeat_ticks,
                          rng=rng or random.Random(random.random()))
-        self.waiters: dict[int, tuple[int, Deferred[Outcome]]] = {}
+        # writers by log index: the term they proposed in, their Deferred, and who else
+        # wants the outcome as soon as it is applied here, before the acknowledgement
+        # rule allows it (`submit`'s `early`)
+        self.waiters: dict[int, tuple[int, Deferred[Outcome], Callable[[Outcome], None] | None]] = {}
         # outcomes of applied entries whose writers wait for the acknowledgement rule
         # (every backup the leader can reach has applied them too: `Raft.acknowledged`)
         self.decided: dict[int, Outcome] = {}
-        # writers that also want their outcome as soon as it is applied here, before the
-        # acknowledgement rule allows it (`submit`'s `early`)
-        self.early: dict[int, Callable[[Outcome], None]] = {}
         self.leader_commit = 0  # the commit index the leader last told us
         # snapshots by kind: "taken" (the log compacted), "sent" (to a backup that needed
         # one), "installed" (from the leader); /metrics reads them
@@ -355,9 +355,9 @@ class Replica:
     def _applied(self, entry: Entry, outcome: Outcome) -> None:
         trace("applied", None, index=entry.index)
         waiter = self.waiters.get(entry.index)
-        early = self.early.pop(entry.index, None)
+        early = None
         if waiter is not None:
-            term, d = waiter
+            term, d, early = waiter
             if term == entry.term:
                 self.decided[entry.index] = outcome  # answered once acknowledged (`_release`)
             else:
@@ -366,7 +366,7 @@ class Replica:
                 d.errback(Unavailable(f"the {self.service} primary changed during the write; retry"))
         if self.is_primary and self.on_commit is not None:
             self.on_commit(outcome)
-        if early is not None and waiter is not None:
+        if early is not None:
             early(outcome)  # (last: whatever it resumes finds this entry wholly applied)
 
     def _release(self) -> None:
@@ -399,8 +399,7 @@ class Replica:
     def _fail_waiters(self, why: str) -> None:
         waiters, self.waiters = self.waiters, {}
         self.decided.clear()
-        self.early.clear()
-        for _, d in waiters.values():
+        for _, d, _ in waiters.values():
             d.errback(Unavailable(why))
 
     # -- messages ---------------------------------------------------------------------
@@ -469,7 +468,7 @@ class Replica:
         if not self.core.accepts_snapshot(term, src, index):
             # an old leader learns the term; a snapshot we need not, where we are
             reply = raft.AppendReply(self.core.term, self.replica_id, src, term == self.core.term,
-                                     self.core.commit, self.core.commit, not self.store.voter)
+                                     self.core.commit, self.core.commit, self.core.learner)
             self._process()
             return {"messages": [reply.to_json()]}
         if first:
@@ -487,7 +486,7 @@ class Replica:
         self.snapshots["installed"] += 1
         log.info("installed a snapshot of replica {src} as of index {index}", src=src, index=index)
         self._process()
-        reply = raft.AppendReply(self.core.term, self.replica_id, src, True, index, index, not self.store.voter)
+        reply = raft.AppendReply(self.core.term, self.replica_id, src, True, index, index, self.core.learner)
         return {"messages": [reply.to_json()]}
 
     def _compact(self) -> None:
@@ -578,9 +577,7 @@ class Replica:
                 return await self.forward_write(op, hops)
             trace("propose", op.get("rid"), index=index)
             d: Deferred[Outcome] = Deferred()
-            self.waiters[index] = (term, d)
-            if early is not None:
-                self.early[index] = early
+            self.waiters[index] = (term, d, early)
             if self._processing:
                 self._changed()
             else:
@@ -593,7 +590,6 @@ class Replica:
             except TimeoutError:
                 self.waiters.pop(index, None)
                 self.decided.pop(index, None)
-                self.early.pop(index, None)
                 raise Unavailable(f"the {self.service} write was not committed in time; retry") from None
         else:
             if early is not None:

@@ -16,10 +16,10 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import IResource
 
 from bazar.http.client import make_http
+from bazar.http.peer import PeerAgent
 from bazar.http.server import listen
 from bazar.lifecycle import Hooks, every, watch_parent
 from bazar.trace import identify
@@ -71,7 +71,7 @@ def serve(build: Callable[[IReactorTime, HTTPClient], Node], options: usage.Opti
                       reuse_port=reuse_port, internal_port=internal_port)
 
 
-def serve_node(node: Node, reactor: Any, host: str, port: int, pool: HTTPConnectionPool | None = None, *,
+def serve_node(node: Node, reactor: Any, host: str, port: int, pool: PeerAgent | None = None, *,
                reuse_port: bool = False, internal_port: int | None = None) -> MultiService:
     """`node` served on host:port, as a twistd service."""
     parent = MultiService()

@@ -13,9 +13,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from bazar.http.app import JsonApp, etag_of
+from bazar.codec import dumps
+from bazar.errors import Unavailable
+from bazar.http.app import BareRequest, JsonApp, etag_of
 from bazar.http.request import read_object
 from bazar.http.server import HEADER_DEADLINE, IDLE_TIMEOUT, QuietSite
+from bazar.replication.routes import internal_body
 
 
 def site(max_connections: int = 100) -> QuietSite:
@@ -251,3 +254,124 @@ def test_bare_answers_are_counted_like_any_other() -> None:
 def test_only_a_get_can_be_answered_bare() -> None:
     with pytest.raises(ValueError):
         JsonApp("test").fast("POST", "/x/", "x", lambda request, rest: None, bare=True)
+
+
+# --- the bare way in for a replication message: a whole plain POST to a bare RPC
+
+SECRET = "s3cret"
+
+
+def rpc_site() -> tuple[QuietSite, list[bool]]:
+    """An app like a replica's: a bare RPC that wants the cluster secret and a JSON
+    object (as /internal/raft does), a plain one beside it. `bare` records, for each
+    call of the bare RPC, whether the channel took it bare."""
+    api = JsonApp("test")
+    bare: list[bool] = []
+
+    @api.rpc("/internal/m", "POST", "m", bare=True)
+    def message(request: Any) -> bytes:
+        bare.append(isinstance(request, BareRequest))
+        body = internal_body(request, SECRET)
+        if body.get("boom"):
+            raise RuntimeError("a bug")
+        if body.get("busy"):
+            raise Unavailable("busy")
+        return dumps({"echo": body, "hops": (request.getHeader(b"X-Bazar-Hops") or b"").decode()})
+
+    @api.rpc("/internal/plain", "POST", "plain")
+    def plain(request: Any) -> dict[str, Any]:
+        return {"plain": True}
+
+    return QuietSite(api.resource()), bare
+
+
+def rpc_post(body: bytes = b'{"n": 1}', headers: bytes = b"X-Bazar-Secret: s3cret\r\n", path: bytes = b"/internal/m",
+             length: int | None = None) -> bytes:
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:5101\r\nContent-Type: application/json\r\n" + headers
+            + b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length) + body)
+
+
+RPC_ANSWERED_BARE = [
+    rpc_post(),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nX-Bazar-Hops: 1\r\nConnection: keep-alive\r\n"),
+    rpc_post(headers=b""),  # no secret: 403
+    rpc_post(headers=b"X-Bazar-Secret: wrong\r\n"),
+    rpc_post(b"not json"),
+    rpc_post(b"[1, 2]"),
+    rpc_post(b""),
+    rpc_post(b'{"busy": true}'),  # 503 with its Retry-After
+    rpc_post(b'{"boom": true}'),  # a bug: a JSON 500, no traceback
+]
+RPC_THE_NORMAL_WAY = [
+    rpc_post(length=3),  # more body than announced: a second request follows (pipelined)
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nX-Bazar-Secret: s3cret\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nConnection: close\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nExpect: 100-continue\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nAuthorization: Bearer a\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nContent-Length: 8\r\n"),
+    rpc_post(path=b"/internal/plain"),
+    rpc_post(path=b"/internal/m?x=1"),
+    rpc_post(path=b"/internal/other"),
+    (b"POST /internal/m HTTP/1.1\r\nHost: h\r\nX-Bazar-Secret: s3cret\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"8\r\n{\"n\": 1}\r\n0\r\n\r\n"),
+    rpc_post().replace(b"HTTP/1.1", b"HTTP/1.0"),
+    rpc_post().replace(b"Content-Length: 8", b"Content-Length: +8"),
+]
+
+
+@pytest.mark.parametrize("data", RPC_ANSWERED_BARE)
+def test_a_whole_plain_post_to_a_bare_rpc_is_answered_bare_byte_for_byte_as_the_normal_way(data: bytes) -> None:
+    s, bare = rpc_site()
+    fast = answers(data, whole=True, s=s)
+    slow = answers(data, whole=False, s=s)
+    assert fast == slow
+    if bare:  # (a request refused before its body was read never reaches the handler)
+        assert bare == [True, False]
+    assert fast.startswith(b"HTTP/1.1 ")
+    assert b"Traceback" not in fast
+
+
+def test_a_bare_rpc_gets_the_body_and_headers() -> None:
+    s, bare = rpc_site()
+    data = rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nX-Bazar-Hops: 1\r\n")
+    fast = answers(data, whole=True, s=s)
+    assert bare == [True]
+    assert fast.startswith(b"HTTP/1.1 200 OK\r\nServer: TwistedWeb/")
+    assert fast.endswith(b'\r\n\r\n{"echo":{"n":1},"hops":"1"}')
+    assert answers(rpc_post(b'{"busy": true}'), whole=True, s=s).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert bare == [True, True]
+
+
+@pytest.mark.parametrize("data", RPC_THE_NORMAL_WAY)
+def test_whatever_is_not_a_whole_plain_post_to_a_bare_rpc_goes_the_normal_way(data: bytes) -> None:
+    s, bare = rpc_site()
+    assert answers(data, whole=True, s=s) == answers(data, whole=False, s=s)
+    assert True not in bare
+
+
+def test_a_connection_answered_bare_takes_the_next_request_either_way() -> None:
+    s, bare = rpc_site()
+    channel, transport = connect(s)
+    channel.dataReceived(rpc_post())
+    channel.dataReceived(rpc_post(b'{"n": 2}')[:30])
+    channel.dataReceived(rpc_post(b'{"n": 2}')[30:])
+    channel.dataReceived(rpc_post(b'{"n": 3}'))
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 3 and bare == [True, False, True]
+    assert b'{"echo":{"n":2}' in transport.value() and b'{"echo":{"n":3}' in transport.value()
+
+
+def test_only_a_post_rpc_can_be_answered_bare() -> None:
+    with pytest.raises(ValueError):
+        JsonApp("test").rpc("/internal/x", "GET", "x", bare=True)
+
+
+def test_the_replication_message_is_a_bare_rpc() -> None:
+    from bazar.messages import RAFT_PATH
+    from bazar.replication.routes import install_routes
+    api = JsonApp("catalog")
+
+    class Replica:
+        secret = SECRET
+
+    install_routes(api, Replica())  # type: ignore[arg-type]
+    assert list(api.bare_rpcs) == [RAFT_PATH.encode()]

@@ -9,6 +9,9 @@ Three ways in, tried in this order by `JsonResource.render`:
 
 - internal RPCs (`rpc`): exact paths, answered without Klein's routing, and with no
   Klein route behind them (replication messages, forwarded writes, purchases);
+  A `bare` one (a replication message: synchronous, and the most frequent request
+  of all) may be answered by the channel before Twisted builds a request
+  (`JsonResource.bare_response`);
 - fast paths (`fast`): try first, else fall through to the route of the same name.
   Only for answers from memory (cache hits), where routing costs more than the work.
   A `bare` one needs nothing of the request but its path: the channel may call it on
@@ -25,6 +28,7 @@ platform and garbage-collector collectors and `bazar_build_info`.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -46,7 +50,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.server import version as SERVER_VERSION
@@ -130,6 +135,13 @@ BARE_REQUEST = re.compile(rb"GET (/[!-~]{1,256}) HTTP/1\.1\r\n"
 # (If-None-Match, Connection: close, a body's framing, the headers a chain must see
 # once...) sends the request the normal way, which knows what each means.
 BARE_HEADERS = frozenset({b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"})
+# A POST that a bare RPC may answer: the same, and a body of exactly its Content-Length
+# right after the head, in the same piece. Of the headers, also the body's type and
+# length (once each) and Bazar's own (the cluster secret, the hop count); no framing
+# of any other kind (Transfer-Encoding, Expect: the normal way knows them).
+BARE_POST = re.compile(rb"POST (/[!-~]{1,256}) HTTP/1\.1\r\n"
+                       rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[\t -~]{0,1024}\r\n){0,32})\r\n")
+BARE_POST_HEADERS = BARE_HEADERS | {b"content-type", b"content-length", b"x-bazar-secret", b"x-bazar-hops"}
 
 
 def _given(value: Any) -> Callable[[], Any]:
@@ -177,6 +189,42 @@ def without_body(request: IRequest, body: bytes) -> bytes | int:
         request.finish()
         return NOT_DONE_YET
     return body
+
+
+class BareRequest:
+    """What a bare RPC's handler (and `Answer`, `respond`) use of a request, for a
+    POST the channel parsed itself (`JsonResource.bare_response`)."""
+
+    method = b"POST"
+    clientproto = b"HTTP/1.1"
+
+    def __init__(self, path: bytes, headers: dict[bytes, bytes], body: bytes):
+        self.path = self.uri = path
+        self._headers = headers
+        self.requestHeaders = Headers({name: [value] for name, value in headers.items()})
+        self.content = io.BytesIO(body)
+        self.code = 200
+        self.responseHeaders = Headers()
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 (IRequest's name)
+        return self._headers.get(name.lower())
+
+    def setResponseCode(self, code: int) -> None:  # noqa: N802 (IRequest's name)
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802 (IRequest's name)
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def response(self, server: bytes, date: bytes, body: bytes) -> bytes:
+        """The whole HTTP response: status line, Server, Date, the headers set, the body."""
+        lines = [b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+                 % (self.code, RESPONSES.get(self.code, b"Unknown"), server, date)]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        lines.append(body)
+        return b"".join(lines)
 
 
 class TextConverter(PathConverter):
@@ -302,6 +350,7 @@ class JsonApp:
         self.rpcs: dict[bytes, dict[bytes, tuple[Answer, Handler]]] = {}
         self.fast_paths: list[tuple[bytes, bytes, Answer, FastHandler]] = []
         self.bare_paths: list[tuple[bytes, Answer, FastHandler]] = []
+        self.bare_rpcs: dict[bytes, tuple[Answer, Handler]] = {}
         self._install_error_pages()
         self.route("/metrics", "GET", "metrics")(self._metrics)
 
@@ -342,11 +391,18 @@ class JsonApp:
 
         return register
 
-    def rpc(self, path: str, method: str, name: str) -> Callable[[Handler], Handler]:
-        """Register `handler(request)` for exactly `path` (no Klein route behind it)."""
+    def rpc(self, path: str, method: str, name: str, *, bare: bool = False) -> Callable[[Handler], Handler]:
+        """Register `handler(request)` for exactly `path` (no Klein route behind it).
+        A `bare` one (a POST's, synchronous: it answers before it returns) may be
+        called by the channel with a `BareRequest` (`JsonResource.bare_response`)."""
+        if bare and method != "POST":
+            raise ValueError("only a POST's RPC can be answered bare")
 
         def register(handler: Handler) -> Handler:
-            self.rpcs.setdefault(path.encode(), {})[method.encode()] = (Answer(self, name), handler)
+            answer = Answer(self, name)
+            self.rpcs.setdefault(path.encode(), {})[method.encode()] = (answer, handler)
+            if bare:
+                self.bare_rpcs[path.encode()] = (answer, handler)
             return handler
 
         return register
@@ -393,6 +449,8 @@ class JsonResource(KleinResource):
         the Date: Server, Date, the ETag when the route has one, Content-Type and
         Content-Length; the route's counters count it. Twisted's request machinery (a
         Request, its header objects, resource traversal) is what it saves."""
+        if data[:5] == b"POST ":
+            return self._bare_post(data)
         if not self.api.bare_paths or trace_enabled():
             return None
         match = BARE_REQUEST.match(data)
@@ -425,6 +483,43 @@ class JsonResource(KleinResource):
                 return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, self._now(), tag, len(body), body))
         return None
+
+    def _bare_post(self, data: bytes) -> bytes | None:
+        """`bare_response` for a POST to a bare RPC: its handler runs with a
+        `BareRequest` (the headers and body as parsed here) and its answer is written
+        as the normal way writes it (status, the headers the answer set, the body)."""
+        if not self.api.bare_rpcs or trace_enabled():
+            return None
+        match = BARE_POST.match(data)
+        if match is None:
+            return None
+        rpc = self.api.bare_rpcs.get(match.group(1))
+        if rpc is None:
+            return None
+        headers: dict[bytes, bytes] = {}
+        for line in match.group(2).split(b"\r\n")[:-1]:
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name not in BARE_POST_HEADERS:
+                if name == b"connection" and value.strip().lower() == b"keep-alive":
+                    continue
+                return None
+            if name in headers:
+                return None  # a header given twice: the normal way decides what that means
+            headers[name] = value.strip(b" \t")
+        body = data[match.end():]
+        length = headers.get(b"content-length")
+        if length is None or not length.isdigit() or len(length) > 9 or int(length) != len(body):
+            return None
+        answer, handler = rpc
+        request = BareRequest(match.group(1), headers, body)
+        result = answer.run(cast(IRequest, request), lambda: handler(request))
+        if not isinstance(result, bytes):  # (a bare RPC answers before it returns: see `rpc`)
+            log.error("the bare RPC {path} did not answer at once", path=request.path)
+            if isinstance(result, Deferred):
+                result.cancel()
+            result = respond(cast(IRequest, request), error_body("internal error"), 500)
+        return request.response(SERVER_VERSION, self._now(), result)
 
     def _now(self) -> bytes:
         """The Date header's value, made once a second (as Twisted's own is, per request)."""

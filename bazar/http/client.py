@@ -14,7 +14,7 @@ import orjson
 import treq
 from treq.client import HTTPClient
 from treq.response import _Response
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -30,11 +30,12 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from bazar.codec import dumps
 from bazar.errors import BazarError, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized, Unavailable
+from bazar.http.peer import BytesProducer, PeerAgent
 from bazar.http.request import SECRET_HEADER
 from bazar.messages import EARLY_HEADER
 from bazar.trace import trace
@@ -96,37 +97,17 @@ def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     return pool
 
 
-def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_http(reactor: Any, per_host: int = 64) -> tuple[HTTPClient, PeerAgent]:
+    """The process's one HTTP client: `PeerAgent` for Bazar's own exchanges, over a
+    quiet pooled `Agent` for anything else; the second value closes its connections."""
     pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False  # a write must never be re-sent behind our back
-    agent: Any = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 2), pool=pool)
-    return PeerClient(agent), pool
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written in the same reactor turn as the headers. (treq's default,
-    FileBodyProducer, writes it one turn later through a cooperator: the body then
-    leaves as a second small TCP segment and waits on the peer's delayed ACK.)"""
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
+    endpoints = PeerEndpoints(reactor, 2)
+    general = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent = PeerAgent(reactor, endpoints, general, per_host=per_host)
+    return PeerClient(agent), agent
 
 
 class Unreachable(Exception):

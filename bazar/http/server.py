@@ -129,7 +129,8 @@ class GuardedChannel(HTTPChannel):
         if self._refused:
             self._drain(data)
             return
-        if self.bare is not None and data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and self._idle():
+        if self.bare is not None and (data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" or data[:5] == b"POST ") \
+                and self._idle():
             response = self.bare(data)
             if response is not None:
                 self.resetTimeout()

@@ -178,7 +178,7 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
     api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
     api.registry.register(ReplicaFigures(replica))
 
-    @api.rpc(RAFT_PATH, "POST", "raft")
+    @api.rpc(RAFT_PATH, "POST", "raft", bare=True)
     def message(request: IRequest) -> bytes:
         body = internal_body(request, secret)
         trace("receive", None, frm=body.get("src"), kind=body.get("kind"), prev=body.get("prev_index"))

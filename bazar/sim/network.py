@@ -63,7 +63,8 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from bazar.http.app import error_body
-from bazar.http.client import BytesProducer, PeerClient
+from bazar.http.client import PeerClient
+from bazar.http.peer import BytesProducer
 from bazar.messages import EARLY_HEADER
 
 HOST = "127.0.0.1"

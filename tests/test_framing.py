@@ -375,3 +375,17 @@ def test_the_replication_message_is_a_bare_rpc() -> None:
 
     install_routes(api, Replica())  # type: ignore[arg-type]
     assert list(api.bare_rpcs) == [RAFT_PATH.encode()]
+
+
+def test_answers_leave_with_nagle_off() -> None:
+    class SocketLike(StringTransport):
+        nodelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
+            self.nodelay = enabled
+
+    channel = site().buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = Clock().callLater
+    transport = SocketLike()
+    channel.makeConnection(transport)
+    assert transport.nodelay

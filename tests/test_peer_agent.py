@@ -371,3 +371,39 @@ def test_treqs_own_helpers_read_its_answers() -> None:
     d2 = treq.json_content(response)
     endpoints.pump()
     assert answered(d2) == {"got": [1, 2]}
+
+
+class SocketLike(StringTransport):
+    """A transport with a socket's two extra calls: Nagle off, and a write now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodelay = False
+        self.written_now = 0
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
+        self.nodelay = enabled
+
+    def doWrite(self) -> None:  # noqa: N802 (Twisted's name)
+        self.written_now += 1
+
+
+def test_a_request_leaves_at_once_with_nagle_off() -> None:
+    class OnSockets(Endpoints):
+        def connect(self, factory: Any) -> Deferred[Any]:
+            protocol = factory.buildProtocol(None)
+            transport = SocketLike()
+            protocol.makeConnection(transport)
+            self.made.append((protocol, transport))
+            return succeed(protocol)
+
+    endpoints = OnSockets()
+    a = PeerAgent(Clock(), endpoints, General())
+    d = ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
+    protocol, transport = endpoints.last
+    assert isinstance(transport, SocketLike)
+    assert transport.nodelay and transport.written_now == 1
+    protocol.dataReceived(OK)
+    answered(d)
+    ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
+    assert transport.written_now == 2 and len(endpoints.made) == 1

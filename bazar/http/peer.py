@@ -163,12 +163,26 @@ class PeerConnection(Protocol):
         self.lost = False
         self.idle_since = 0.0
 
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # one write per request, one answer back: nothing for Nagle's algorithm to gather
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            setter(True)
+
     # -- the request --------------------------------------------------------------------
     def send(self, data: bytes, head_request: bool) -> Deferred[IResponse]:
         self.buffer = b""
         self.head_request = head_request
         self.waiting = Deferred(lambda _: self.abandon())
-        self.transport.write(data)  # type: ignore[union-attr]
+        transport: Any = self.transport
+        transport.write(data)
+        # On the wire now, not when the reactor next polls: the peer starts on it while
+        # this process finishes its turn (a leader's appends, then its own fsync). What
+        # the socket does not take now the reactor sends as usual; a broken connection
+        # is found there too.
+        write_now = getattr(transport, "doWrite", None)
+        if write_now is not None and not self.lost:
+            write_now()
         return self.waiting
 
     def abandon(self) -> None:

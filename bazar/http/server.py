@@ -100,6 +100,9 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            setter(True)  # an answer leaves as soon as it is written (a two-part one too)
         if self.over_capacity:
             self.refuse(503, "too many open connections; retry shortly")
             return

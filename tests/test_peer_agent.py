@@ -28,9 +28,11 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r
 
 
 class Endpoints:
-    """Connections as the agent makes them, each on its own StringTransport."""
+    """Connections as the agent makes them, each on its own StringTransport (or
+    another kind: `transport`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Any = StringTransport) -> None:
+        self.transport = transport
         self.made: list[tuple[Any, StringTransport]] = []
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 (Twisted's name)
@@ -38,7 +40,7 @@ class Endpoints:
 
     def connect(self, factory: Any) -> Deferred[Any]:
         protocol = factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = self.transport()
         protocol.makeConnection(transport)
         self.made.append((protocol, transport))
         return succeed(protocol)
@@ -71,6 +73,18 @@ def answered(d: Deferred[Any]) -> Any:
     if isinstance(box[0], Failure):
         box[0].raiseException()
     return box[0]
+
+
+def kept(clock: Clock | None = None) -> tuple[PeerAgent, Endpoints, Any, StringTransport]:
+    """An agent that made one exchange, answered in full: its connection is kept."""
+    clock = clock or Clock()
+    a, endpoints, _ = agent(clock)
+    d = ensureDeferred(call(PeerClient(a), clock, "POST", URL, body={}))
+    protocol, transport = endpoints.last
+    protocol.dataReceived(OK)
+    answered(d)
+    assert len(a.idle[(b"127.0.0.1", 5101)]) == 1
+    return a, endpoints, protocol, transport
 
 
 def test_a_request_leaves_in_one_write_with_its_length_and_host() -> None:
@@ -170,23 +184,15 @@ def test_at_most_per_host_connections_are_kept() -> None:
 
 def test_a_connection_kept_too_long_is_not_used_again() -> None:
     clock = Clock()
-    a, endpoints, _ = agent(clock)
-    d = ensureDeferred(call(PeerClient(a), clock, "POST", URL, body={}))
-    first = endpoints.last
-    first[0].dataReceived(OK)
-    answered(d)
+    a, endpoints, _, transport = kept(clock)
     clock.advance(IDLE_SECONDS + 1)
     ensureDeferred(call(PeerClient(a), clock, "POST", URL, body={}))
     assert len(endpoints.made) == 2
-    assert first[1].disconnected
+    assert transport.disconnected
 
 
 def test_a_connection_the_peer_closed_while_kept_is_forgotten() -> None:
-    a, endpoints, _ = agent()
-    d = ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
-    protocol, _ = endpoints.last
-    protocol.dataReceived(OK)
-    answered(d)
+    a, endpoints, protocol, _ = kept()
     protocol.connectionLost(Failure(ConnectionResetError()))
     assert not a.idle[(b"127.0.0.1", 5101)]
     ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
@@ -194,11 +200,7 @@ def test_a_connection_the_peer_closed_while_kept_is_forgotten() -> None:
 
 
 def test_bytes_from_a_kept_connection_that_nobody_asked_for_close_it() -> None:
-    a, endpoints, _ = agent()
-    d = ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
-    protocol, transport = endpoints.last
-    protocol.dataReceived(OK)
-    answered(d)
+    a, _, protocol, transport = kept()
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
     assert transport.disconnected
     assert not a.idle[(b"127.0.0.1", 5101)]
@@ -297,11 +299,8 @@ def test_what_is_not_a_plain_peer_exchange_goes_to_the_general_agent() -> None:
 
 
 def test_closing_closes_the_kept_connections_and_takes_no_more() -> None:
-    a, endpoints, general = agent()
-    d = ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
-    protocol, transport = endpoints.last
-    protocol.dataReceived(OK)
-    answered(d)
+    a, endpoints, _, transport = kept()
+    general = a.general
     a.closeCachedConnections()
     assert transport.disconnecting
     a.request(b"GET", URL.encode())
@@ -389,15 +388,7 @@ class SocketLike(StringTransport):
 
 
 def test_a_request_leaves_at_once_with_nagle_off() -> None:
-    class OnSockets(Endpoints):
-        def connect(self, factory: Any) -> Deferred[Any]:
-            protocol = factory.buildProtocol(None)
-            transport = SocketLike()
-            protocol.makeConnection(transport)
-            self.made.append((protocol, transport))
-            return succeed(protocol)
-
-    endpoints = OnSockets()
+    endpoints = Endpoints(SocketLike)
     a = PeerAgent(Clock(), endpoints, General())
     d = ensureDeferred(call(PeerClient(a), Clock(), "POST", URL, body={}))
     protocol, transport = endpoints.last

@@ -34,13 +34,14 @@ def _mib(v: Any) -> str:
     return "its limit" if not isinstance(v, (int, float)) else f"{v / 2**20:.0f} MiB"
 
 
-def _b(v: Any) -> str:
-    """Bytes per purchase."""
-    return "—" if not isinstance(v, (int, float)) else f"{v:,.0f}"
-
-
 def _int(v: Any) -> str:
-    return "—" if not isinstance(v, (int, float)) else f"{v:,.0f}"
+    """A whole number (a float rounded half to even). Never "-0": Python 3.12's sum()
+    of floats is compensated, so a figure 3.11 computes as -0.3 may be 0.0 there, and
+    the report must read the same whichever made it."""
+    return "—" if not isinstance(v, (int, float)) else f"{round(v):,}"
+
+
+_b = _int  # bytes per purchase
 
 
 def _signed_ms(v: Any) -> str:

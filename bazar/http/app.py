@@ -191,6 +191,26 @@ def without_body(request: IRequest, body: bytes) -> bytes | int:
     return body
 
 
+def _plain_headers(block: bytes, allowed: frozenset[bytes]) -> dict[bytes, bytes] | None:
+    """The header lines of a request a bare way may answer (matched by BARE_REQUEST or
+    BARE_POST), by lower-case name; None when one is outside `allowed` or comes twice
+    (the normal way decides what those mean). `Connection: keep-alive` is allowed and
+    left out: it says what HTTP/1.1 does anyway (many clients say it)."""
+    headers: dict[bytes, bytes] = {}
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name not in allowed:
+            if name == b"connection" and value.lower() == b"keep-alive":
+                continue
+            return None
+        if name in headers:
+            return None
+        headers[name] = value
+    return headers
+
+
 class BareRequest:
     """What a bare RPC's handler (and `Answer`, `respond`) use of a request, for a
     POST the channel parsed itself (`JsonResource.bare_response`)."""
@@ -457,18 +477,8 @@ class JsonResource(KleinResource):
         if match is None:
             return None
         path = match.group(1).partition(b"?")[0]  # as Twisted's request.path: without the query
-        hosts = 0
-        for line in match.group(2).split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            if name not in BARE_HEADERS:
-                if name == b"connection" and value.strip().lower() == b"keep-alive":
-                    continue  # what HTTP/1.1 does anyway (many clients say it)
-                return None
-            if name == b"host":
-                hosts += 1
-        if hosts > 1:
-            return None  # the normal way refuses it (a header that must come once)
+        if _plain_headers(match.group(2), BARE_HEADERS) is None:
+            return None
         for prefix, answer, fast in self.api.bare_paths:
             if path.startswith(prefix):
                 started = time.perf_counter()
@@ -496,17 +506,9 @@ class JsonResource(KleinResource):
         rpc = self.api.bare_rpcs.get(match.group(1))
         if rpc is None:
             return None
-        headers: dict[bytes, bytes] = {}
-        for line in match.group(2).split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            if name not in BARE_POST_HEADERS:
-                if name == b"connection" and value.strip().lower() == b"keep-alive":
-                    continue
-                return None
-            if name in headers:
-                return None  # a header given twice: the normal way decides what that means
-            headers[name] = value.strip(b" \t")
+        headers = _plain_headers(match.group(2), BARE_POST_HEADERS)
+        if headers is None:
+            return None
         body = data[match.end():]
         length = headers.get(b"content-length")
         if length is None or not length.isdigit() or len(length) > 9 or int(length) != len(body):

@@ -75,6 +75,14 @@ class BytesProducer:
         pass
 
 
+def no_delay(transport: Any) -> None:
+    """Nagle's algorithm off (TCP_NODELAY) on a TCP transport: what is written leaves at
+    once, not when the previous segment is acknowledged (other transports: nothing)."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        setter(True)
+
+
 class BadResponse(Exception):
     """The peer's answer is not HTTP/1.1 as Bazar's servers write it."""
 
@@ -164,10 +172,7 @@ class PeerConnection(Protocol):
         self.idle_since = 0.0
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
-        # one write per request, one answer back: nothing for Nagle's algorithm to gather
-        setter = getattr(self.transport, "setTcpNoDelay", None)
-        if setter is not None:
-            setter(True)
+        no_delay(self.transport)  # one write per request, one answer back: nothing for Nagle to gather
 
     # -- the request --------------------------------------------------------------------
     def send(self, data: bytes, head_request: bool) -> Deferred[IResponse]:

@@ -26,6 +26,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from bazar.http.app import error_body
+from bazar.http.peer import no_delay
 from bazar.http.request import INTERNAL_BODY
 from bazar.records import MAX_BODY
 
@@ -100,9 +101,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        setter = getattr(self.transport, "setTcpNoDelay", None)
-        if setter is not None:
-            setter(True)  # an answer leaves as soon as it is written (a two-part one too)
+        no_delay(self.transport)  # an answer leaves as soon as it is written (a two-part one too)
         if self.over_capacity:
             self.refuse(503, "too many open connections; retry shortly")
             return

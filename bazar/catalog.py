@@ -208,7 +208,7 @@ def catalog_app(replica: Replica) -> JsonApp:
             return None
         return dumps(found)
 
-    api.fast("GET", "/books/", "book", book_hit)
+    api.fast("GET", "/books/", "book", book_hit, bare=True)
 
     @api.rpc(SALES_PATH, "GET", "sales")
     def sales(request: IRequest) -> bytes:

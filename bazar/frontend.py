@@ -4,10 +4,11 @@ search, round robin over live replicas, writes through the primaries."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from attrs import define, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,6 +48,10 @@ from bazar.records import (
 from bazar.settings import FrontendSettings
 
 OPENAPI = os.path.join(os.path.dirname(__file__), "openapi.json")
+
+# a path segment of unreserved characters and %-escapes (RFC 3986 2.3), as a search's
+# topic usually comes: `search_now` takes it without Klein's routing
+PLAIN_SEGMENT = re.compile(rb"(?:[A-Za-z0-9._~-]|%[0-9A-Fa-f]{2}){1,600}")
 
 
 class Frontend:
@@ -215,19 +220,41 @@ def frontend_app(fe: Frontend) -> JsonApp:
     async def info(request: IRequest, book_id: str) -> tuple[int, bytes]:
         return passthrough(*await fe.info(parse_id(book_id)))
 
-    def info_hit(request: IRequest, rest: bytes) -> bytes | None:
-        """GET /bazar/info/{id} answered from the cache without Klein's routing; a
-        miss (or anything unusual) goes the normal way."""
+    def info_now(request: IRequest, rest: bytes) -> Any:
+        """GET /bazar/info/{id} without Klein's routing: from the cache, or (a miss)
+        straight to the read; a path that is not a plain id goes the normal way."""
         if not rest.isdigit() or len(rest) > 18:
             return None
         hit: bytes | None = fe.cache.hit(info_key(int(rest)))
-        return hit
+        if hit is not None:
+            return hit
+        return info(request, rest.decode("ascii"))
 
-    api.fast("GET", "/bazar/info/", "info", info_hit, etag=True, bare=True)
+    api.fast("GET", "/bazar/info/", "info", info_now, etag=True, bare=True)
 
     @api.route("/bazar/search/<text:topic>", "GET", "search", etag=True)
     async def search(request: IRequest, topic: str) -> tuple[int, bytes]:
         return passthrough(*await fe.search(topic, page_of(request)))
+
+    def search_now(request: IRequest, rest: bytes) -> Any:
+        """GET /bazar/search/{topic} without Klein's routing, for a topic of one plain
+        path segment (letters, digits, `-._~` and %-escapes of anything but "/"); any
+        other goes the normal way, which knows every other form."""
+        if not PLAIN_SEGMENT.fullmatch(rest):
+            return None
+        try:
+            topic = unquote_to_bytes(rest).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if "/" in topic:
+            return None
+        if b"?" not in request.uri:
+            hit: bytes | None = fe.cache.hit(search_key(topic))
+            if hit is not None:
+                return hit
+        return search(request, topic)
+
+    api.fast("GET", "/bazar/search/", "search", search_now, etag=True, bare=True)
 
     @api.route("/bazar/purchase/<string:book_id>", "POST", "purchase")
     async def purchase(request: IRequest, book_id: str) -> dict[str, Any]:
@@ -243,7 +270,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
             return None
         return purchase(request, rest.decode("ascii"))
 
-    api.fast("POST", "/bazar/purchase/", "purchase", purchase_now)
+    api.fast("POST", "/bazar/purchase/", "purchase", purchase_now, bare=True)
 
     @api.route("/bazar/update_price/<string:book_id>", "PUT", "update_price")
     async def update_price(request: IRequest, book_id: str) -> dict[str, Any]:
@@ -295,7 +322,7 @@ def frontend_app(fe: Frontend) -> JsonApp:
     def openapi(request: IRequest) -> Raw:
         return Raw(spec, b"application/json")
 
-    @api.rpc(PUSH_PATH, "POST", "invalidate")
+    @api.rpc(PUSH_PATH, "POST", "invalidate", bare=True)
     def invalidate(request: IRequest) -> dict[str, Any]:
         require_secret(request, fe.secret)
         # (a push may hold an import's keys, a key per book: the limit of internal doors)

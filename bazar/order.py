@@ -206,7 +206,7 @@ def order_app(replica: Replica, purchases: Purchases) -> JsonApp:
         # each row straight into the dict Order.to_json makes (its first fields, in order)
         return dumps([dict(zip(ORDER_FIELDS, r)) for r in rows])
 
-    @api.rpc(PURCHASE_PATH, "POST", "purchase")
+    @api.rpc(PURCHASE_PATH, "POST", "purchase", bare=True)
     async def purchase(request: IRequest) -> Any:
         require_secret(request, replica.secret)
         body = read_object(request) or {}

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from bazar.testing.processes import TOKEN, Cluster, call, get_json, wait_until
@@ -84,7 +84,18 @@ def navigate(driver: Any, act: Callable[[], Any]) -> None:
     returns before the browser has left, and an element read then is the old page's."""
     old = driver.find_element(By.TAG_NAME, "html")
     act()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+
+    def left(_: Any) -> bool:
+        # selenium's staleness_of, but also for a node that leaves the document in the
+        # middle of the check (chromedriver: "Node with given id does not belong to
+        # the document", a plain WebDriverException)
+        try:
+            old.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 30).until(left)
     WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 

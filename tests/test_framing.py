@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from bazar.codec import dumps
-from bazar.errors import Unavailable
-from bazar.http.app import BareRequest, JsonApp, etag_of
+from bazar.errors import Invalid, NotFound, Unavailable
+from bazar.http.app import WRITTEN, BareRequest, JsonApp, etag_of
 from bazar.http.request import read_object
 from bazar.http.server import HEADER_DEADLINE, IDLE_TIMEOUT, QuietSite
 from bazar.replication.routes import internal_body
@@ -129,12 +130,12 @@ BOOKS = {b"1": b'{"id":1,"title":"T"}', b"2": b'{"id":2,"title":"U"}'}
 def cached_site() -> tuple[QuietSite, list[bool]]:
     """An app like the front end's: /books/{id} from memory (a bare fast path with an
     ETag), a Klein route behind it for what memory does not hold. `bare` records, for
-    each call of the fast path, whether it came with no request (the bare way)."""
+    each call of the fast path, whether the channel took it bare (a `BareRequest`)."""
     api = JsonApp("test")
     bare: list[bool] = []
 
     def hit(request: Any, rest: bytes) -> bytes | None:
-        bare.append(request is None)
+        bare.append(isinstance(request, BareRequest))
         return BOOKS.get(rest)
 
     @api.route("/books/<string:ident>", "GET", "book", etag=True)
@@ -251,9 +252,9 @@ def test_bare_answers_are_counted_like_any_other() -> None:
     assert b'bazar_requests_total{route="book",service="test",status="200"} 1.0' in transport.value()
 
 
-def test_only_a_get_can_be_answered_bare() -> None:
+def test_only_a_get_or_a_post_can_be_answered_bare() -> None:
     with pytest.raises(ValueError):
-        JsonApp("test").fast("POST", "/x/", "x", lambda request, rest: None, bare=True)
+        JsonApp("test").fast("PUT", "/x/", "x", lambda request, rest: None, bare=True)
 
 
 # --- the bare way in for a replication message: a whole plain POST to a bare RPC
@@ -301,13 +302,15 @@ RPC_ANSWERED_BARE = [
     rpc_post(b""),
     rpc_post(b'{"busy": true}'),  # 503 with its Retry-After
     rpc_post(b'{"boom": true}'),  # a bug: a JSON 500, no traceback
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nAuthorization: Bearer a\r\nIdempotency-Key: k-1\r\n"),
 ]
 RPC_THE_NORMAL_WAY = [
     rpc_post(length=3),  # more body than announced: a second request follows (pipelined)
     rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nX-Bazar-Secret: s3cret\r\n"),
     rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nConnection: close\r\n"),
     rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nExpect: 100-continue\r\n"),
-    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nAuthorization: Bearer a\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nAuthorization: Bearer a\r\nAuthorization: Bearer a\r\n"),
+    rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nCookie: a=b\r\n"),
     rpc_post(headers=b"X-Bazar-Secret: s3cret\r\nContent-Length: 8\r\n"),
     rpc_post(path=b"/internal/plain"),
     rpc_post(path=b"/internal/m?x=1"),
@@ -365,8 +368,8 @@ def test_only_a_post_rpc_can_be_answered_bare() -> None:
         JsonApp("test").rpc("/internal/x", "GET", "x", bare=True)
 
 
-def test_the_replication_message_is_a_bare_rpc() -> None:
-    from bazar.messages import RAFT_PATH
+def test_the_replication_message_and_the_forwarded_write_are_bare_rpcs() -> None:
+    from bazar.messages import RAFT_PATH, WRITE_PATH
     from bazar.replication.routes import install_routes
     api = JsonApp("catalog")
 
@@ -374,7 +377,7 @@ def test_the_replication_message_is_a_bare_rpc() -> None:
         secret = SECRET
 
     install_routes(api, Replica())  # type: ignore[arg-type]
-    assert list(api.bare_rpcs) == [RAFT_PATH.encode()]
+    assert sorted(api.bare_rpcs) == sorted([RAFT_PATH.encode(), WRITE_PATH.encode()])
 
 
 def test_answers_leave_with_nagle_off() -> None:
@@ -389,3 +392,213 @@ def test_answers_leave_with_nagle_off() -> None:
     transport = SocketLike()
     channel.makeConnection(transport)
     assert transport.nodelay
+
+
+# --- a bare way whose answer comes later (a cache miss, a purchase)
+
+def async_site() -> tuple[QuietSite, list[bool], list[Deferred[Any]]]:
+    """An app like the front end's: GET /slow/{id} and POST /buy/{id} as bare fast
+    paths whose answers come later (each waits on a Deferred put in `waiting`, fired
+    by the test); a Klein route behind each for what the fast path declines. `bare`
+    records, for each call of a fast path, whether the channel took it bare."""
+    api = JsonApp("test")
+    bare: list[bool] = []
+    waiting: list[Deferred[Any]] = []
+
+    async def later(value: Any) -> Any:
+        d: Deferred[Any] = Deferred()
+        waiting.append(d)
+        await d
+        return value
+
+    @api.route("/slow/<string:ident>", "GET", "slow", etag=True)
+    async def slow(request: Any, ident: str) -> Any:
+        if ident == "404":
+            raise NotFound("no such thing")
+        request.setHeader(b"X-Seq", b"7")
+        return await later({"slow": ident})
+
+    def slow_now(request: Any, rest: bytes) -> Any:
+        bare.append(isinstance(request, BareRequest))
+        return slow(request, rest.decode()) if rest.isdigit() else None
+
+    api.fast("GET", "/slow/", "slow", slow_now, etag=True, bare=True)
+
+    @api.route("/buy/<string:ident>", "POST", "buy")
+    async def buy(request: Any, ident: str) -> Any:
+        body = read_object(request, optional=True) or {}
+        quantity = body.get("quantity", 1)
+        if not isinstance(quantity, int):
+            raise Invalid("quantity must be an integer")
+        key = (request.getHeader(b"Idempotency-Key") or b"").decode()
+        return await later({"book": ident, "quantity": quantity, "key": key})
+
+    def buy_now(request: Any, rest: bytes) -> Any:
+        bare.append(isinstance(request, BareRequest))
+        return buy(request, rest.decode()) if rest.isdigit() else None
+
+    api.fast("POST", "/buy/", "buy", buy_now, bare=True)
+    return QuietSite(api.resource()), bare, waiting
+
+
+def answers_later(data: bytes, *, whole: bool) -> tuple[bytes, list[bool], bytes]:
+    """What the channel writes for `data` (whole, or a byte at a time: the normal
+    way) before the handler's Deferreds fire, and after, without the Date line."""
+    s, bare, waiting = async_site()
+    channel, transport = connect(s)
+    if whole:
+        channel.dataReceived(data)
+    else:
+        for i in range(len(data)):
+            channel.dataReceived(data[i:i + 1])
+    before = transport.value()
+    while waiting:
+        waiting.pop(0).callback(None)
+    after = b"\r\n".join(line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date: "))
+    return before, bare, after
+
+
+def buy_post(body: bytes = b'{"quantity": 2}', headers: bytes = b"") -> bytes:
+    return (b"POST /buy/3 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n" + headers
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+LATER_ANSWERED_BARE = [
+    b"GET /slow/1 HTTP/1.1\r\nHost: h\r\nX-Bazar-Min-Seq: 4\r\n\r\n",
+    b"GET /slow/404 HTTP/1.1\r\nHost: h\r\n\r\n",  # a 404, at once
+    buy_post(),
+    buy_post(b""),
+    buy_post(b"", b"Idempotency-Key: k-9\r\nAuthorization: Bearer t\r\n"),
+    buy_post(b'{"quantity": "2"}'),  # a 400, at once
+    buy_post(b"{"),
+]
+
+
+@pytest.mark.parametrize("data", LATER_ANSWERED_BARE)
+def test_a_bare_answer_that_comes_later_is_byte_for_byte_the_normal_ways(data: bytes) -> None:
+    before, bare, fast = answers_later(data, whole=True)
+    _, bare_slow, slow = answers_later(data, whole=False)
+    assert bare == [True] and bare_slow == [False]
+    assert fast == slow and fast.startswith(b"HTTP/1.1 ") and b"Traceback" not in fast
+    if b"404" not in data and b'"2"' not in data and data[-1:] != b"{":
+        assert before == b""  # nothing written before the answer is there
+        assert fast.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_requests_behind_a_bare_answer_still_to_come_wait_for_it_and_keep_their_order() -> None:
+    s, bare, waiting = async_site()
+    channel, transport = connect(s)
+    channel.dataReceived(b"GET /slow/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert bare == [True] and len(waiting) == 1
+    # the next requests arrive while the first answer is still to come
+    channel.dataReceived(buy_post() + b"GET /slow/2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert transport.value() == b"" and len(waiting) == 1  # held, not read yet
+    waiting.pop(0).callback(None)
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 1 and b'{"slow":"1"}' in transport.value()
+    assert len(waiting) == 1  # then the purchase was read (the normal way: it came pipelined)
+    waiting.pop(0).callback(None)
+    waiting.pop(0).callback(None)
+    out = transport.value()
+    assert out.count(b"HTTP/1.1 200 OK") == 3
+    assert out.index(b'{"slow":"1"}') < out.index(b'"book":"3"') < out.index(b'{"slow":"2"}')
+    channel.dataReceived(b"GET /slow/5 HTTP/1.1\r\nHost: h\r\n\r\n")  # idle again: bare again
+    assert bare[-1] is True and len(waiting) == 1
+
+
+def test_a_client_gone_before_its_bare_answer_gets_nothing_and_the_handler_runs_to_its_end() -> None:
+    s, bare, waiting = async_site()
+    channel, transport = connect(s)
+    channel.dataReceived(buy_post())
+    assert bare == [True] and len(waiting) == 1
+    channel.connectionLost(None)
+    waiting[0].callback(None)  # not cancelled: the purchase ends; its answer goes nowhere
+    assert transport.value() == b""
+
+
+def test_no_idle_timeout_runs_while_a_bare_answer_is_to_come() -> None:
+    s, bare, waiting = async_site()
+    channel, transport = connect(s)
+    clock = Clock()
+    channel.callLater = clock.callLater
+    channel.setTimeout(None)
+    channel.setTimeout(IDLE_TIMEOUT)
+    channel.dataReceived(b"GET /slow/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(IDLE_TIMEOUT + 1)
+    assert not transport.disconnecting
+    waiting.pop(0).callback(None)
+    assert b'{"slow":"1"}' in transport.value()
+    clock.advance(IDLE_TIMEOUT + 1)
+    assert transport.disconnecting  # idle again after the answer: the timeout is back
+
+
+def test_a_body_over_the_limit_is_never_taken_bare() -> None:
+    s, bare, _ = async_site()
+    channel, transport = connect(s)
+    body = b'{"quantity": 1, "pad": "' + b"x" * (70 * 1024) + b'"}'
+    channel.dataReceived(buy_post(body))
+    assert bare == [] and transport.value().startswith(b"HTTP/1.1 413 ")
+
+
+def parts_site() -> tuple[QuietSite, list[bool], list[Deferred[Any]], list[str]]:
+    """An app like a replica's early write: a bare RPC that answers in two parts, the
+    second once a Deferred in `waiting` fires; `ends` records how each answer ended
+    for the handler (its notifyFinish: "whole" or "gone")."""
+    api = JsonApp("test")
+    bare: list[bool] = []
+    waiting: list[Deferred[Any]] = []
+    ends: list[str] = []
+
+    @api.rpc("/internal/parts", "POST", "parts", bare=True)
+    async def parts(request: Any) -> Any:
+        bare.append(isinstance(request, BareRequest))
+        body = internal_body(request, SECRET)
+        if body.get("plain"):
+            return {"one": "piece"}
+        request.notifyFinish().addCallbacks(lambda _: ends.append("whole"), lambda _: ends.append("gone"))
+        request.setHeader(b"X-Parts", b"2")
+        request.setHeader(b"Content-Type", b"application/json")
+        request.write(b'{"first":1}\n')
+        d: Deferred[Any] = Deferred()
+        waiting.append(d)
+        await d
+        request.write(b'{"second":2}\n')
+        return WRITTEN
+
+    return QuietSite(api.resource()), bare, waiting, ends
+
+
+@pytest.mark.parametrize("body", [b'{"n": 1}', b'{"plain": true}'])
+def test_a_bare_answer_in_parts_is_byte_for_byte_the_normal_ways_and_each_part_leaves_at_once(body: bytes) -> None:
+    outputs = []
+    for whole in (True, False):
+        s, bare, waiting, ends = parts_site()
+        channel, transport = connect(s)
+        data = rpc_post(body, path=b"/internal/parts")
+        if whole:
+            channel.dataReceived(data)
+        else:
+            for i in range(len(data)):
+                channel.dataReceived(data[i:i + 1])
+        if waiting:
+            if whole:  # the first part is on its way before the second is known
+                assert transport.value().endswith(b'{"first":1}\n\r\n') and b"0\r\n\r\n" not in transport.value()
+            waiting.pop().callback(None)
+            assert ends == ["whole"]
+        assert bare == [whole]
+        lines = transport.value().split(b"\r\n")
+        outputs.append(b"\r\n".join(line for line in lines if not line.startswith(b"Date: ")))
+    assert outputs[0] == outputs[1]
+    if body == b'{"n": 1}':
+        assert b"Transfer-Encoding: chunked\r\n" in outputs[0] and outputs[0].endswith(b"\r\n0\r\n\r\n")
+
+
+def test_a_client_gone_in_the_middle_of_a_bare_answer_in_parts_is_noticed() -> None:
+    s, bare, waiting, ends = parts_site()
+    channel, transport = connect(s)
+    channel.dataReceived(rpc_post(path=b"/internal/parts"))
+    assert bare == [True] and ends == []
+    channel.connectionLost(None)
+    assert ends == ["gone"]
+    written = transport.value()
+    waiting.pop().callback(None)  # the handler ends; nothing more is written
+    assert transport.value() == written

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 
 from bazar.records import SEED_BOOKS
 from bazar.testing.memory import (
@@ -634,13 +635,81 @@ def test_a_cache_hit_is_answered_bare_at_the_channel_and_never_stale(shop: Shop)
     assert site.bare(plain) is not None and orjson.loads(site.bare(plain).partition(b"\r\n\r\n")[2]) == first
     shop.do(shop.catalog.submit(update_price(4, 7.77)))  # another front end's write
     shop.run(0.1)
-    assert site.bare(plain) is None  # dropped: the normal way reads the catalog
+    miss = site.bare(plain)  # dropped: a miss, read from the catalog (its bare answer comes later)
+    assert isinstance(miss, Deferred)
+    answered: list[bytes] = []
+    miss.addCallback(answered.append)
+    shop.run(0.1)
+    assert orjson.loads(answered[0].partition(b"\r\n\r\n")[2])["price"] == 7.77
+    shop.do(shop.catalog.submit(update_price(4, 7.78)))
+    shop.run(0.1)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
     channel.dataReceived(plain)
     shop.run(0.1)
-    assert orjson.loads(transport.value().partition(b"\r\n\r\n")[2])["price"] == 7.77
+    assert orjson.loads(transport.value().partition(b"\r\n\r\n")[2])["price"] == 7.78
     again = site.bare(plain)  # cached again, at the new price
-    assert again is not None and orjson.loads(again.partition(b"\r\n\r\n")[2])["price"] == 7.77
+    assert isinstance(again, bytes) and orjson.loads(again.partition(b"\r\n\r\n")[2])["price"] == 7.78
     channel.connectionLost(None)
+
+
+def _through_the_channel(shop: Shop, data: bytes, *, whole: bool) -> bytes:
+    """The front end's answer to `data` through its HTTP channel: given whole (a bare
+    way may take it) or a byte at a time (the normal way), without the Date line."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from bazar.http.server import QuietSite
+
+    channel = QuietSite(shop.nodes[2].resource).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    if whole:
+        channel.dataReceived(data)
+    else:
+        for i in range(len(data)):
+            channel.dataReceived(data[i:i + 1])
+    shop.run(0.2)
+    channel.connectionLost(None)
+    return b"\r\n".join(line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date: "))
+
+
+@pytest.mark.parametrize("target", [
+    b"/bazar/search/distributed%20systems", b"/bazar/search/graduate%20school", b"/bazar/search/nothing",
+    b"/bazar/search/caf%C3%A9", b"/bazar/search/%FF", b"/bazar/search/a%0Ab", b"/bazar/search/..",
+    b"/bazar/search/a%2Fb", b"/bazar/search/a/b", b"/bazar/search/", b"/bazar/search/a+b",
+    b"/bazar/search/distributed%20systems?limit=1", b"/bazar/search/distributed%20systems?limit=x",
+    b"/bazar/search/distributed%20systems?limit=1&after=1", b"/bazar/search/%41%42",
+    b"/bazar/info/1", b"/bazar/info/99", b"/bazar/info/007", b"/bazar/info/x",
+])
+def test_reads_on_the_bare_way_answer_as_the_normal_way(shop: Shop, target: bytes) -> None:
+    """A search or an info read (a cache miss, then a hit) through the channel whole (the
+    bare way, when it takes it) and a byte at a time (the normal way): the same bytes."""
+    data = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"
+    for _ in range(2):  # a miss: the normal way fills the cache
+        shop.nodes[2].frontend.cache.flush()
+        slow = _through_the_channel(shop, data, whole=False)
+        shop.nodes[2].frontend.cache.flush()
+        fast = _through_the_channel(shop, data, whole=True)  # a miss on the bare way
+        hit = _through_the_channel(shop, data, whole=True)  # then, maybe, a hit
+        assert fast == slow == hit
+        assert fast.startswith(b"HTTP/1.1 ") and b"Traceback" not in fast
+
+
+def test_a_plain_search_and_an_info_miss_are_taken_on_the_bare_way(shop: Shop) -> None:
+    from bazar.http.server import QuietSite
+
+    site = QuietSite(shop.nodes[2].resource)
+    for target in (b"/bazar/search/distributed%20systems", b"/bazar/info/3"):
+        shop.nodes[2].frontend.cache.flush()
+        miss = site.bare(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert isinstance(miss, Deferred)  # read from the catalog, answered when it comes
+        answered: list[bytes] = []
+        miss.addCallback(answered.append)
+        shop.run(0.2)
+        assert answered[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        hit = site.bare(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert isinstance(hit, bytes) and hit.partition(b"\r\n\r\n")[2] == answered[0].partition(b"\r\n\r\n")[2]
+    for target in (b"/bazar/search/a%2Fb", b"/bazar/search/a/b", b"/bazar/info/x"):
+        assert site.bare(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n") is None  # the normal way

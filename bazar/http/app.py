@@ -9,14 +9,17 @@ Three ways in, tried in this order by `JsonResource.render`:
 
 - internal RPCs (`rpc`): exact paths, answered without Klein's routing, and with no
   Klein route behind them (replication messages, forwarded writes, purchases);
-  A `bare` one (a replication message: synchronous, and the most frequent request
-  of all) may be answered by the channel before Twisted builds a request
-  (`JsonResource.bare_response`);
 - fast paths (`fast`): try first, else fall through to the route of the same name.
-  Only for answers from memory (cache hits), where routing costs more than the work.
-  A `bare` one needs nothing of the request but its path: the channel may call it on
-  a plain GET before Twisted builds a request at all (`JsonResource.bare_response`);
+  For answers from memory (cache hits), where routing costs more than the work, and
+  for the routes on the hot path (a cache miss, a purchase), taken straight to them;
 - Klein's routes (`route`), for everything public.
+
+A `bare` RPC or fast path may be answered by the channel before Twisted builds a
+request at all (`JsonResource.bare_response`): a whole plain request alone on an idle
+keep-alive connection, its handler given a `BareRequest` (the headers and body the
+channel parsed). The answer is the normal way's, byte for byte but the Date, written
+at once or, for an async handler, when it comes (the connection waits for it as for a
+request in hand: `bazar.http.server.GuardedChannel`).
 
 Beyond bodies and statuses, the headers DESIGN.md promises are set here, once for
 every route: `Retry-After` on every 503, `Allow` on every 405, `Location` on every 201
@@ -32,7 +35,8 @@ import io
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Union, cast
+from typing import Any, Protocol, Union, cast
+from urllib.parse import parse_qs
 
 from klein import Klein
 from klein.resource import KleinResource
@@ -48,6 +52,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString
@@ -70,6 +75,7 @@ from bazar.errors import (
     Unauthorized,
     Unavailable,
 )
+from bazar.http.request import body_limit
 from bazar.trace import enabled as trace_enabled
 from bazar.trace import trace
 
@@ -131,17 +137,19 @@ FastHandler = Callable[[IRequest, bytes], Union[Result, None]]
 # HTTP/1.1, a target of visible ASCII, and well-formed header lines, of which only the names below (see `BARE_HEADERS`).
 BARE_REQUEST = re.compile(rb"GET (/[!-~]{1,256}) HTTP/1\.1\r\n"
                           rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[\t -~]{0,1024}\r\n){0,32})\r\n\Z")
-# Request headers that change nothing in the answer to a read from memory. Any other
-# (If-None-Match, Connection: close, a body's framing, the headers a chain must see
-# once...) sends the request the normal way, which knows what each means.
-BARE_HEADERS = frozenset({b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"})
-# A POST that a bare RPC may answer: the same, and a body of exactly its Content-Length
+# Request headers a bare way may take: those that change nothing in the answer, and
+# those only the handler reads (Bazar's own: the cluster secret, the oldest state a
+# reader takes, the hop count; a bearer token). Any other (If-None-Match, Connection:
+# close, a body's framing, Expect...) sends the request the normal way, which knows
+# what each means; so does any header given twice.
+BARE_HEADERS = frozenset({b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language",
+                          b"x-bazar-secret", b"x-bazar-min-seq", b"authorization"})
+# A POST that a bare way may answer: the same, and a body of exactly its Content-Length
 # right after the head, in the same piece. Of the headers, also the body's type and
-# length (once each) and Bazar's own (the cluster secret, the hop count); no framing
-# of any other kind (Transfer-Encoding, Expect: the normal way knows them).
+# length, the hop count and the Idempotency-Key.
 BARE_POST = re.compile(rb"POST (/[!-~]{1,256}) HTTP/1\.1\r\n"
                        rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[\t -~]{0,1024}\r\n){0,32})\r\n")
-BARE_POST_HEADERS = BARE_HEADERS | {b"content-type", b"content-length", b"x-bazar-secret", b"x-bazar-hops"}
+BARE_POST_HEADERS = BARE_HEADERS | {b"content-type", b"content-length", b"x-bazar-hops", b"idempotency-key"}
 
 
 def _given(value: Any) -> Callable[[], Any]:
@@ -211,20 +219,57 @@ def _plain_headers(block: bytes, allowed: frozenset[bytes]) -> dict[bytes, bytes
     return headers
 
 
-class BareRequest:
-    """What a bare RPC's handler (and `Answer`, `respond`) use of a request, for a
-    POST the channel parsed itself (`JsonResource.bare_response`)."""
+_date: list[Any] = [0, b""]
 
-    method = b"POST"
+
+def http_date() -> bytes:
+    """The Date header's value, made once a second (as Twisted's own is, per request)."""
+    second = int(time.time())
+    if _date[0] != second:
+        _date[:] = [second, datetimeToString(second)]
+    return cast(bytes, _date[1])
+
+
+class BareSink(Protocol):
+    """What a channel lends a bare request whose body goes in parts (`BareRequest.write`)."""
+
+    def write_now(self, data: bytes) -> None: ...
+
+    def when_lost(self, notify: Callable[[], object]) -> None: ...
+
+
+class BareRequest:
+    """What a bare handler (and `Answer`, `respond`) use of a request, for one the
+    channel parsed itself (`JsonResource.bare_response`): method, path, headers (by
+    lower-case name, each once), body; the status and headers of the answer."""
+
+    __slots__ = ("method", "path", "uri", "_headers", "content", "code", "responseHeaders", "touched", "sink",
+                 "_parts", "_finished")
     clientproto = b"HTTP/1.1"
 
-    def __init__(self, path: bytes, headers: dict[bytes, bytes], body: bytes):
-        self.path = self.uri = path
+    def __init__(self, path: bytes, headers: dict[bytes, bytes], body: bytes, method: bytes = b"POST",
+                 uri: bytes | None = None, sink: BareSink | None = None):
+        self.method = method
+        self.path = path
+        self.uri = uri if uri is not None else path
         self._headers = headers
-        self.requestHeaders = Headers({name: [value] for name, value in headers.items()})
         self.content = io.BytesIO(body)
         self.code = 200
         self.responseHeaders = Headers()
+        self.touched = False  # has the handler set a header?
+        self.sink = sink  # where a body in parts goes as it comes (`write`)
+        self._parts = False  # has a part of the body been written?
+        self._finished: list[Deferred[None]] = []
+
+    @property
+    def requestHeaders(self) -> Headers:  # noqa: N802 (IRequest's name)
+        return Headers({name: [value] for name, value in self._headers.items()})
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """The query's arguments, as Twisted's request parses them."""
+        _, mark, query = self.uri.partition(b"?")
+        return parse_qs(query, keep_blank_values=True) if mark else {}
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 (IRequest's name)
         return self._headers.get(name.lower())
@@ -233,18 +278,46 @@ class BareRequest:
         self.code = code
 
     def setHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802 (IRequest's name)
+        self.touched = True
         self.responseHeaders.setRawHeaders(name, [value])
 
     def response(self, server: bytes, date: bytes, body: bytes) -> bytes:
-        """The whole HTTP response: status line, Server, Date, the headers set, the body."""
+        """The whole HTTP response: status line, Server, Date, the headers set, the
+        body; or, after a body written in parts, the rest of it and its end."""
+        if self._parts:
+            for d in self._finished:
+                d.callback(None)
+            return (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+        return self._head(server, date) + body
+
+    def _head(self, server: bytes, date: bytes) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
                  % (self.code, RESPONSES.get(self.code, b"Unknown"), server, date)]
         for name, values in self.responseHeaders.getAllRawHeaders():
             for value in values:
                 lines.append(name + b": " + value + b"\r\n")
         lines.append(b"\r\n")
-        lines.append(body)
         return b"".join(lines)
+
+    def write(self, data: bytes) -> None:
+        """A part of the body, sent now, chunked (as Twisted's `Request.write` sends a
+        body of no announced length); the handler then returns WRITTEN."""
+        if self.sink is None:
+            raise RuntimeError("this bare request has nowhere to write its parts")
+        head = b""
+        if not self._parts:
+            self._parts = True
+            self.responseHeaders.setRawHeaders(b"Transfer-Encoding", [b"chunked"])
+            head = self._head(SERVER_VERSION, http_date())
+        self.sink.write_now(head + (b"%x\r\n%s\r\n" % (len(data), data) if data else b""))
+
+    def notifyFinish(self) -> Deferred[None]:  # noqa: N802 (Request's name)
+        """Fires once the answer is whole; fails if the client went before."""
+        d: Deferred[None] = Deferred()
+        self._finished.append(d)
+        if self.sink is not None:
+            self.sink.when_lost(lambda: None if d.called else d.errback(ConnectionLost()))
+        return d
 
 
 class TextConverter(PathConverter):
@@ -369,7 +442,7 @@ class JsonApp:
             {"version": __version__})
         self.rpcs: dict[bytes, dict[bytes, tuple[Answer, Handler]]] = {}
         self.fast_paths: list[tuple[bytes, bytes, Answer, FastHandler]] = []
-        self.bare_paths: list[tuple[bytes, Answer, FastHandler]] = []
+        self.bare_paths: dict[bytes, list[tuple[bytes, Answer, FastHandler]]] = {}
         self.bare_rpcs: dict[bytes, tuple[Answer, Handler]] = {}
         self._install_error_pages()
         self.route("/metrics", "GET", "metrics")(self._metrics)
@@ -413,8 +486,8 @@ class JsonApp:
 
     def rpc(self, path: str, method: str, name: str, *, bare: bool = False) -> Callable[[Handler], Handler]:
         """Register `handler(request)` for exactly `path` (no Klein route behind it).
-        A `bare` one (a POST's, synchronous: it answers before it returns) may be
-        called by the channel with a `BareRequest` (`JsonResource.bare_response`)."""
+        A `bare` one (a POST's) may be called by the channel with a `BareRequest`
+        (`JsonResource.bare_response`)."""
         if bare and method != "POST":
             raise ValueError("only a POST's RPC can be answered bare")
 
@@ -431,17 +504,16 @@ class JsonApp:
              bare: bool = False) -> None:
         """Try `handler(request, rest_of_path)` before Klein's routing; it answers at
         once (from memory, or with an awaitable of its answer: a route whose own work
-        dwarfs the routing, taken straight to it), or returns None to let the route
-        registered as `name` answer (`etag` as for that route). A `bare` handler (a
-        GET's) uses only the rest of the path and its answer is JSON bytes: it is
-        called with no request (None) on a plain GET that the channel answers whole
-        (`JsonResource.bare_response`)."""
+        dwarfs the routing, taken straight to it), or returns None, having done
+        nothing, to let the route registered as `name` answer (`etag` as for that
+        route). A `bare` one (a GET's or a POST's) may be called by the channel with
+        a `BareRequest` (`JsonResource.bare_response`)."""
         answer = Answer(self, name, etag)
         self.fast_paths.append((method.encode(), prefix.encode(), answer, handler))
         if bare:
-            if method != "GET":
-                raise ValueError("only a GET can be answered bare")
-            self.bare_paths.append((prefix.encode(), answer, handler))
+            if method not in ("GET", "POST"):
+                raise ValueError("only a GET or a POST can be answered bare")
+            self.bare_paths.setdefault(method.encode(), []).append((prefix.encode(), answer, handler))
 
     def _metrics(self, request: IRequest) -> Raw:
         return Raw(generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
@@ -458,77 +530,95 @@ class JsonResource(KleinResource):
     def __init__(self, api: JsonApp):
         super().__init__(api.app)
         self.api = api
-        self._date: tuple[int, bytes] = (0, b"")
 
-    def bare_response(self, data: bytes) -> bytes | None:
+    def bare_response(self, data: bytes, sink: BareSink | None = None) -> bytes | Deferred[bytes] | None:
         """The whole HTTP response to `data`, a request the channel received in one
-        piece while idle, if a bare fast path answers it from memory; else None, and
-        the request goes the normal way (so a miss, an unusual header, a malformed or
-        pipelined request, or tracing: whatever is not the common cache hit). The
-        response is the one the normal way gives the same request, byte for byte but
-        the Date: Server, Date, the ETag when the route has one, Content-Type and
-        Content-Length; the route's counters count it. Twisted's request machinery (a
-        Request, its header objects, resource traversal) is what it saves."""
+        piece while idle, if a bare RPC or fast path answers it: bytes, or a Deferred of
+        them when its handler is async. Else None, and the request goes the normal way
+        (a route with no bare way, an unusual header, a malformed or pipelined
+        request, a fast path that declines, or tracing). The response is the one the
+        normal way gives the same request, byte for byte but the Date; the route's
+        counters count it. Twisted's request machinery (a Request, its header
+        objects, resource traversal) is what it saves. `sink` (the channel) takes the
+        parts of a body written in parts as they come; the bytes returned end it."""
+        if trace_enabled():
+            return None
         if data[:5] == b"POST ":
-            return self._bare_post(data)
-        if not self.api.bare_paths or trace_enabled():
+            return self._bare_post(data, sink)
+        gets = self.api.bare_paths.get(b"GET")
+        if not gets:
             return None
         match = BARE_REQUEST.match(data)
         if match is None:
             return None
-        path = match.group(1).partition(b"?")[0]  # as Twisted's request.path: without the query
-        if _plain_headers(match.group(2), BARE_HEADERS) is None:
-            return None
-        for prefix, answer, fast in self.api.bare_paths:
+        target = match.group(1)
+        path = target.partition(b"?")[0]  # as Twisted's request.path: without the query
+        for prefix, answer, fast in gets:
             if path.startswith(prefix):
+                headers = _plain_headers(match.group(2), BARE_HEADERS)
+                if headers is None:
+                    return None
+                request = BareRequest(path, headers, b"", b"GET", target)
                 started = time.perf_counter()
                 try:
-                    body = fast(cast(IRequest, None), path[len(prefix):])
+                    found = fast(cast(IRequest, request), path[len(prefix):])
                 except Exception:
                     return None
-                if not isinstance(body, bytes):
+                if found is None:
                     return None
-                answer.count(200, started)
-                tag = b"ETag: " + etag_of(body) + b"\r\n" if answer.etag else b""
-                return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, self._now(), tag, len(body), body))
+                if isinstance(found, bytes) and not request.touched:  # the cache hit: its head made here
+                    answer.count(200, started)
+                    tag = b"ETag: " + etag_of(found) + b"\r\n" if answer.etag else b""
+                    return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, http_date(), tag, len(found), found))
+                return self._bare_answer(request, answer, _given(found))
         return None
 
-    def _bare_post(self, data: bytes) -> bytes | None:
-        """`bare_response` for a POST to a bare RPC: its handler runs with a
-        `BareRequest` (the headers and body as parsed here) and its answer is written
-        as the normal way writes it (status, the headers the answer set, the body)."""
-        if not self.api.bare_rpcs or trace_enabled():
-            return None
+    def _bare_post(self, data: bytes, sink: BareSink | None) -> bytes | Deferred[bytes] | None:
+        """`bare_response` for a POST to a bare RPC or fast path: its handler runs with
+        a `BareRequest` (the headers and body as parsed here)."""
         match = BARE_POST.match(data)
         if match is None:
             return None
-        rpc = self.api.bare_rpcs.get(match.group(1))
+        path = match.group(1)
+        rpc = self.api.bare_rpcs.get(path)
+        fast: tuple[Answer, FastHandler, bytes] | None = None
         if rpc is None:
-            return None
+            for prefix, answer, handler in self.api.bare_paths.get(b"POST", ()):
+                if path.startswith(prefix):
+                    fast = answer, handler, path[len(prefix):]
+                    break
+            else:
+                return None
         headers = _plain_headers(match.group(2), BARE_POST_HEADERS)
         if headers is None:
             return None
         body = data[match.end():]
         length = headers.get(b"content-length")
-        if length is None or not length.isdigit() or len(length) > 9 or int(length) != len(body):
+        if length is None or not length.isdigit() or len(length) > 9 or int(length) != len(body) \
+                or len(body) > body_limit(path):
             return None
-        answer, handler = rpc
-        request = BareRequest(match.group(1), headers, body)
-        result = answer.run(cast(IRequest, request), lambda: handler(request))
-        if not isinstance(result, bytes):  # (a bare RPC answers before it returns: see `rpc`)
-            log.error("the bare RPC {path} did not answer at once", path=request.path)
-            if isinstance(result, Deferred):
-                result.cancel()
-            result = respond(cast(IRequest, request), error_body("internal error"), 500)
-        return request.response(SERVER_VERSION, self._now(), result)
+        request = BareRequest(path, headers, body, sink=sink)
+        if rpc is not None:
+            answer, rpc_handler = rpc
+            return self._bare_answer(request, answer, lambda: rpc_handler(request))
+        answer, handler, rest = cast(tuple[Answer, FastHandler, bytes], fast)
+        try:
+            found = handler(cast(IRequest, request), rest)
+        except Exception:
+            return None
+        if found is None:
+            return None
+        return self._bare_answer(request, answer, _given(found))
 
-    def _now(self) -> bytes:
-        """The Date header's value, made once a second (as Twisted's own is, per request)."""
-        second = int(time.time())
-        if self._date[0] != second:
-            self._date = (second, datetimeToString(second))
-        return self._date[1]
+    def _bare_answer(self, request: BareRequest, answer: Answer,
+                     handler: Callable[[], Any]) -> bytes | Deferred[bytes]:
+        """The whole response of a bare request: `handler`'s answer (now or to come)
+        as `Answer` makes it, with the status line and headers the normal way writes."""
+        result = answer.run(cast(IRequest, request), handler)
+        if isinstance(result, Deferred):
+            return result.addCallback(lambda body: request.response(SERVER_VERSION, http_date(), body))
+        return request.response(SERVER_VERSION, http_date(), result)
 
     def render(self, request: IRequest) -> Any:
         method, path = request.method, request.path

@@ -21,6 +21,12 @@ SECRET_HEADER = b"X-Bazar-Secret"
 NO_BODY = object()
 
 
+def body_limit(path: bytes) -> int:
+    """The largest request body worth receiving for `path` (the apps check the exact
+    limit again; this only stops an oversized body before it is buffered)."""
+    return INTERNAL_BODY if path.startswith(b"/internal/") else MAX_BODY
+
+
 def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
     length = request.getHeader(b"Content-Length")
     if length is not None and length.isdigit() and int(length) > limit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,20 +22,22 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from bazar.http.app import error_body
 from bazar.http.peer import no_delay
-from bazar.http.request import INTERNAL_BODY
-from bazar.records import MAX_BODY
+from bazar.http.request import body_limit
 
 HEADER_DEADLINE = 10.0  # seconds a client has to send a request's line and headers (and a small body)
 MIN_BODY_RATE = 64 * 1024  # bytes/s: a body of n bytes adds n / MIN_BODY_RATE seconds to the deadline
 LINGER = 2.0  # seconds, after a refusal, to drain (and drop) what the client still sends
+log = Logger()
+
 REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
-           431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+           431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 503: b"Service Unavailable"}
 # Headers that decide who a request is, what it is, or where its body ends: sent twice,
 # two parts of a chain could each believe another one (RFC 9110 5.3), so refuse them.
 SINGLE_HEADERS = frozenset({b"authorization", b"x-bazar-secret", b"idempotency-key", b"content-length",
@@ -60,12 +63,6 @@ class LimitedChunks(_ChunkedTransferDecoder):
             self.channel.refuse(413, f"request body is larger than {self.limit} bytes")
             return False
         return done
-
-
-def body_limit(path: bytes) -> int:
-    """The largest request body worth receiving for `path` (the apps check the exact
-    limit again; this only stops an oversized body before it is buffered)."""
-    return INTERNAL_BODY if path.startswith(b"/internal/") else MAX_BODY
 
 
 class GuardedChannel(HTTPChannel):
@@ -95,9 +92,12 @@ class GuardedChannel(HTTPChannel):
 
     over_capacity = False
     site_counted: Any = None
-    # the resource's `bare_response` (bazar.http.app), or None: a whole plain GET that
-    # arrives alone on an idle connection may be answered before Twisted parses it
+    # the resource's `bare_response` (bazar.http.app), or None: a whole plain request
+    # that arrives alone on an idle connection may be answered before Twisted parses it
     bare: Any = None
+    _bare_waiting = False  # a bare answer is still to come
+    _bare_lost: list[Callable[[], object]] = []  # (never changed in place: `when_lost`)
+    _lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -133,15 +133,63 @@ class GuardedChannel(HTTPChannel):
             return
         if self.bare is not None and (data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" or data[:5] == b"POST ") \
                 and self._idle():
-            response = self.bare(data)
+            response = self.bare(data, self)
             if response is not None:
                 self.resetTimeout()
-                self._disarm()  # this request is whole and answered: no deadline runs for it
-                self.transport.write(response)  # type: ignore[union-attr]
+                self._disarm()  # this request is whole and in hand: no deadline runs for it
+                if isinstance(response, Deferred):
+                    self._await_bare(response)
+                else:
+                    self._bare_lost = []
+                    self.transport.write(response)  # type: ignore[union-attr]
                 return
         if self._awaiting_request:
             self._arm()
         super().dataReceived(data)
+
+    def _await_bare(self, answer: Deferred[bytes]) -> None:
+        """Hold the connection while a bare answer is still to come, as Twisted holds
+        it behind a request in hand: what arrives meanwhile is buffered by Twisted
+        (backpressure past a limit), no idle timeout runs; when the answer is written,
+        the buffered data is read as the next request. The answer is not cancelled if
+        the client goes (a purchase runs to its end either way, as the normal way's)."""
+        self._handlingRequest = True
+        self._bare_waiting = True
+        self.setRawMode()
+        self._savedTimeOut = self.setTimeout(None)
+        answer.addCallbacks(self._bare_answered, self._bare_failed)
+
+    def write_now(self, data: bytes) -> None:
+        """A part of a bare answer, on its way at once (`bazar.http.app.BareSink`)."""
+        if not self._lost:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def when_lost(self, notify: Callable[[], object]) -> None:
+        """Call `notify` if the connection goes before the bare answer in hand is whole."""
+        self._bare_lost = [*self._bare_lost, notify]
+
+    def _bare_answered(self, response: bytes) -> None:
+        self._bare_waiting = False
+        self._bare_lost = []
+        if self._lost:
+            return
+        self.transport.write(response)  # type: ignore[union-attr]
+        self._handlingRequest = False
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if self._savedTimeOut:
+            self.setTimeout(self._savedTimeOut)
+        data = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self.setLineMode(data)
+
+    def _bare_failed(self, failure: Any) -> None:
+        # (`Answer` turns every failure of a handler into an answer: this is a bug's)
+        self._bare_waiting = False
+        self._bare_lost = []
+        log.failure("a bare answer failed", failure)
+        if not self._lost:
+            self.refuse(500, "internal error", expected=0)
 
     def _idle(self) -> bool:
         """Between requests: none in hand, nothing of the next one buffered, and the
@@ -240,6 +288,10 @@ class GuardedChannel(HTTPChannel):
                 self.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True
+        lost, self._bare_lost = self._bare_lost, []
+        for notify in lost:
+            notify()
         if self.site_counted is not None:
             self.site_counted.open_connections -= 1
             self.site_counted = None

@@ -203,7 +203,7 @@ def install_routes(api: JsonApp, replica: Replica) -> None:
         require_secret(request, secret)
         return {**replica.health(), "pristine": replica.store.pristine, "term": replica.core.term}
 
-    @api.rpc(WRITE_PATH, "POST", "write")
+    @api.rpc(WRITE_PATH, "POST", "write", bare=True)
     async def forwarded_write(request: IRequest) -> Any:
         body = internal_body(request, secret)
         op = body.get("op")

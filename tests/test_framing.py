@@ -602,3 +602,21 @@ def test_a_client_gone_in_the_middle_of_a_bare_answer_in_parts_is_noticed() -> N
     written = transport.value()
     waiting.pop().callback(None)  # the handler ends; nothing more is written
     assert transport.value() == written
+
+
+def test_a_request_pipelined_behind_a_slow_bare_answer_gets_no_header_deadline() -> None:
+    """What arrives while a bare answer is to come waits, as behind a request in hand:
+    the header deadline starts only once it is read (after the answer), so a slow
+    answer does not turn into a 408 for the request behind it."""
+    s, bare, waiting = async_site()
+    channel, transport = connect(s)
+    clock = Clock()
+    channel.callLater = clock.callLater
+    channel._disarm()
+    channel.dataReceived(b"GET /slow/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    channel.dataReceived(b"GET /slow/2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(HEADER_DEADLINE + 1)
+    assert transport.value() == b"" and not transport.disconnecting
+    waiting.pop(0).callback(None)
+    waiting.pop(0).callback(None)
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 2 and b"408" not in transport.value()

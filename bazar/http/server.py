@@ -155,6 +155,7 @@ class GuardedChannel(HTTPChannel):
         the client goes (a purchase runs to its end either way, as the normal way's)."""
         self._handlingRequest = True
         self._bare_waiting = True
+        self._awaiting_request = False  # what arrives meanwhile waits: no header deadline runs for it yet
         self.setRawMode()
         self._savedTimeOut = self.setTimeout(None)
         answer.addCallbacks(self._bare_answered, self._bare_failed)
@@ -175,6 +176,7 @@ class GuardedChannel(HTTPChannel):
             return
         self.transport.write(response)  # type: ignore[union-attr]
         self._handlingRequest = False
+        self._awaiting_request = True
         if not self._waitingForTransport:
             self._networkProducer.resumeProducing()
         if self._savedTimeOut:

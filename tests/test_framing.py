@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -620,3 +620,14 @@ def test_a_request_pipelined_behind_a_slow_bare_answer_gets_no_header_deadline()
     waiting.pop(0).callback(None)
     waiting.pop(0).callback(None)
     assert transport.value().count(b"HTTP/1.1 200 OK") == 2 and b"408" not in transport.value()
+
+
+def test_a_bare_answer_that_fails_gets_a_json_500_and_the_connection_closes() -> None:
+    """`Answer` turns a handler's failure into its answer, so only a bug gets here:
+    the client still reads JSON, never a hang or a traceback."""
+    s, _, _ = async_site()
+    channel, transport = connect(s)
+    channel._await_bare(fail(RuntimeError("a bug")))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and json.loads(body) == {"error": "internal error"}
+    assert transport.disconnecting

@@ -284,9 +284,11 @@ class BareRequest:
     def response(self, server: bytes, date: bytes, body: bytes) -> bytes:
         """The whole HTTP response: status line, Server, Date, the headers set, the
         body; or, after a body written in parts, the rest of it and its end."""
-        if self._parts:
-            for d in self._finished:
+        finished, self._finished = self._finished, []
+        for d in finished:
+            if not d.called:
                 d.callback(None)
+        if self._parts:
             return (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
         return self._head(server, date) + body
 

@@ -95,7 +95,6 @@ class GuardedChannel(HTTPChannel):
     # the resource's `bare_response` (bazar.http.app), or None: a whole plain request
     # that arrives alone on an idle connection may be answered before Twisted parses it
     bare: Any = None
-    _bare_waiting = False  # a bare answer is still to come
     _bare_lost: list[Callable[[], object]] = []  # (never changed in place: `when_lost`)
     _lost = False
 
@@ -154,7 +153,6 @@ class GuardedChannel(HTTPChannel):
         the buffered data is read as the next request. The answer is not cancelled if
         the client goes (a purchase runs to its end either way, as the normal way's)."""
         self._handlingRequest = True
-        self._bare_waiting = True
         self._awaiting_request = False  # what arrives meanwhile waits: no header deadline runs for it yet
         self.setRawMode()
         self._savedTimeOut = self.setTimeout(None)
@@ -170,7 +168,6 @@ class GuardedChannel(HTTPChannel):
         self._bare_lost = [*self._bare_lost, notify]
 
     def _bare_answered(self, response: bytes) -> None:
-        self._bare_waiting = False
         self._bare_lost = []
         if self._lost:
             return
@@ -187,7 +184,6 @@ class GuardedChannel(HTTPChannel):
 
     def _bare_failed(self, failure: Any) -> None:
         # (`Answer` turns every failure of a handler into an answer: this is a bug's)
-        self._bare_waiting = False
         self._bare_lost = []
         log.failure("a bare answer failed", failure)
         if not self._lost:

@@ -713,3 +713,39 @@ def test_a_plain_search_and_an_info_miss_are_taken_on_the_bare_way(shop: Shop) -
         assert isinstance(hit, bytes) and hit.partition(b"\r\n\r\n")[2] == answered[0].partition(b"\r\n\r\n")[2]
     for target in (b"/bazar/search/a%2Fb", b"/bazar/search/a/b", b"/bazar/info/x"):
         assert site.bare(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n") is None  # the normal way
+
+
+@pytest.mark.parametrize("query", [
+    b"topic=distributed%20systems", b"topic=distributed+systems", b"topic=graduate%20school&limit=1",
+    b"topic=graduate%20school&limit=1&after=2", b"limit=2", b"limit=2&after=3", b"topic=x;limit=1", b"topic",
+    b"topic=", b"limit=x", b"other=1", b"topic=a&topic=b", b"topic=%FF", b"",
+])
+def test_a_catalog_replica_answers_a_list_on_the_bare_way_as_the_normal_way(shop: Shop, query: bytes) -> None:
+    """GET /books?… at a catalog replica (a front end's search miss): whole (the bare
+    way) and a byte at a time (the normal way), the same bytes."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from bazar.http.server import QuietSite
+
+    shop.run(1.0)
+    target = b"/books?" + query if query else b"/books"
+    data = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nX-Bazar-Min-Seq: 1\r\n\r\n"
+    site = QuietSite(shop.nodes[0].resource)  # the catalog's
+    outputs = []
+    for whole in (True, False):
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        if whole:
+            channel.dataReceived(data)
+        else:
+            for i in range(len(data)):
+                channel.dataReceived(data[i:i + 1])
+        shop.run(0.05)
+        channel.connectionLost(None)
+        lines = transport.value().split(b"\r\n")
+        outputs.append(b"\r\n".join(line for line in lines if not line.startswith(b"Date: ")))
+    assert outputs[0] == outputs[1] and outputs[0].startswith(b"HTTP/1.1 ") and b"Traceback" not in outputs[0]
+    if b"200 OK" in outputs[0]:
+        assert site.bare(data) is not None  # taken on the bare way (a refusal raised at once goes the normal way)

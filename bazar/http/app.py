@@ -36,7 +36,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, Union, cast
-from urllib.parse import parse_qs
 
 from klein import Klein
 from klein.resource import KleinResource
@@ -55,7 +54,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString, parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -269,7 +268,7 @@ class BareRequest:
     def args(self) -> dict[bytes, list[bytes]]:
         """The query's arguments, as Twisted's request parses them."""
         _, mark, query = self.uri.partition(b"?")
-        return parse_qs(query, keep_blank_values=True) if mark else {}
+        return parse_qs(query, 1) if mark else {}
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 (IRequest's name)
         return self._headers.get(name.lower())

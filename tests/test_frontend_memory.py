@@ -654,15 +654,16 @@ def test_a_cache_hit_is_answered_bare_at_the_channel_and_never_stale(shop: Shop)
     channel.connectionLost(None)
 
 
-def _through_the_channel(shop: Shop, data: bytes, *, whole: bool) -> bytes:
-    """The front end's answer to `data` through its HTTP channel: given whole (a bare
-    way may take it) or a byte at a time (the normal way), without the Date line."""
+def _through_the_channel(shop: Shop, data: bytes, *, whole: bool, node: int = 2) -> bytes:
+    """The answer of a node (the front end's unless told) to `data` through its HTTP
+    channel: given whole (a bare way may take it) or a byte at a time (the normal
+    way), without the Date line."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
     from bazar.http.server import QuietSite
 
-    channel = QuietSite(shop.nodes[2].resource).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = QuietSite(shop.nodes[node].resource).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
     if whole:
@@ -723,29 +724,13 @@ def test_a_plain_search_and_an_info_miss_are_taken_on_the_bare_way(shop: Shop) -
 def test_a_catalog_replica_answers_a_list_on_the_bare_way_as_the_normal_way(shop: Shop, query: bytes) -> None:
     """GET /books?… at a catalog replica (a front end's search miss): whole (the bare
     way) and a byte at a time (the normal way), the same bytes."""
-    from twisted.internet.address import IPv4Address
-    from twisted.internet.testing import StringTransport
-
     from bazar.http.server import QuietSite
 
     shop.run(1.0)
     target = b"/books?" + query if query else b"/books"
     data = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nX-Bazar-Min-Seq: 1\r\n\r\n"
-    site = QuietSite(shop.nodes[0].resource)  # the catalog's
-    outputs = []
-    for whole in (True, False):
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        if whole:
-            channel.dataReceived(data)
-        else:
-            for i in range(len(data)):
-                channel.dataReceived(data[i:i + 1])
-        shop.run(0.05)
-        channel.connectionLost(None)
-        lines = transport.value().split(b"\r\n")
-        outputs.append(b"\r\n".join(line for line in lines if not line.startswith(b"Date: ")))
+    outputs = [_through_the_channel(shop, data, whole=whole, node=0) for whole in (True, False)]  # the catalog's
+    site = QuietSite(shop.nodes[0].resource)
     assert outputs[0] == outputs[1] and outputs[0].startswith(b"HTTP/1.1 ") and b"Traceback" not in outputs[0]
     if b"200 OK" in outputs[0]:
         assert site.bare(data) is not None  # taken on the bare way (a refusal raised at once goes the normal way)

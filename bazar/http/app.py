@@ -560,19 +560,7 @@ class JsonResource(KleinResource):
                 if headers is None:
                     return None
                 request = BareRequest(path, headers, b"", b"GET", target)
-                started = time.perf_counter()
-                try:
-                    found = fast(cast(IRequest, request), path[len(prefix):])
-                except Exception:
-                    return None
-                if found is None:
-                    return None
-                if isinstance(found, bytes) and not request.touched:  # the cache hit: its head made here
-                    answer.count(200, started)
-                    tag = b"ETag: " + etag_of(found) + b"\r\n" if answer.etag else b""
-                    return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
-                            b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, http_date(), tag, len(found), found))
-                return self._bare_answer(request, answer, _given(found))
+                return self._bare_fast(request, answer, fast, path[len(prefix):])
         return None
 
     def _bare_post(self, data: bytes, sink: BareSink | None) -> bytes | Deferred[bytes] | None:
@@ -603,13 +591,24 @@ class JsonResource(KleinResource):
         if rpc is not None:
             answer, rpc_handler = rpc
             return self._bare_answer(request, answer, lambda: rpc_handler(request))
-        answer, handler, rest = cast(tuple[Answer, FastHandler, bytes], fast)
+        return self._bare_fast(request, *cast(tuple[Answer, FastHandler, bytes], fast))
+
+    def _bare_fast(self, request: BareRequest, answer: Answer, fast: FastHandler,
+                   rest: bytes) -> bytes | Deferred[bytes] | None:
+        """A bare fast path's whole response, or None when it declines (or fails: the
+        normal way then answers, and reports it)."""
+        started = time.perf_counter()
         try:
-            found = handler(cast(IRequest, request), rest)
+            found = fast(cast(IRequest, request), rest)
         except Exception:
             return None
         if found is None:
             return None
+        if isinstance(found, bytes) and not request.touched:  # a hit from memory: its head made here
+            answer.count(200, started)
+            tag = b"ETag: " + etag_of(found) + b"\r\n" if answer.etag else b""
+            return (b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n%sContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (SERVER_VERSION, http_date(), tag, len(found), found))
         return self._bare_answer(request, answer, _given(found))
 
     def _bare_answer(self, request: BareRequest, answer: Answer,

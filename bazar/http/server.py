@@ -139,7 +139,8 @@ class GuardedChannel(HTTPChannel):
                 if isinstance(response, Deferred):
                     self._await_bare(response)
                 else:
-                    self._bare_lost = []
+                    if self._bare_lost:
+                        self._bare_lost = []
                     self.transport.write(response)  # type: ignore[union-attr]
                 return
         if self._awaiting_request:
@@ -168,6 +169,8 @@ class GuardedChannel(HTTPChannel):
         self._bare_lost = [*self._bare_lost, notify]
 
     def _bare_answered(self, response: bytes) -> None:
+        # then as Twisted's `requestDone`: read again, the idle timeout back, the
+        # buffered bytes as the next request
         self._bare_lost = []
         if self._lost:
             return

@@ -52,6 +52,7 @@ class CatalogMachine:
 
     tables: tuple[str, ...] = ("books",)
     state_tables: tuple[str, ...] = ("books", "sales")
+    tried = True  # (an unknown book is refused without an entry: a read of the current state)
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, "

@@ -45,7 +45,7 @@ from bazar.http.request import SECRET_HEADER, min_seq_of, page_of, read_object, 
 from bazar.messages import PURCHASE_PATH, SALES_PAGE, SALES_PATH, SEQ_HEADER, Purchased, PurchaseRequest
 from bazar.ops import ORDER_OPS, Op, RecordOrder, Sell, operation_from_json
 from bazar.process import Node, serve
-from bazar.records import ALL, ORDER_FIELDS, Order, Sale
+from bazar.records import ALL, MAX_QUANTITY, ORDER_FIELDS, Order, Sale
 from bazar.replication.replica import Replica
 from bazar.replication.routes import hop_count, install_routes
 from bazar.replication.store import Outcome, Store
@@ -75,6 +75,10 @@ def record_op(sale: Sale) -> RecordOrder:
 class OrderMachine:
     tables: tuple[str, ...] = ("orders",)
     state_tables: tuple[str, ...] = ("orders",)
+    # `parse` refuses whatever `apply` or the table would: a write needs no trial run
+    # before it takes an entry (its outcome depends on the state only through the
+    # request's key, which makes a repeated one the same order)
+    tried = False
 
     def create(self, db: sqlite3.Connection) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, "
@@ -83,7 +87,13 @@ class OrderMachine:
                    "sale_seq INTEGER NOT NULL, created_ts REAL NOT NULL)")
 
     def parse(self, data: Any) -> Op:
-        return operation_from_json(data, ORDER_OPS, "order")
+        op = operation_from_json(data, ORDER_OPS, "order")
+        if isinstance(op, RecordOrder):
+            if not 1 <= op.quantity <= MAX_QUANTITY:
+                raise Invalid(f"quantity must be an integer from 1 to {MAX_QUANTITY}")
+            if not (0 <= op.book_id < 2**63 and 0 <= op.sale_seq < 2**63):
+                raise Invalid("malformed operation: an id out of range")
+        return op
 
     def _order(self, db: sqlite3.Connection, order_id: int) -> dict[str, Any]:
         row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?", (order_id,)).fetchone()

@@ -304,12 +304,15 @@ class Replica:
             # A leader's messages need nothing of its own disk: they leave while it
             # writes (§10.2.1; it counts itself once `persisted`). Anyone else's (votes,
             # acknowledgements) leave only once what they promise is on disk (§3.8).
+            # A leader's commit notices leave before it applies the entries itself: the
+            # backups' apply, which its acknowledgement waits for, overlaps its own.
             early = self.core.role == raft.LEADER
-            outcomes = [(e, self.store.apply(e)) for e in ready.committed]
             if early:
                 replies += self._dispatch(ready.messages, reply_to)
+                outcomes = [(e, self.store.apply(e)) for e in ready.committed]
                 self._flush_soon()  # after the reactor has written those messages out
             else:
+                outcomes = [(e, self.store.apply(e)) for e in ready.committed]
                 self.store.flush()
                 self.core.persisted(self.store.last_index())
                 replies += self._dispatch(ready.messages, reply_to)

@@ -85,10 +85,13 @@ class StateMachine(Protocol):
     """A service's deterministic state: the same entries in the same order give the
     same tables on every replica. `apply` changes the tables or raises a BazarError
     (the operation is then an outcome that changed nothing). `tables` are its tables
-    with an `id`; `state_tables`, every table a snapshot carries."""
+    with an `id`; `state_tables`, every table a snapshot carries; `tried`, whether a
+    write is run on the current state before it takes an entry (`Store.validate`): a
+    machine whose `apply` refuses nothing that `parse` lets through needs no trial."""
 
     tables: tuple[str, ...]
     state_tables: tuple[str, ...]
+    tried: bool
 
     def create(self, db: sqlite3.Connection) -> None: ...
 
@@ -441,6 +444,8 @@ class Store:
         `refuse` (NotFound) are refused too: the caller knows this state is current
         (a leader within its lease), so the refusal is a read of it and needs no entry."""
         parsed = self.machine.parse(op)
+        if not self.machine.tried:
+            return
         self._begin()
         self.db.execute("SAVEPOINT trial")
         try:

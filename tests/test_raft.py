@@ -345,6 +345,74 @@ def test_a_write_is_acknowledged_once_every_reachable_backup_applied_it() -> Non
     assert leader.acknowledged() == index and len(bus.applied[slow]) >= index
 
 
+def _append_and_replies(leader: Raft) -> tuple[list[AppendEntries], list[Message]]:
+    out = leader.ready().messages
+    leader.persisted(leader.log.last_index())
+    return [m for m in out if isinstance(m, AppendEntries)], [m for m in out if not isinstance(m, AppendEntries)]
+
+
+def test_a_backup_with_an_append_in_flight_is_told_its_commit_at_once() -> None:
+    """§10.2.2: when the first backup's answer commits an entry, the second backup,
+    whose append is still on its way back, is told at once (`upto`) instead of after
+    its answer; it commits once it holds the leader's entry there (§3.5), and its
+    answer to the append brings no second commit heartbeat."""
+    bus = cluster()
+    leader = bus.elect()
+    bus.tick(4)
+    first, second = sorted(i for i in bus.nodes if i != leader.id)
+    index, _ = leader.propose(op(1))
+    appends, _ = _append_and_replies(leader)
+    assert sorted(m.dst for m in appends) == [first, second]
+    answers = {}
+    for m in appends:
+        bus.nodes[m.dst].step(m)
+        (answers[m.dst],) = bus.nodes[m.dst].ready().messages
+    assert bus.nodes[second].commit < index  # it holds the entry, not knowing it is committed
+    leader.step(answers[first])
+    assert leader.commit == index
+    notices = [m for m in leader.ready().messages if isinstance(m, Heartbeat)]
+    told = {m.dst: m for m in notices}
+    assert told[first].commit == index and told[first].upto == 0  # its answer said it holds it
+    assert told[second].commit < index and (told[second].upto, told[second].upto_term) == (index, leader.term)
+    bus.nodes[second].step(told[second])
+    assert bus.nodes[second].commit == index
+    bus.nodes[second].ready()
+    leader.step(answers[second])  # the append's answer, after the notice
+    assert not [m for m in leader.ready().messages if m.dst == second]  # told already
+
+
+def test_a_commit_notice_that_overtakes_its_append_waits_for_it() -> None:
+    """A pipelined notice may arrive before the append it speaks of: the backup keeps
+    it and commits once that append has brought the leader's entry; an entry of
+    another term at that index never commits by it."""
+    follower = node(2)
+    follower.step(AppendEntries(1, 1, 2, 0, 0, (Entry(1, 1, None),), 1))
+    follower.ready()
+    follower.step(Heartbeat(1, 1, 2, 1, 2, 0, upto=2, upto_term=1))  # entry 2 is on its way
+    follower.ready()
+    assert follower.commit == 1
+    follower.step(AppendEntries(1, 1, 2, 1, 1, (Entry(2, 1, op(2)),), 1))
+    follower.ready()
+    assert follower.commit == 2
+
+    other = node(3)  # holds an entry 2 of term 1 that the leader of term 2 does not have
+    other.step(AppendEntries(1, 1, 3, 0, 0, (Entry(1, 1, None), Entry(2, 1, op(1))), 1))
+    other.ready()
+    other.step(Heartbeat(2, 1, 3, 1, 2, 0, upto=2, upto_term=2))
+    other.ready()
+    assert other.commit == 1  # its entry 2 is not the leader's
+    other.step(AppendEntries(2, 1, 3, 1, 1, (Entry(2, 2, op(2)),), 1))
+    other.ready()
+    assert other.commit == 2 and other.log.term_at(2) == 2
+
+    learner = node(3, log=MemoryLog(voter=False))
+    learner.step(AppendEntries(1, 1, 3, 0, 0, (Entry(1, 1, None),), 0))
+    learner.ready()
+    learner.step(Heartbeat(1, 1, 3, 0, 1, 0, upto=1, upto_term=1))
+    learner.ready()
+    assert learner.commit == 0  # a learner commits on an append's check only (§4.2.1)
+
+
 def test_an_acknowledgement_does_not_count_a_backup_that_lost_its_state() -> None:
     """A backup that lost its disk says it has applied nothing; the leader believes
     the latest word, not the most it ever heard, and waits for it again."""

@@ -36,6 +36,12 @@ Each rule lives in one named place with its section beside it:
   (`_update_acked`).
 - §9.6       pre-vote: a candidate first asks whether it could win, persisting nothing
              (`_campaign(pre=True)`).
+- §10.2.1    the leader writes its log in parallel with sending it (the caller's part:
+             `persisted` counts the leader once its own write is on disk).
+- §10.2.2    pipelining, for the commit index only: a follower with an append still in
+             flight is told at once what of it is committed, checked by §3.5's
+             log-matching rule on its side (`_flush_commits`, `_take_upto`); appends
+             stay one in flight per follower, so they arrive in order.
 - §5.1–5.4   log compaction: the caller compacts its log up to an applied index (the
              state machine's tables are the snapshot); a follower that needs entries
              the leader no longer holds is sent a snapshot (`InstallSnapshot`, carried
@@ -152,6 +158,11 @@ class Heartbeat(Message):
     commit: int  # min(the follower's match, the leader's commit): safe for it to commit
     leader_commit: int  # the leader's commit index (a learner is caught up once it holds it)
     ctx: int  # the read round this heartbeat confirms (§6.4)
+    # A committed index the follower may not hold yet, from an append still in flight
+    # (§10.2.2), and the term of the leader's entry there: the follower commits up to it
+    # once its own entry at that index has that term (§3.5, the Log Matching Property)
+    upto: int = 0
+    upto_term: int = 0
 
 
 @frozen
@@ -227,11 +238,12 @@ class Progress:
     next: int = 1
     inflight: bool = False
     sent_at: int = 0  # tick at which the append in flight left
+    sent: int = 0  # the last index of the append in flight
     active: bool = True  # heard from since the last check-quorum round (§6.2)
     snapshotting: bool = False  # a snapshot is on its way to it (§5.3): no appends meanwhile
     applied: int = 0  # the highest index it said it has applied
     heard: int = 0  # tick of its last answer
-    commit_sent: int = 0  # the highest commit index it has been told
+    commit_sent: int = 0  # the highest commit index it has been told (or `Heartbeat.upto`)
     lagging: bool = False  # not waited for before an acknowledgement until it has caught up
     learner: bool = False  # it says it lost its state and has not rejoined: counted for no majority
 
@@ -292,6 +304,7 @@ class Raft:
     committed_at: list[tuple[int, int]] = field(factory=list)  # (commit index, tick) of commits not yet acked
     elections: int = 0  # campaigns this replica started as a candidate (a term of its own; pre-votes not counted)
     recovered: bool = False  # a learner that has learned the term a majority of the others know (`recover`)
+    upto: tuple[int, int] = (0, 0)  # a committed (index, term) a leader told us of, maybe not held yet (§10.2.2)
 
     def __attrs_post_init__(self) -> None:
         # Only applied entries are known committed after a restart (commit is volatile, §3.8).
@@ -511,6 +524,7 @@ class Raft:
             return
         pr.inflight = True
         pr.sent_at = self.ticks
+        pr.sent = prev + len(entries)
         pr.commit_sent = max(pr.commit_sent, min(self.commit, prev + len(entries)))
         self.outbox.append(AppendEntries(self.term, self.id, peer, prev, prev_term, tuple(entries), self.commit))
 
@@ -536,16 +550,30 @@ class Raft:
 
     def _flush_commits(self) -> None:
         """The commit heartbeats `_send_commits` noted. A heartbeat of the newest read
-        round: an answer to it confirms the leadership after that round started."""
+        round: an answer to it confirms the leadership after that round started.
+
+        Pipelining (§10.2.2): a follower whose append is still in flight is told at
+        once what of that append is committed (`upto`), rather than once its reply is
+        back: a second message in flight, which the follower takes only if the append
+        came first (its entry at `upto` is then the leader's, §3.5). An acknowledgement
+        waits for the apply of the slower backup: it is told one round trip sooner. A
+        follower that has not got the append yet keeps `upto` until it has
+        (`_take_upto`), so the leader counts it as told either way."""
         self.commits_due = False
         if self.role != LEADER:
             return
         for peer in self.peers:
             pr = self.progress[peer]
             commit = min(pr.match, self.commit)
-            if commit > pr.commit_sent:
-                pr.commit_sent = commit
-                self.outbox.append(Heartbeat(self.term, self.id, peer, commit, self.commit, self.read_ctx))
+            upto = min(pr.sent, self.commit) if pr.inflight and not pr.snapshotting else 0
+            upto_term = self.log.term_at(upto) if upto > max(commit, pr.commit_sent) else None
+            if upto_term is None:
+                upto = 0
+                if commit <= pr.commit_sent:
+                    continue
+            pr.commit_sent = max(pr.commit_sent, commit, upto)
+            self.outbox.append(Heartbeat(self.term, self.id, peer, commit, self.commit, self.read_ctx,
+                                         upto, upto_term or 0))
 
     def _drop_old_rounds(self) -> None:
         """Lease-only rounds that no majority answered within an election timeout are
@@ -696,6 +724,8 @@ class Raft:
             self.log.append(fresh)
         match = m.prev_index + len(m.entries)
         self._advance_commit(min(m.commit, match))
+        if not self.learner:
+            self._take_upto()  # (the append that a pipelined commit heartbeat overtook)
         self.outbox.append(AppendReply(self.term, self.id, m.src, True, match, self.commit, self.learner))
         self._maybe_join(m.commit)
 
@@ -708,9 +738,21 @@ class Raft:
             # checked, and may hold other entries at those indexes since. It commits only
             # on an AppendEntries, after the log-matching check, §3.5.)
             self._advance_commit(min(m.commit, self.log.last_index()))
+            if m.upto > self.upto[0]:
+                self.upto = (m.upto, m.upto_term)
+            self._take_upto()
         self.outbox.append(HeartbeatReply(self.term, self.id, m.src, m.ctx, self.log.last_index(), self.commit,
                                           self.learner))
         self._maybe_join(m.leader_commit)
+
+    def _take_upto(self) -> None:
+        """Commit up to a leader's `Heartbeat.upto` once our entry there has its term:
+        by §3.5 our log is then the leader's up to there, and the leader had committed
+        it (a committed entry is in the log of every later leader, §3.6.3: the pair
+        is never stale, whatever term we are in when the entry comes)."""
+        index, term = self.upto
+        if index > self.commit and self.log.term_at(index) == term:
+            self._advance_commit(index)
 
     def _maybe_join(self, leader_commit: int) -> None:
         """§4.2.1: a learner that holds everything the leader has committed votes again,

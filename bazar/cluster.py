@@ -109,7 +109,7 @@ def clashing_ports(topology: list[dict[str, Any]]) -> list[int]:
 
 
 def commands(topology: list[dict[str, Any]], host: str, data: str, redis: str | None,
-             cache_size: int) -> dict[str, list[str]]:
+             cache_size: int, scheduling: str = "batch") -> dict[str, list[str]]:
     """The twistd argument list of every process of the topology."""
     def urls(service: str) -> list[tuple[int, str]]:
         return [(p["id"], f"http://{host}:{p['port']}") for p in topology if p["service"] == service]
@@ -123,7 +123,7 @@ def commands(topology: list[dict[str, Any]], host: str, data: str, redis: str | 
     result = {}
     for proc in topology:
         args = ["-n", "--pidfile=", f"--logfile={os.path.join(logs, proc['name'] + '.log')}",
-                f"bazar-{proc['service']}", "--host", host, "--port", str(proc["port"])]
+                f"bazar-{proc['service']}", "--host", host, "--port", str(proc["port"]), "--scheduling", scheduling]
         if proc["service"] == "catalog":
             args += ["--id", str(proc["id"]), "--data", os.path.join(data, proc["name"]),
                      "--peers", ",".join(f"{i}={u}" for i, u in catalog), "--frontends", frontends]
@@ -282,7 +282,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
     monitor.minRestartDelay = 0.5  # type: ignore[assignment]
     monitor.maxRestartDelay = 2
     monitor.killTime = 5
-    for name, args in commands(topology, options["host"], data, options["redis"], options["cache-size"]).items():
+    for name, args in commands(topology, options["host"], data, options["redis"], options["cache-size"],
+                               options["scheduling"]).items():
         monitor.addProcess(name, [sys.executable, "-c", TWISTD, *args], env=env, cwd=data)
     log.info("bazar-cluster: {n} processes, data in {data}, logs in {logs}",
              n=len(topology), data=data, logs=os.path.join(data, "logs"))

@@ -25,6 +25,15 @@ def env_name(option: str) -> str:
     return "BAZAR_" + option.upper().replace("-", "_")
 
 
+SCHEDULING = ("batch", "normal")
+
+
+def scheduling_policy(text: str) -> str:
+    if text not in SCHEDULING:
+        raise ValueError(f"--scheduling must be one of {', '.join(SCHEDULING)}, not {text!r}")
+    return text
+
+
 class BazarOptions(usage.Options):
     """Options whose values come, in order of precedence, from the command line, the
     environment (BAZAR_<NAME>), a TOML file (--config, or BAZAR_CONFIG) or defaults."""
@@ -34,6 +43,8 @@ class BazarOptions(usage.Options):
         ["config", None, None, "TOML file with settings (keys are option names)."],
         ["admin-token", None, None, "Admin token (or BAZAR_ADMIN_TOKEN)."],
         ["cluster-secret", None, None, "Secret shared by the processes of one store (or BAZAR_CLUSTER_SECRET)."],
+        ["scheduling", None, "batch", "Linux CPU scheduling policy of the process: batch (SCHED_BATCH, for "
+                                      "throughput) or normal.", scheduling_policy],
     ]
 
     def _coercions(self) -> dict[str, Callable[[Any], Any]]:

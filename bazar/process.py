@@ -7,6 +7,7 @@ simulated clock: only `serve` is production's own."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import IResource
 
@@ -23,6 +25,8 @@ from bazar.http.peer import PeerAgent
 from bazar.http.server import listen
 from bazar.lifecycle import Hooks, every, watch_parent
 from bazar.trace import identify
+
+log = Logger()
 
 
 @define
@@ -59,13 +63,41 @@ def process_name(options: usage.Options) -> str:
     return f"{service}-{options['id']}" if service else "frontend"
 
 
+def schedule(policy: str) -> bool:
+    """Run this process under the Linux CPU scheduling `policy` ("batch" or
+    "normal"); False where the system has no such call or refuses it.
+
+    Batch (SCHED_BATCH) is the default. Bazar's processes wake one another all the
+    time: every message on loopback wakes its receiver, and under the normal policy
+    the receiver, having slept, preempts the sender in the middle of its reactor turn
+    (a leader between its two appends, a front end between two answers). Under batch
+    a woken process waits for a free core or for the sender to finish its turn, so
+    each turn does its work in one go and more of it arrives in batches. An idle core
+    still runs a woken process at once: a lone request is not delayed. Measured on 2
+    cores (docs/bench/durability.md): purchases/s at 16 connections 15-21% higher, the
+    p50 at one connection no worse. Nothing needs privileges: a process may always
+    lower itself to batch."""
+    setter = getattr(os, "sched_setscheduler", None)
+    if setter is None:
+        return False
+    try:
+        setter(0, os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def serve(build: Callable[[IReactorTime, HTTPClient], Node], options: usage.Options,
           reactor: Any = None, *, reuse_port: bool = False, internal_port: int | None = None) -> MultiService:
     """The twistd service of a process: the node `build` wires (with the reactor as its
     clock, and one pooled HTTP client) served on the options' host and port (shared
-    with other processes with `reuse_port`; beside it, `internal_port`: `listen`)."""
+    with other processes with `reuse_port`; beside it, `internal_port`: `listen`),
+    under the options' CPU scheduling policy (`schedule`)."""
     reactor = the_reactor(reactor)
     identify(process_name(options))
+    if not schedule(options["scheduling"]):
+        log.info("this system refused the {policy} scheduling policy: running under its default one",
+                 policy=options["scheduling"])
     http, pool = make_http(reactor)
     return serve_node(build(reactor, http), reactor, options["host"], options["port"], pool,
                       reuse_port=reuse_port, internal_port=internal_port)

@@ -103,6 +103,8 @@ def test_health_on_all_seven_processes(cluster: Cluster) -> None:
     # seven distinct live processes, all children of the supervisor we started
     assert len(pids) == 7 and all(pid_alive(p) for p in pids)
     assert pids <= members, (pids, members)
+    # each one under the batch scheduling policy (bazar.process.schedule)
+    assert {os.sched_getscheduler(p) for p in pids} == {os.SCHED_BATCH}
 
 
 def test_metrics_on_every_process_and_openapi(cluster: Cluster) -> None:

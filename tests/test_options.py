@@ -263,14 +263,30 @@ def test_commands_wire_every_process(tmp_path: Path) -> None:
         assert args[0] == "-n" and any(a.startswith("--logfile=") and name in a for a in args)
         assert f"bazar-{name.split('-')[0]}" in args
     assert flags(procs["catalog-2"]) == {
-        "--host": "127.0.0.1", "--port": "5102", "--id": "2", "--data": os.path.join(data, "catalog-2"),
+        "--host": "127.0.0.1", "--port": "5102", "--scheduling": "batch", "--id": "2",
+        "--data": os.path.join(data, "catalog-2"),
         "--peers": catalog_peers, "--frontends": "http://127.0.0.1:5000,http://127.0.0.1:5001"}
     assert flags(procs["order-3"]) == {
-        "--host": "127.0.0.1", "--port": "5203", "--id": "3", "--data": os.path.join(data, "order-3"),
+        "--host": "127.0.0.1", "--port": "5203", "--scheduling": "batch", "--id": "3",
+        "--data": os.path.join(data, "order-3"),
         "--peers": order_peers, "--catalog": catalogs}
     assert flags(procs["frontend-1"]) == {
-        "--host": "127.0.0.1", "--port": "5001", "--catalog": catalogs,
+        "--host": "127.0.0.1", "--port": "5001", "--scheduling": "batch", "--catalog": catalogs,
         "--order": "http://127.0.0.1:5201,http://127.0.0.1:5202,http://127.0.0.1:5203", "--cache-size": "64"}
+
+
+def test_the_scheduling_policy_is_batch_unless_told_and_reaches_every_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for kind in PLUGINS:
+        assert parse(kind)["scheduling"] == "batch"
+        assert parse(kind, "--scheduling", "normal")["scheduling"] == "normal"
+        with pytest.raises(usage.UsageError, match="batch, normal"):
+            parse(kind, "--scheduling", "fifo")
+    monkeypatch.setenv("BAZAR_SCHEDULING", "normal")
+    assert parse("order")["scheduling"] == "normal"
+    supervisor = parse("cluster")
+    procs = cluster.commands(cluster.default_topology(), "127.0.0.1", str(tmp_path), None, 8, supervisor["scheduling"])
+    assert {flags(args)["--scheduling"] for args in procs.values()} == {"normal"}
 
 
 def test_a_redis_url_goes_to_catalogs_and_front_ends(tmp_path: Path) -> None:
@@ -384,3 +400,15 @@ def test_the_signal_handler_only_hands_off() -> None:
         assert reactor.stopped == 1 and any("stopping on a signal" in str(e.get("log_format")) for e in events)
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.mark.parametrize("policy, expected", [("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
+def test_a_process_takes_its_scheduling_policy(policy: str, expected: int) -> None:
+    """In a child of its own (the test's process keeps its policy)."""
+    import subprocess
+    import sys
+
+    code = (f"import os; from bazar.process import schedule; "
+            f"print(schedule({policy!r}), os.sched_getscheduler(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", str(expected)]

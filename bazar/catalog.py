@@ -172,10 +172,6 @@ def catalog_app(replica: Replica) -> JsonApp:
         request.setHeader(SEQ_HEADER, str(replica.store.applied).encode())
         request.setHeader(b"X-Bazar-Status", replica.status.encode())
 
-    @api.route("/health", "GET", "health")
-    def health(request: IRequest) -> dict[str, Any]:
-        return replica.health()
-
     @api.route("/books", "GET", "books")
     def books(request: IRequest) -> bytes:
         """Every book, or a topic's (`?topic=`); a page of them with `?limit=&after=`."""

@@ -200,10 +200,6 @@ def order_app(replica: Replica, purchases: Purchases) -> JsonApp:
     api = JsonApp("order")
     admin_token = replica.settings.admin_token
 
-    @api.route("/health", "GET", "health")
-    def health(request: IRequest) -> dict[str, Any]:
-        return replica.health()
-
     @api.route("/orders", "GET", "orders")
     def orders(request: IRequest) -> bytes:
         """Every confirmed order, or a page of them (`?limit=&after=`), in id order."""

@@ -734,3 +734,22 @@ def test_a_catalog_replica_answers_a_list_on_the_bare_way_as_the_normal_way(shop
     assert outputs[0] == outputs[1] and outputs[0].startswith(b"HTTP/1.1 ") and b"Traceback" not in outputs[0]
     if b"200 OK" in outputs[0]:
         assert site.bare(data) is not None  # taken on the bare way (a refusal raised at once goes the normal way)
+
+
+@pytest.mark.parametrize("node", [0, 1])
+@pytest.mark.parametrize("target", [b"/health", b"/health?x=1", b"/healthz", b"/health/", b"/health/1"])
+def test_a_replicas_health_is_the_same_on_the_bare_way(shop: Shop, node: int, target: bytes) -> None:
+    """/health of a catalog and an order replica, polled by every balancer: whole (the
+    bare way, for /health itself) and a byte at a time (the normal way), the same bytes."""
+    from bazar.http.server import QuietSite
+
+    shop.run(1.0)
+    data = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    outputs = [_through_the_channel(shop, data, whole=whole, node=node) for whole in (True, False)]
+    assert outputs[0] == outputs[1] and b"Traceback" not in outputs[0]
+    bare = QuietSite(shop.nodes[node].resource).bare(data)
+    if target.partition(b"?")[0] == b"/health":
+        assert outputs[0].startswith(b"HTTP/1.1 200 OK\r\n") and b'"role":' in outputs[0]
+        assert isinstance(bare, bytes)  # answered at the channel
+    else:
+        assert outputs[0].startswith(b"HTTP/1.1 404 ") and bare is None

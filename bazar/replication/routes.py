@@ -176,6 +176,14 @@ class ReplicaFigures(Collector):
 def install_routes(api: JsonApp, replica: Replica) -> None:
     secret = replica.secret
     api.route("/ready", "GET", "ready")(lambda request: readiness(replica))
+
+    @api.route("/health", "GET", "health")
+    def health(request: IRequest) -> dict[str, Any]:
+        return replica.health()
+
+    # the balancers of every front end and order replica poll it several times a
+    # second: answered at the channel, without Klein's routing
+    api.fast("GET", "/health", "health", lambda request, rest: None if rest else dumps(replica.health()), bare=True)
     api.registry.register(ReplicaFigures(replica))
 
     @api.rpc(RAFT_PATH, "POST", "raft", bare=True)

@@ -262,7 +262,6 @@ class Replica:
         self._catch_up()
         if self.running and not self._processing:
             self._compact()
-            self.store.flush()  # (the applied tables a leader's last turns left open: `_flush_now`)
 
     def _current(self) -> None:
         """Bring the replica up to now before it answers: the ticks it missed, and on a
@@ -308,7 +307,6 @@ class Replica:
             # A leader's commit notices leave before it applies the entries itself: the
             # backups' apply, which its acknowledgement waits for, overlaps its own.
             early = self.core.role == raft.LEADER
-            self.store.hold_applied = early
             if early:
                 replies += self._dispatch(ready.messages, reply_to)
                 outcomes = [(e, self.store.apply(e)) for e in ready.committed]
@@ -341,7 +339,7 @@ class Replica:
         self._flusher = None
         if not self.running:
             return
-        self.store.flush_log()
+        self.store.flush()
         trace("flushed", None, upto=self.store.last_index())
         self.core.persisted(self.store.last_index())
         self._changed()

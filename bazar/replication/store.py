@@ -204,7 +204,6 @@ class Store:
             raise
         self._in_tx = False
         self._durable_tx = False
-        self.hold_applied = False  # set by a leader: applied tables wait for its next commit (`flush_log`)
         self._tail: list[Entry] = []  # the last entries of the log, as appended (TAIL, TAIL_BYTES)
         self._tail_sizes: list[int] = []  # their sizes as JSON
         self._tail_bytes = 0
@@ -233,15 +232,11 @@ class Store:
         """Open the transaction of this turn. The log and the hard state must reach the
         disk before the messages that depend on them leave (fsync at commit); applied
         tables need not: they are derived from the log and replayed after a power cut
-        (a later fsync of the WAL also covers them). A transaction of applied tables
-        that the log joins becomes durable: one commit, one fsync for both."""
+        (a later fsync of the WAL also covers them)."""
         if self._in_tx and durable and not self._durable_tx:
-            if self._mode == self.synchronous:
-                self._durable_tx = True  # its commit syncs already (`hold_applied`)
-            else:
-                self.flush()  # (SQLite changes the sync mode between transactions only)
+            self.flush()
         if not self._in_tx:
-            mode = "FULL" if (durable or self.hold_applied) and self.synchronous == "FULL" else "NORMAL"
+            mode = "FULL" if durable and self.synchronous == "FULL" else "NORMAL"
             if mode != self._mode:
                 self.db.execute(f"PRAGMA synchronous={mode}")
                 self._mode = mode
@@ -254,15 +249,6 @@ class Store:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
-
-    def flush_log(self) -> None:
-        """Commit the log and the hard state this turn wrote, if it wrote any; applied
-        tables alone stay in the open transaction, for the next commit to take along
-        (a leader applies entries in most turns, and appends in fewer: one commit then
-        serves both; with `hold_applied` that transaction syncs at its commit, so the
-        log may join it). `flush` commits them at the latest on the next tick."""
-        if self._in_tx and self._durable_tx:
-            self.flush()
 
     def _meta(self, key: str) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

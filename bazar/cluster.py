@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
 
-from bazar.config import BazarOptions, env_name
+from bazar.config import SCHEDULING, BazarOptions, env_name
 from bazar.http.client import TRANSPORT_FAILURES, quiet_pool
 from bazar.lifecycle import every, hold_directory, refuse_to_start, safe_signals
 from bazar.process import the_reactor
@@ -109,7 +109,7 @@ def clashing_ports(topology: list[dict[str, Any]]) -> list[int]:
 
 
 def commands(topology: list[dict[str, Any]], host: str, data: str, redis: str | None,
-             cache_size: int, scheduling: str = "batch") -> dict[str, list[str]]:
+             cache_size: int, scheduling: str = SCHEDULING[0]) -> dict[str, list[str]]:
     """The twistd argument list of every process of the topology."""
     def urls(service: str) -> list[tuple[int, str]]:
         return [(p["id"], f"http://{host}:{p['port']}") for p in topology if p["service"] == service]

@@ -25,7 +25,7 @@ def env_name(option: str) -> str:
     return "BAZAR_" + option.upper().replace("-", "_")
 
 
-SCHEDULING = ("batch", "normal")
+SCHEDULING = ("batch", "normal")  # the first is the default (bazar.process.schedule)
 
 
 def scheduling_policy(text: str) -> str:
@@ -43,7 +43,7 @@ class BazarOptions(usage.Options):
         ["config", None, None, "TOML file with settings (keys are option names)."],
         ["admin-token", None, None, "Admin token (or BAZAR_ADMIN_TOKEN)."],
         ["cluster-secret", None, None, "Secret shared by the processes of one store (or BAZAR_CLUSTER_SECRET)."],
-        ["scheduling", None, "batch", "Linux CPU scheduling policy of the process: batch (SCHED_BATCH, for "
+        ["scheduling", None, SCHEDULING[0], "Linux CPU scheduling policy of the process: batch (SCHED_BATCH, for "
                                       "throughput) or normal.", scheduling_policy],
     ]
 

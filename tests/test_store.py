@@ -543,6 +543,21 @@ def test_order_machine_records_a_sale_once_keyed_by_idem(tmp_path: Path) -> None
     store.close()
 
 
+def test_the_order_machine_refuses_at_parse_what_its_table_would_and_runs_no_trial(tmp_path: Path) -> None:
+    """The order's write takes no trial run before its entry (`tried`), so its parse
+    refuses whatever the apply or the table would: nothing is opened or written."""
+    store = Store(str(tmp_path / "o.sqlite3"), OrderMachine())
+    record = record_op(Sale(key="k", seq=7, book_id=3, title="T", quantity=2, price=2.5, created="now",
+                            created_ts=1.0)).to_json()
+    before = everything(store)
+    for bad in ({"quantity": 0}, {"quantity": 10**6 + 1}, {"book_id": 2**63}, {"sale_seq": -1}):
+        with pytest.raises(Invalid):
+            store.validate({**record, **bad})
+    store.validate(record)
+    assert not store.db.in_transaction and everything(store) == before
+    store.close()
+
+
 def test_a_sale_takes_the_copies_and_is_recorded_with_them(tmp_path: Path) -> None:
     store = catalog(tmp_path)
     sell = {"op": "sell", "rid": "sale:k", "key": "k", "id": 2, "quantity": 3, "created": "now", "created_ts": 1.0}

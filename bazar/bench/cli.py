@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
+from bazar.bench.baseline import QUICK_ROUNDS, ROUNDS, baseline_command, phase_baseline
 from bazar.bench.compare import parse_store, phase_compare, phase_references
 from bazar.bench.cores import phase_cores
 from bazar.bench.etcd import phase_etcd
@@ -93,6 +94,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="another store to run the same workloads against (repeatable): "
                         "'name=NAME,info=[GET ]URL,purchase=[POST ]URL[,id=N][,body=JSON]', "
                         "{id} in a URL is replaced by N (default 1); 127.0.0.1 URLs only")
+    p.add_argument("--baseline", metavar="DIR", default=None,
+                   help="a checkout of earlier Bazar code with its own virtualenv (DIR/.venv/bin/bazar-bench): "
+                        "its bench's phase 1 and this one's, one after the other, --baseline-rounds times; the "
+                        "report judges the purchase path as ratios to it")
+    p.add_argument("--baseline-rounds", type=int, default=None,
+                   help=f"pairs of runs beside --baseline (default {ROUNDS}, {QUICK_ROUNDS} with --quick)")
     p.add_argument("--timeline-writes", type=int, default=None,
                    help="single writes traced by the timeline phase (default 50, 20 with --quick)")
     p.add_argument("--no-plots", action="store_true", help="write the report without PNG plots")
@@ -149,6 +156,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--soak-purchases must be within [2, 10000000], --soak-every within [1, --soak-purchases]")
     if not 1 <= args.spread_writes <= 100_000:
         p.error("--spread-writes must be within [1, 100000]")
+    if args.baseline_rounds is None:
+        args.baseline_rounds = QUICK_ROUNDS if args.quick else ROUNDS
+    if not 1 <= args.baseline_rounds <= 20:
+        p.error("--baseline-rounds must be within [1, 20]")
+    if args.baseline is not None:
+        try:
+            baseline_command(args.baseline)
+        except ValueError as e:
+            p.error(f"--baseline: {e}")
     if args.timeline_writes is None:
         args.timeline_writes = 20 if args.quick else 50
     if not 1 <= args.timeline_writes <= 10_000:
@@ -275,6 +291,8 @@ class Run:
                 log("phase 15: the invalidation delay across front ends (clusters of 2 front ends)")
                 self.results["spread"] = self.guarded("phase 15 (spread)", phase_spread, self.ctx, self.root,
                                                       self.args.spread_writes)
+            if self.want("baseline"):
+                self.results["baseline"] = self.baseline()
         except KeyboardInterrupt:
             self.ctx.stop.set()
             self.notes.append("interrupted: the report is partial")
@@ -360,6 +378,14 @@ class Run:
                          fe_pid=frontend_pid(port_off, self.off), out=results["ops"].setdefault("off", {}))
         if "skipped" in r:
             results["ops_skipped"]["off"] = r["skipped"]
+
+    def baseline(self) -> dict[str, Any]:
+        if self.args.baseline is None:
+            return {"skipped": "not measured (no --baseline DIR)"}
+        log(f"phase 16: the purchase path beside {self.args.baseline}, {self.args.baseline_rounds} pair(s) of runs")
+        r: dict[str, Any] = self.guarded("phase 16 (baseline)", phase_baseline, self.ctx, self.args.baseline,
+                                         self.args.baseline_rounds, self.dir("baseline"))
+        return r
 
     def crash(self, book: int | None, token: str | None) -> dict[str, Any]:
         if self.on is None:

@@ -44,7 +44,7 @@ from bazar.testing.procfs import looks_like_bazar, read_rss_kb
 
 OPS = ("info", "search", "purchase")
 PHASES = ("startup", "ops", "references", "compare", "etcd", "invalidation", "lru", "rss", "crash", "timeline",
-          "cores", "spread", "hog", "soak")
+          "cores", "spread", "hog", "soak", "baseline")
 # the phases a run leaves out unless asked for (--cpu-hog, --soak, --only): they take minutes
 OPT_IN = ("hog", "soak")
 # the phases that drive the cache-on cluster (the others need none, or start their own)

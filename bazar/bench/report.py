@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bazar.bench.baseline import baseline_text, purchase_ratio, unmeasured_reason
 from bazar.bench.cores import cores_text
 from bazar.bench.phases import OPS, RSS_ENTRIES
 from bazar.bench.soak import worst_ratio
@@ -66,6 +67,8 @@ class Target:
     limit: float
     unit: str
     phase: str = ""
+    # why the figure is missing although its phase ran (None: the phase's own reason)
+    missing: Callable[[Results], str | None] | None = None
 
     @property
     def wanted(self) -> str:
@@ -107,6 +110,14 @@ TARGETS: list[Target] = [
     # (1 s: the front end's gap grace, after which a lost announcement flushes its cache)
     Target("invalidation across front ends: max lag after the answer (HTTP push)",
            at("spread", "http", "lag", "max_ms"), "<=", 1000, "ms", "spread"),
+    # the speed issue's own targets: ratios to the code it was filed against, in the same run
+    # (bazar.bench.baseline; with --baseline DIR)
+    Target("purchase p50, 1 conn ÷ the baseline's", purchase_ratio("purchase/1/p50_ms"), "<=", 0.35, "×",
+           "baseline"),
+    Target("purchase throughput, 16 conns ÷ the baseline's", purchase_ratio("purchase/16/rps"), ">=", 3, "×",
+           "baseline"),
+    Target("purchase throughput, 64 conns ÷ the baseline's", purchase_ratio("purchase/64/rps"), ">=", 3, "×",
+           "baseline", lambda r: unmeasured_reason(r, "purchase/64/rps")),
 ]
 
 
@@ -134,7 +145,7 @@ def evaluate_targets(results: Results) -> list[dict[str, Any]]:
         if verdict is None:
             if measured is None:
                 verdict = "n/a"
-                why = why_missing(results, t.phase)
+                why = (t.missing(results) if t.missing else None) or why_missing(results, t.phase)
             else:
                 ok = measured >= t.limit if t.cmp == ">=" else measured <= t.limit
                 verdict = "PASS" if ok else "FAIL"
@@ -694,6 +705,8 @@ def render_report(results: Results) -> str:
     from bazar.bench.faultreport import fault_sections  # (built on this module's helpers)
 
     out += fault_sections(results, plots)
+    out += _phase_section("## 16. The purchase path beside the code before (`--baseline`)", results.get("baseline"),
+                          baseline_text, missing="Not measured: no `--baseline DIR` given.")
 
     out += ["## How this was measured", "",
             ("`bazar-bench` (bazar/bench.py): threads with one keep-alive HTTP/1.1 connection each, all to "

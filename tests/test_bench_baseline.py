@@ -62,6 +62,7 @@ def test_figures_of_reads_the_cache_on_purchases_and_skips_what_is_not_a_figure(
     found = baseline.figures_of(res)
     assert found == {P50: 8.0, R64: 500.0, "info/1/p50_ms": 0.2}
     assert baseline.figures_of({}) == {} and baseline.figures_of(None) == {}
+    assert baseline.figures_of({"ops": {"on": {"purchase": ["not", "a", "table"], "info": {"1": 3}}}}) == {}
 
 
 def test_summarize_takes_ratios_within_pairs_and_their_median():

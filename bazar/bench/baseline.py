@@ -65,12 +65,10 @@ def commit_of(directory: str) -> str | None:
 def figures_of(results: Any) -> dict[str, float]:
     """The compared figures found in a bench's results (cache-on phase 1)."""
     found: dict[str, float] = {}
-    ops = results.get("ops") if isinstance(results, dict) else None
-    on = ops.get("on") if isinstance(ops, dict) else None
     for figure in FIGURES:
-        op, conns, stat = figure
-        value = ((on or {}).get(op) or {}).get(conns) or {}
-        value = value.get(stat) if isinstance(value, dict) else None
+        value: Any = results
+        for part in ("ops", "on", *figure):
+            value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             found[key(figure)] = float(value)
     return found

@@ -45,7 +45,7 @@ from bazar.http.request import SECRET_HEADER, min_seq_of, page_of, read_object, 
 from bazar.messages import PURCHASE_PATH, SALES_PAGE, SALES_PATH, SEQ_HEADER, Purchased, PurchaseRequest
 from bazar.ops import ORDER_OPS, Op, RecordOrder, Sell, operation_from_json
 from bazar.process import Node, serve
-from bazar.records import ALL, MAX_QUANTITY, ORDER_FIELDS, Order, Sale
+from bazar.records import ALL, ORDER_FIELDS, Order, Sale, quantity_of
 from bazar.replication.replica import Replica
 from bazar.replication.routes import hop_count, install_routes
 from bazar.replication.store import Outcome, Store
@@ -89,8 +89,7 @@ class OrderMachine:
     def parse(self, data: Any) -> Op:
         op = operation_from_json(data, ORDER_OPS, "order")
         if isinstance(op, RecordOrder):
-            if not 1 <= op.quantity <= MAX_QUANTITY:
-                raise Invalid(f"quantity must be an integer from 1 to {MAX_QUANTITY}")
+            quantity_of({"quantity": op.quantity})
             if not (0 <= op.book_id < 2**63 and 0 <= op.sale_seq < 2**63):
                 raise Invalid("malformed operation: an id out of range")
         return op
@@ -107,8 +106,6 @@ class OrderMachine:
         row = db.execute("SELECT id FROM orders WHERE idem = ?", (op.idem,)).fetchone()
         if row is not None:
             return self._order(db, row[0]), ()
-        if op.quantity < 1:
-            raise Invalid("quantity must be positive")
         (order_id,) = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM orders").fetchone()
         db.execute("INSERT INTO orders (id, book_id, title, quantity, price, total, created, idem, sale_seq, "
                    "created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

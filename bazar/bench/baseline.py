@@ -28,15 +28,13 @@ from typing import Any
 
 from bazar.bench.phases import Ctx, log
 
-# the figures compared, from phase 1 of the cache-on cluster: (op, connections, statistic)
-FIGURES = (("purchase", "1", "p50_ms"), ("purchase", "16", "rps"), ("purchase", "64", "rps"),
-           ("info", "1", "p50_ms"), ("info", "16", "rps"))
+# the figures compared, from phase 1 of the cache-on cluster: "op/connections/statistic",
+# and their names in the report
+LABELS = {"purchase/1/p50_ms": "purchase p50, 1 conn", "purchase/16/rps": "purchases/s, 16 conns",
+          "purchase/64/rps": "purchases/s, 64 conns", "info/1/p50_ms": "cached info p50, 1 conn",
+          "info/16/rps": "cached info/s, 16 conns"}
 SIDE_TIMEOUT = 900.0  # seconds one side's phase 1 may take (it takes about two minutes)
 QUICK_ROUNDS, ROUNDS = 1, 3
-
-
-def key(figure: tuple[str, str, str]) -> str:
-    return "/".join(figure)
 
 
 def baseline_command(directory: str) -> list[str]:
@@ -65,12 +63,12 @@ def commit_of(directory: str) -> str | None:
 def figures_of(results: Any) -> dict[str, float]:
     """The compared figures found in a bench's results (cache-on phase 1)."""
     found: dict[str, float] = {}
-    for figure in FIGURES:
+    for name in LABELS:
         value: Any = results
-        for part in ("ops", "on", *figure):
+        for part in ("ops", "on", *name.split("/")):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            found[key(figure)] = float(value)
+            found[name] = float(value)
     return found
 
 
@@ -114,8 +112,8 @@ def summarize(pairs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
             theirs = pair["baseline"].get(name)
             if theirs:
                 ratios.setdefault(name, []).append(mine / theirs)
-    unmeasured = [key(f) for f in FIGURES
-                  if any(key(f) in p["bazar"] for p in pairs) and not any(key(f) in p["baseline"] for p in pairs)]
+    unmeasured = [name for name in LABELS
+                  if any(name in p["bazar"] for p in pairs) and not any(name in p["baseline"] for p in pairs)]
     return {"ratios": ratios, "median": {name: statistics.median(rs) for name, rs in ratios.items()},
             "unmeasured": unmeasured}
 
@@ -137,7 +135,7 @@ def phase_baseline(ctx: Ctx, directory: str, rounds: int, root: str) -> dict[str
     return {"dir": directory, "commit": commit_of(directory), "rounds": rounds, "pairs": pairs, **summarize(pairs)}
 
 
-def purchase_ratio(name: str) -> Any:
+def median_ratio(name: str) -> Any:
     """A target's measure: the median ratio of figure `name`, or None."""
     return lambda results: ((results.get("baseline") or {}).get("median") or {}).get(name)
 
@@ -153,11 +151,6 @@ def _fmt(name: str, value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:.2f} ms" if name.endswith("p50_ms") else f"{value:,.0f}/s"
-
-
-LABELS = {"purchase/1/p50_ms": "purchase p50, 1 conn", "purchase/16/rps": "purchases/s, 16 conns",
-          "purchase/64/rps": "purchases/s, 64 conns", "info/1/p50_ms": "cached info p50, 1 conn",
-          "info/16/rps": "cached info/s, 16 conns"}
 
 
 def baseline_text(b: dict[str, Any]) -> list[str]:
